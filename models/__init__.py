@@ -1,0 +1,1 @@
+"""Builders for small test models, bundled examples, and the real model zoo fetcher."""

@@ -1,0 +1,199 @@
+"""Small FP32 models for tests and the bundled example, built with onnx.helper.
+
+Weights are seeded and He-scaled so activations have realistic ranges; each builder
+also has a matching calibration-data generator (structured, not white noise).
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+OPSET = 17
+
+
+class _Builder:
+    def __init__(self, name: str, seed: int) -> None:
+        self.name = name
+        self.rng = np.random.default_rng(seed)
+        self.nodes: list[onnx.NodeProto] = []
+        self.inits: list[onnx.TensorProto] = []
+        self.count = 0
+
+    def uid(self, prefix: str) -> str:
+        self.count += 1
+        return f"{prefix}_{self.count}"
+
+    def const(self, prefix: str, array: np.ndarray) -> str:
+        name = self.uid(prefix)
+        array = np.asarray(array)
+        if array.dtype == np.float64:
+            array = array.astype(np.float32)
+        self.inits.append(numpy_helper.from_array(array, name))
+        return name
+
+    def op(self, op_type: str, inputs: list[str], name: str | None = None, **attrs) -> str:
+        name = name or self.uid(op_type.lower())
+        out = f"{name}_out"
+        self.nodes.append(helper.make_node(op_type, inputs, [out], name=name, **attrs))
+        return out
+
+    def conv(self, x: str, cin: int, cout: int, k: int = 3, stride: int = 1, group: int = 1, bn: bool = True, name: str | None = None) -> str:
+        fan_in = cin // group * k * k
+        w = (self.rng.standard_normal((cout, cin // group, k, k)) * np.sqrt(2.0 / fan_in)).astype(np.float32)
+        inputs = [x, self.const("W", w)]
+        if not bn:
+            inputs.append(self.const("B", self.rng.standard_normal(cout).astype(np.float32) * 0.1))
+        y = self.op("Conv", inputs, name=name, kernel_shape=[k, k], strides=[stride, stride], pads=[k // 2] * 4, group=group)
+        if bn:
+            y = self.op(
+                "BatchNormalization",
+                [y, self.const("gamma", 1 + 0.2 * self.rng.standard_normal(cout).astype(np.float32)),
+                 self.const("beta", 0.1 * self.rng.standard_normal(cout).astype(np.float32)),
+                 self.const("mean", 0.1 * self.rng.standard_normal(cout).astype(np.float32)),
+                 self.const("var", (1 + 0.3 * self.rng.random(cout)).astype(np.float32))],
+                epsilon=1e-5,
+            )
+        return y
+
+    def linear(self, x: str, din: int, dout: int, name: str | None = None, gemm: bool = False) -> str:
+        w = (self.rng.standard_normal((din, dout)) * np.sqrt(2.0 / din)).astype(np.float32)
+        b = (0.05 * self.rng.standard_normal(dout)).astype(np.float32)
+        if gemm:
+            return self.op("Gemm", [x, self.const("W", w.T.copy()), self.const("B", b)], name=name, transB=1)
+        y = self.op("MatMul", [x, self.const("W", w)], name=name)
+        return self.op("Add", [y, self.const("B", b)])
+
+    def model(self, inputs: list[onnx.ValueInfoProto], outputs: list[onnx.ValueInfoProto]) -> onnx.ModelProto:
+        graph = helper.make_graph(self.nodes, self.name, inputs, outputs, self.inits)
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)], producer_name="qcompile-models")
+        model.ir_version = 8
+        onnx.checker.check_model(model, full_check=True)
+        return model
+
+
+def cnn(seed: int = 0, size: int = 32, classes: int = 10) -> onnx.ModelProto:
+    """Conv/BN/ReLU stem, MaxPool, residual block, concat branch, GAP, Gemm head."""
+    b = _Builder("cnn", seed)
+    x = b.op("Relu", [b.conv("input", 3, 16, name="stem_conv")])
+    x = b.op("MaxPool", [x], kernel_shape=[2, 2], strides=[2, 2])
+    # Residual block.
+    r = b.op("Relu", [b.conv(x, 16, 16, name="res_conv1")])
+    r = b.conv(r, 16, 16, name="res_conv2")
+    x = b.op("Relu", [b.op("Add", [x, r], name="res_add")])
+    # Two branches concatenated (one depthwise).
+    a = b.op("Relu", [b.conv(x, 16, 16, stride=2, name="branch_a")])
+    d = b.op("Clip", [b.conv(x, 16, 16, stride=2, group=16, name="branch_dw"), b.const("lo", np.float32(0)), b.const("hi", np.float32(6))])
+    d = b.op("Relu", [b.conv(d, 16, 16, k=1, name="branch_pw")])
+    x = b.op("Concat", [a, d], axis=1, name="concat")
+    x = b.op("Relu", [b.conv(x, 32, 32, bn=False, name="head_conv")])
+    x = b.op("GlobalAveragePool", [x], name="gap")
+    x = b.op("Flatten", [x], axis=1)
+    logits = b.op("Gemm", [x, b.const("fc_w", (b.rng.standard_normal((classes, 32)) * 0.3).astype(np.float32)),
+                           b.const("fc_b", np.zeros(classes, np.float32))], name="fc", transB=1)
+    b.nodes[-1].output[0] = "logits"
+    inp = helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", 3, size, size])
+    out = helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", classes])
+    del logits
+    return b.model([inp], [out])
+
+
+def mlp(seed: int = 0, din: int = 64, hidden: int = 128, dout: int = 16) -> onnx.ModelProto:
+    b = _Builder("mlp", seed)
+    x = b.op("Relu", [b.linear("input", din, hidden, name="fc1")])
+    x = b.op("Relu", [b.linear(x, hidden, hidden, name="fc2", gemm=True)])
+    b.linear(x, hidden, dout, name="fc3")
+    b.nodes[-1].output[0] = "output"
+    inp = helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", din])
+    out = helper.make_tensor_value_info("output", TensorProto.FLOAT, ["N", dout])
+    return b.model([inp], [out])
+
+
+def transformer_block(seed: int = 0, dim: int = 64, heads: int = 4, ffn: int = 128) -> onnx.ModelProto:
+    """Pre-LN encoder block: LayerNorm, multi-head attention with Softmax, GELU FFN, residuals."""
+    b = _Builder("transformer_block", seed)
+    hd = dim // heads
+
+    def layer_norm(x: str, name: str) -> str:
+        g = (1 + 0.1 * b.rng.standard_normal(dim)).astype(np.float32)
+        beta = (0.05 * b.rng.standard_normal(dim)).astype(np.float32)
+        return b.op("LayerNormalization", [x, b.const("ln_g", g), b.const("ln_b", beta)], name=name, axis=-1, epsilon=1e-5)
+
+    def heads_split(x: str) -> str:
+        r = b.op("Reshape", [x, b.const("shape", np.array([0, 0, heads, hd], np.int64))])
+        return b.op("Transpose", [r], perm=[0, 2, 1, 3])
+
+    h = layer_norm("input", "ln1")
+    q = heads_split(b.linear(h, dim, dim, name="q_proj"))
+    k = heads_split(b.linear(h, dim, dim, name="k_proj"))
+    v = heads_split(b.linear(h, dim, dim, name="v_proj"))
+    kt = b.op("Transpose", [k], perm=[0, 1, 3, 2])
+    scores = b.op("MatMul", [q, kt], name="qk_matmul")
+    scores = b.op("Mul", [scores, b.const("inv_sqrt_d", np.float32(1.0 / np.sqrt(hd)))])
+    probs = b.op("Softmax", [scores], axis=-1, name="softmax")
+    ctx = b.op("MatMul", [probs, v], name="av_matmul")
+    ctx = b.op("Transpose", [ctx], perm=[0, 2, 1, 3])
+    ctx = b.op("Reshape", [ctx, b.const("shape", np.array([0, 0, dim], np.int64))])
+    attn = b.linear(ctx, dim, dim, name="out_proj")
+    x = b.op("Add", ["input", attn], name="residual1")
+    h = layer_norm(x, "ln2")
+    f = b.linear(h, dim, ffn, name="ffn1")
+    # GELU written out with Erf, as exporters emit it.
+    e = b.op("Erf", [b.op("Div", [f, b.const("sqrt2", np.float32(np.sqrt(2.0)))])])
+    g = b.op("Mul", [b.op("Mul", [f, b.op("Add", [e, b.const("one", np.float32(1.0))])]), b.const("half", np.float32(0.5))])
+    f = b.linear(g, ffn, dim, name="ffn2")
+    b.op("Add", [x, f], name="residual2")
+    b.nodes[-1].output[0] = "output"
+    inp = helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", "S", dim])
+    out = helper.make_tensor_value_info("output", TensorProto.FLOAT, ["N", "S", dim])
+    return b.model([inp], [out])
+
+
+# -- calibration data --------------------------------------------------------------------
+
+def images(count: int, size: int = 32, seed: int = 0) -> np.ndarray:
+    """Smooth, image-like NCHW data in ImageNet-normalized units (not white noise)."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) / size
+    out = np.empty((count, 3, size, size), np.float32)
+    for i in range(count):
+        for c in range(3):
+            fx, fy, phase = rng.uniform(0.5, 4.0), rng.uniform(0.5, 4.0), rng.uniform(0, 2 * np.pi)
+            base = np.sin(2 * np.pi * (fx * xx + fy * yy) + phase)
+            blob = np.exp(-((xx - rng.random()) ** 2 + (yy - rng.random()) ** 2) / rng.uniform(0.01, 0.1))
+            out[i, c] = 0.8 * base + 1.5 * blob + 0.1 * rng.standard_normal((size, size))
+    return out
+
+
+def features(count: int, dim: int = 64, seed: int = 0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    scales = np.exp(rng.normal(0, 0.5, dim)).astype(np.float32)
+    return (rng.standard_normal((count, dim)).astype(np.float32) * scales)
+
+
+def token_embeddings(count: int, seq: int = 16, dim: int = 64, seed: int = 0) -> np.ndarray:
+    """Embedding-like inputs with a few outlier channels, as real transformers have."""
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((count, seq, dim)).astype(np.float32)
+    x[:, :, :2] *= 6.0
+    return x
+
+
+def write_examples(folder: Path) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    onnx.save(cnn(), folder / "cnn.onnx")
+    np.savez_compressed(folder / "cnn_calib.npz", input=images(40, seed=1))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description="write the bundled example model and data")
+    parser.add_argument("folder", nargs="?", default=str(Path(__file__).parent / "examples"))
+    write_examples(Path(parser.parse_args().folder))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,242 @@
+"""The Python API: `qcompile.compile(model, target=..., calibration=..., **options)`.
+
+This is the driver every entry point shares. It reads top to bottom as the data flows:
+import → rewrite → plan → calibrate → quantize → lower → check → measure.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import os
+import time
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, fields
+from typing import Any
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+
+from qcompile.backends import ort as ort_backend
+from qcompile.errors import QCompileError
+from qcompile.ir.io import ModelSource, check_output_path, load_model, save_model
+from qcompile.ir.shapes import infer_shapes, pin_input_shapes, record_observed_shapes
+from qcompile.options import CompileOptions, NodeMatcher, NodeOverride
+from qcompile.passes.manager import run_phase
+from qcompile.quantize.calibration import calibrate, extra_outputs
+from qcompile.quantize.data import Feed, ImageSpec, input_specs, open_calibration
+from qcompile.quantize.plan import QuantPlan, build_plan
+from qcompile.quantize.qdq import InsertQDQ
+from qcompile.quantize.qparams import QParams, cosine, fake_quantize
+from qcompile.report import CompileReport, OutputReport, TensorReport
+from qcompile.targets import get_target
+
+logger = logging.getLogger(__name__)
+
+CalibrationInput = str | os.PathLike | Mapping[str, np.ndarray] | Iterable[Mapping[str, np.ndarray]]
+
+
+@dataclass
+class CompileResult:
+    model: ir.Model
+    report: CompileReport
+    plan: QuantPlan
+
+
+def make_options(**kwargs: Any) -> CompileOptions:
+    """CompileOptions from keyword arguments, accepting plain strings for patterns."""
+    known = {f.name for f in fields(CompileOptions)}
+    unknown = sorted(set(kwargs) - known)
+    if unknown:
+        raise QCompileError(f"unknown option '{unknown[0]}'", hint=f"options are: {', '.join(sorted(known))}")
+    if "exclude" in kwargs:
+        kwargs["exclude"] = tuple(m if isinstance(m, NodeMatcher) else NodeMatcher(m) for m in kwargs["exclude"])
+    if "overrides" in kwargs:
+        kwargs["overrides"] = tuple(o if isinstance(o, NodeOverride) else NodeOverride.parse(o) for o in kwargs["overrides"])
+    if "input_shapes" in kwargs and isinstance(kwargs["input_shapes"], Mapping):
+        kwargs["input_shapes"] = tuple((k, tuple(v)) for k, v in kwargs["input_shapes"].items())
+    return CompileOptions(**kwargs)
+
+
+def compile(  # noqa: A001 - the public name users expect
+    model: ModelSource,
+    *,
+    target: str = "cpu",
+    calibration: CalibrationInput,
+    image_spec: ImageSpec | None = None,
+    options: CompileOptions | None = None,
+    output: str | os.PathLike | None = None,
+    **option_kwargs: Any,
+) -> CompileResult:
+    """Quantize `model` for `target`; optionally write it to `output` (atomically)."""
+    start = time.perf_counter()
+    if options is None:
+        options = make_options(**option_kwargs)
+    elif option_kwargs:
+        raise QCompileError("pass either options= or keyword options, not both")
+    input_path = str(model) if isinstance(model, (str, os.PathLike)) else None
+    if output is not None:
+        check_output_path(output, inputs=(input_path,) if input_path else ())
+    target_module = get_target(target)
+    pipe = target_module.pipeline(options)
+    profile = pipe.profile
+
+    # Import and canonicalize.
+    graph_model = load_model(model)
+    if options.input_shapes:
+        pin_input_shapes(graph_model, dict(options.input_shapes))
+    infer_shapes(graph_model)
+    specs = input_specs(graph_model)
+    data = open_calibration(calibration, specs, batch_size=options.calib_batch_size,
+                            image_spec=image_spec, seed=options.seed)
+    verify = None
+    if options.verify_passes:
+        verify = ort_backend.equivalence_verifier(_first_feeds(data, 2))
+    graph_model, records = run_phase(graph_model, "rewrite", pipe.rewrite, verify=verify)
+    infer_shapes(graph_model)
+
+    # Plan and calibrate.
+    plan = build_plan(graph_model, profile, options)
+    if not plan.nodes:
+        raise QCompileError(
+            "nothing in this model can be quantized for target " + profile.name,
+            hint="run `qcompile inspect` to see each node's reason",
+        )
+    stats = calibrate(
+        graph_model, data, plan.calibrated_tensors, pipe.calibrate.observer_for(plan),
+        ort_backend.runner_factory(threads=options.threads),
+        holdout_every=options.holdout_every, max_batches=options.max_calib_batches,
+        progress=options.progress, total=data.count,
+    )
+    record_observed_shapes(graph_model, stats.observed)
+    qparams = {t: stats.qparams(t, profile.activation) for t in plan.calibrated_tensors}
+    fp32_model = ir.from_proto(ir.to_proto(graph_model))
+
+    # Quantize and lower.
+    quantize_passes = pipe.quantize(plan, qparams)
+    graph_model, q_records = run_phase(graph_model, "quantize", quantize_passes)
+    graph_model, l_records = run_phase(graph_model, "lower", pipe.lower)
+    proto = ir.to_proto(graph_model)
+    try:
+        onnx.checker.check_model(proto, full_check=True)
+    except Exception as exc:
+        raise RuntimeError(f"the compiled model failed onnx.checker (a qcompile bug): {exc}") from exc
+
+    op_types = {node.name: node.op_type for node in fp32_model.graph}
+    insert = next((p for p in quantize_passes if isinstance(p, InsertQDQ)), None)
+    report = CompileReport(
+        target=profile.name,
+        input_model=input_path,
+        calib_method=options.calib_method,
+        calib_batches=stats.batches,
+        holdout_batches=len(stats.holdout),
+        holdout_is_calibration=stats.holdout_is_calibration,
+        calib_seconds=stats.total_seconds,
+        calib_model_seconds=stats.run_seconds,
+        passes=[{"phase": r.phase, "name": r.name, "seconds": r.seconds, "modified": r.modified}
+                for r in (*records, *q_records, *l_records)],
+        quantized_ops=dict(collections.Counter(op_types[n] for n in plan.nodes)),
+        skipped_nodes=dict(plan.skipped),
+        removed_activations=list(insert.removed_activations) if insert else [],
+        size_fp32_bytes=ir.to_proto(fp32_model).ByteSize(),
+        size_quantized_bytes=proto.ByteSize(),
+        notes=list(profile.notes),
+    )
+    measure(report, fp32_model, graph_model, stats.holdout, plan, qparams,
+            insert.dq_outputs if insert else {}, profile.execution_providers, options)
+    if output is not None:
+        save_model(graph_model, output)
+        report.output_model = str(output)
+    report.compile_seconds = time.perf_counter() - start
+    return CompileResult(graph_model, report, plan)
+
+
+def _first_feeds(data: Iterable[Feed], n: int) -> list[Feed]:
+    feeds = []
+    for feed in data:
+        feeds.append(feed)
+        if len(feeds) >= n:
+            break
+    return feeds
+
+
+def measure(
+    report: CompileReport,
+    fp32_model: ir.Model,
+    q_model: ir.Model,
+    feeds: Sequence[Feed],
+    plan: QuantPlan,
+    qparams: Mapping[str, QParams],
+    dq_outputs: Mapping[str, str],
+    providers: Sequence[str],
+    options: CompileOptions,
+) -> None:
+    """Fill the report's accuracy, size and latency from held-out feeds."""
+    make = ort_backend.make_session
+    fp32_sess = make(fp32_model, providers=providers, threads=options.threads)
+    q_sess = make(q_model, providers=providers, threads=options.threads)
+    out_names = [o.name for o in fp32_sess.get_outputs()]
+    sums = {name: [0.0, 0.0, 0.0, 0.0, 0.0] for name in out_names}  # signal, noise, dot, |a|², |b|²
+    for feed in feeds:
+        for name, a, b in zip(out_names, fp32_sess.run(None, dict(feed)), q_sess.run(None, dict(feed)), strict=True):
+            _accumulate(sums[name], a, b)
+    report.outputs = [OutputReport(n, _sqnr(s), _cos(s)) for n, s in sums.items()]
+
+    # Per-tensor errors through instrumented copies (extra outputs only).
+    tensors = [t for t in plan.tensors if t in dq_outputs]
+    with extra_outputs(fp32_model, tensors) as fp_added, extra_outputs(q_model, [dq_outputs[t] for t in tensors]) as q_added:
+        fp_inst = make(fp32_model, threads=options.threads, opt_level=ort_backend.OptLevel.ORT_ENABLE_BASIC)
+        q_inst = make(q_model, threads=options.threads, opt_level=ort_backend.OptLevel.ORT_ENABLE_BASIC)
+    fp_set, q_set = set(fp_added), set(q_added)
+    tensors = [t for t in tensors if t in fp_set and dq_outputs[t] in q_set]
+    acc = {t: [0.0] * 5 for t in tensors}
+    local = {t: [0.0] * 5 for t in tensors}
+    for feed in feeds:
+        fp_vals = dict(zip(tensors, fp_inst.run(tensors, dict(feed)), strict=True))
+        q_vals = dict(zip(tensors, q_inst.run([dq_outputs[t] for t in tensors], dict(feed)), strict=True))
+        for t in tensors:
+            qp = qparams[plan.tensors[t]]
+            _accumulate(acc[t], fp_vals[t], q_vals[t])
+            _accumulate(local[t], fp_vals[t], fake_quantize(fp_vals[t], qp))
+    report.tensors = [
+        TensorReport(t, float(qparams[plan.tensors[t]].scale), int(qparams[plan.tensors[t]].zero_point),
+                     _sqnr(local[t]), _sqnr(acc[t]))
+        for t in tensors
+    ]
+    if "CPUExecutionProvider" in providers and providers[0] == "CPUExecutionProvider":
+        report.ort_ops = ort_backend.optimized_op_counts(q_model, threads=1)
+    if options.bench_runs and feeds:
+        threads = options.threads or os.cpu_count() or 1
+        f_s = make(fp32_model, providers=providers, threads=threads)
+        q_s = make(q_model, providers=providers, threads=threads)
+        lat = ort_backend.bench({"fp32": f_s, "q": q_s}, feeds[0], runs=options.bench_runs)
+        report.latency_fp32_ms, report.latency_quantized_ms = lat["fp32"], lat["q"]
+        report.bench_threads = threads
+
+
+def _accumulate(s: list[float], a: np.ndarray, b: np.ndarray) -> None:
+    a = np.asarray(a, np.float64).ravel()
+    b = np.asarray(b, np.float64).ravel()
+    d = a - b
+    s[0] += float(a @ a)
+    s[1] += float(d @ d)
+    s[2] += float(a @ b)
+    s[3] += float(a @ a)
+    s[4] += float(b @ b)
+
+
+def _sqnr(s: Sequence[float]) -> float:
+    if s[1] == 0.0:
+        return float("inf")
+    if s[0] == 0.0:
+        return float("-inf")
+    return 10.0 * float(np.log10(s[0] / s[1]))
+
+
+def _cos(s: Sequence[float]) -> float:
+    denom = float(np.sqrt(s[3] * s[4]))
+    return 1.0 if denom == 0.0 else s[2] / denom
+
+
+__all__ = ["CompileResult", "compile", "cosine", "make_options"]

@@ -1,0 +1,1 @@
+"""Backends: execution and export for ONNX Runtime (and, later, TVM and QONNX)."""

@@ -1,0 +1,198 @@
+"""Loading models from anything users hand us, and writing them atomically.
+
+The input file is only ever read. Output is written to a temporary file in the target
+directory and renamed into place, so a crash never leaves a half-written model behind.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import onnx
+import onnx_ir as ir
+from google.protobuf.message import DecodeError
+
+from qcompile.errors import QCompileError
+
+logger = logging.getLogger(__name__)
+
+MIN_OPSET = 13  # per-channel QuantizeLinear/DequantizeLinear need opset 13
+# Protobuf cannot serialize a message over 2 GiB; stay well below it.
+EXTERNAL_DATA_THRESHOLD = 1 << 30
+
+ModelSource = str | os.PathLike | bytes | onnx.ModelProto | ir.Model
+
+
+def load_model(source: ModelSource, *, min_opset: int = MIN_OPSET) -> ir.Model:
+    """Load a model from a path, bytes, a ModelProto or an ir.Model (which is copied).
+
+    External data is resolved relative to the model file. Models below `min_opset` are
+    upgraded with onnx's version converter. Errors name the file and what to do.
+    """
+    path = None
+    if isinstance(source, ir.Model):
+        return ir.from_proto(ir.to_proto(source))
+    if isinstance(source, onnx.ModelProto):
+        model = ir.from_proto(source)
+    elif isinstance(source, bytes):
+        model = _parse_bytes(source, where=None)
+    else:
+        path = Path(source)
+        model = _load_path(path)
+    _check_nonempty(model, path)
+    return upgrade_opset(model, min_opset, path=path)
+
+
+def _load_path(path: Path) -> ir.Model:
+    if not path.exists():
+        raise QCompileError("model file does not exist", path=str(path))
+    if path.is_dir():
+        raise QCompileError("expected an .onnx file but got a directory", path=str(path))
+    try:
+        # ir.load keeps external data lazily mapped, so >2 GB models load without copies.
+        model = ir.load(str(path))
+    except DecodeError as exc:
+        raise QCompileError(
+            "not a valid ONNX model: the protobuf could not be parsed (truncated or corrupt file?)",
+            path=str(path),
+            hint="re-export the model or check that the download completed",
+        ) from exc
+    except Exception as exc:  # onnx-ir raises several types for malformed protos
+        raise QCompileError(
+            f"could not read the ONNX model: {exc}", path=str(path)
+        ) from exc
+    _check_external_data(model, path)
+    return model
+
+
+def _parse_bytes(data: bytes, where: str | None) -> ir.Model:
+    proto = onnx.ModelProto()
+    try:
+        proto.ParseFromString(data)
+    except DecodeError as exc:
+        raise QCompileError(
+            "not a valid ONNX model: the protobuf could not be parsed (truncated or corrupt?)",
+            path=where,
+        ) from exc
+    return ir.from_proto(proto)
+
+
+def _check_external_data(model: ir.Model, path: Path) -> None:
+    base = path.parent
+    for value in model.graph.initializers.values():
+        tensor = value.const_value
+        if isinstance(tensor, ir.ExternalTensor):
+            location = base / tensor.location
+            if not location.exists():
+                raise QCompileError(
+                    f"external data file '{tensor.location}' is missing",
+                    path=str(path),
+                    tensor=value.name,
+                    hint=f"place '{tensor.location}' next to the model (looked in {base})",
+                )
+
+
+def _check_nonempty(model: ir.Model, path: Path | None) -> None:
+    if len(model.graph) == 0:
+        raise QCompileError(
+            "the model's graph has no nodes",
+            path=str(path) if path else None,
+            hint="is this a complete model file?",
+        )
+    if not model.graph.outputs:
+        raise QCompileError("the model's graph has no outputs", path=str(path) if path else None)
+
+
+def upgrade_opset(model: ir.Model, min_opset: int, *, path: Path | None = None) -> ir.Model:
+    """Upgrade the default-domain opset to at least `min_opset` with onnx's version converter."""
+    version = model.opset_imports.get("", None)
+    if version is None:
+        raise QCompileError(
+            "the model imports no default ONNX opset", path=str(path) if path else None
+        )
+    if version >= min_opset:
+        return model
+    logger.info("upgrading opset %d -> %d", version, min_opset)
+    proto = ir.to_proto(model)
+    try:
+        upgraded = onnx.version_converter.convert_version(proto, min_opset)
+    except Exception as exc:
+        raise QCompileError(
+            f"could not upgrade the model from opset {version} to {min_opset}: {exc}",
+            path=str(path) if path else None,
+            hint="re-export the model with opset >= 13",
+        ) from exc
+    return ir.from_proto(upgraded)
+
+
+def to_proto(model: ir.Model | onnx.ModelProto) -> onnx.ModelProto:
+    return model if isinstance(model, onnx.ModelProto) else ir.to_proto(model)
+
+
+def model_nbytes(model: ir.Model) -> int:
+    """Bytes taken by initializers (the bulk of a model file)."""
+    total = 0
+    for value in model.graph.initializers.values():
+        if value.const_value is not None:
+            total += value.const_value.nbytes
+    return total
+
+
+def check_output_path(output: str | os.PathLike, *, inputs: tuple[str | os.PathLike, ...] = ()) -> Path:
+    """Refuse to write over an input, into a missing directory, or where we cannot write."""
+    out = Path(output)
+    for item in inputs:
+        if item is not None and out.resolve() == Path(item).resolve():
+            raise QCompileError(
+                "the output path is the input model; refusing to overwrite the input",
+                path=str(out),
+                hint="choose a different -o/--output path",
+            )
+    parent = out.parent if str(out.parent) else Path(".")
+    if not parent.exists():
+        raise QCompileError(
+            "the output directory does not exist", path=str(out), hint=f"create {parent} first"
+        )
+    if out.is_dir():
+        raise QCompileError("the output path is a directory", path=str(out))
+    if not os.access(parent, os.W_OK) or (out.exists() and not os.access(out, os.W_OK)):
+        raise QCompileError("cannot write the output file (permission denied)", path=str(out))
+    return out
+
+
+def save_model(
+    model: ir.Model | onnx.ModelProto,
+    path: str | os.PathLike,
+    *,
+    external_data: bool | None = None,
+) -> Path:
+    """Write `model` to `path` atomically; large models get a `<name>.data` file beside them.
+
+    external_data=None decides by size (over 1 GiB of initializers).
+    """
+    out = check_output_path(path)
+    if isinstance(model, onnx.ModelProto):
+        model = ir.from_proto(model)
+    if external_data is None:
+        external_data = model_nbytes(model) > EXTERNAL_DATA_THRESHOLD
+    data_name = out.name + ".data"
+    tmp_dir = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        tmp_model = tmp_dir / out.name
+        try:
+            if external_data:
+                ir.save(model, tmp_model, external_data=data_name)
+            else:
+                ir.save(model, tmp_model)
+        except OSError as exc:
+            raise QCompileError(f"could not write the model: {exc}", path=str(out)) from exc
+        if external_data:
+            os.replace(tmp_dir / data_name, out.parent / data_name)
+        os.replace(tmp_model, out)
+    finally:
+        shutil.rmtree(tmp_dir, ignore_errors=True)
+    return out

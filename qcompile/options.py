@@ -1,0 +1,149 @@
+"""Typed compile options. The CLI, the Python API and config files all map onto these.
+
+Invalid combinations are rejected in `__post_init__` with a QCompileError, not explained
+in prose somewhere.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import get_args
+
+from qcompile.errors import QCompileError
+from qcompile.quantize.observers import CALIB_METHODS, CalibMethod
+
+
+def _check_method(method: str | None, what: str) -> None:
+    if method is not None and method not in CALIB_METHODS:
+        raise QCompileError(
+            f"unknown calibration method '{method}' in {what}",
+            hint=f"choose one of {', '.join(CALIB_METHODS)}",
+        )
+
+
+def _check_percentile(p: float | None) -> None:
+    if p is not None and not 50.0 < p <= 100.0:
+        raise QCompileError(f"percentile must be in (50, 100], got {p}")
+
+
+@dataclass(frozen=True)
+class NodeMatcher:
+    """Selects nodes by exact name, by op type ('op:Conv') or by regex ('re:^head/.*')."""
+
+    pattern: str
+
+    def __post_init__(self) -> None:
+        if not self.pattern:
+            raise QCompileError("empty node pattern", hint="use a node name, op:TYPE or re:REGEX")
+        if self.pattern.startswith("re:"):
+            try:
+                re.compile(self.pattern[3:])
+            except re.error as exc:
+                raise QCompileError(f"bad regex in node pattern '{self.pattern}': {exc}") from exc
+
+    def matches(self, node_name: str, op_type: str) -> bool:
+        if self.pattern.startswith("op:"):
+            return op_type == self.pattern[3:]
+        if self.pattern.startswith("re:"):
+            return re.fullmatch(self.pattern[3:], node_name) is not None
+        return node_name == self.pattern
+
+
+@dataclass(frozen=True)
+class NodeOverride:
+    """Per-node settings; the last override that matches a node wins."""
+
+    match: NodeMatcher
+    exclude: bool = False
+    per_channel: bool | None = None
+    calib_method: CalibMethod | None = None
+    percentile: float | None = None
+
+    def __post_init__(self) -> None:
+        _check_method(self.calib_method, f"override '{self.match.pattern}'")
+        _check_percentile(self.percentile)
+
+    @classmethod
+    def parse(cls, text: str) -> NodeOverride:
+        """Parse 'PATTERN:key=value,...' (keys: exclude, per_channel, calib_method, percentile)."""
+        pattern, sep, settings = text.rpartition(":")
+        if not sep or not pattern or "=" not in settings:
+            raise QCompileError(
+                f"bad override '{text}'",
+                hint="write PATTERN:key=value[,key=value], e.g. 're:head.*:calib_method=minmax'",
+            )
+        kwargs: dict[str, object] = {}
+        for item in settings.split(","):
+            key, _, value = item.partition("=")
+            key, value = key.strip(), value.strip()
+            if key in ("exclude", "per_channel"):
+                if value.lower() not in ("true", "false", "1", "0"):
+                    raise QCompileError(f"override '{text}': {key} must be true or false")
+                kwargs[key] = value.lower() in ("true", "1")
+            elif key == "calib_method":
+                kwargs[key] = value
+            elif key == "percentile":
+                try:
+                    kwargs[key] = float(value)
+                except ValueError as exc:
+                    raise QCompileError(f"override '{text}': percentile must be a number") from exc
+            else:
+                raise QCompileError(
+                    f"override '{text}': unknown key '{key}'",
+                    hint="keys are exclude, per_channel, calib_method, percentile",
+                )
+        return cls(match=NodeMatcher(pattern), **kwargs)  # type: ignore[arg-type]
+
+
+@dataclass(frozen=True)
+class CompileOptions:
+    calib_method: CalibMethod = "percentile"
+    percentile: float = 99.99
+    per_channel: bool = True
+    quantize_softmax: bool = False
+    exclude: tuple[NodeMatcher, ...] = ()
+    overrides: tuple[NodeOverride, ...] = ()
+    input_shapes: tuple[tuple[str, tuple[int, ...]], ...] = ()
+    # Samples per feed when a calibration array is stacked along a dynamic batch axis.
+    calib_batch_size: int = 8
+    max_calib_batches: int | None = None
+    # Every n-th calibration feed is held out for the report (and not calibrated on).
+    holdout_every: int = 5
+    verify_passes: bool = False
+    bench_runs: int = 20
+    threads: int | None = None
+    progress: bool = True
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        _check_method(self.calib_method, "--calib-method")
+        _check_percentile(self.percentile)
+        if self.calib_batch_size < 1:
+            raise QCompileError("calib_batch_size must be >= 1")
+        if self.max_calib_batches is not None and self.max_calib_batches < 1:
+            raise QCompileError("max_calib_batches must be >= 1")
+        if self.holdout_every < 2:
+            raise QCompileError("holdout_every must be >= 2 (at least every other feed calibrates)")
+        if self.bench_runs < 0:
+            raise QCompileError("bench_runs must be >= 0")
+        if self.threads is not None and self.threads < 1:
+            raise QCompileError("threads must be >= 1")
+
+    def override_for(self, node_name: str, op_type: str) -> NodeOverride | None:
+        found = None
+        for override in self.overrides:
+            if override.match.matches(node_name, op_type):
+                found = override
+        return found
+
+    def is_excluded(self, node_name: str, op_type: str) -> bool:
+        if any(m.matches(node_name, op_type) for m in self.exclude):
+            return True
+        override = self.override_for(node_name, op_type)
+        return bool(override and override.exclude)
+
+
+assert set(get_args(CalibMethod)) == set(CALIB_METHODS)
+
+__all__ = ["CompileOptions", "NodeMatcher", "NodeOverride"]

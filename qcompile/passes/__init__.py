@@ -1,0 +1,1 @@
+"""Rewrite passes, one module per family, all built on onnx_ir.passes."""

@@ -1,0 +1,39 @@
+"""What a target's pipeline is made of: phases of passes around the calibration stage."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+
+import onnx_ir as ir
+
+from qcompile.quantize.observers import CalibMethod, Observer, make_observer
+from qcompile.quantize.plan import QuantPlan
+from qcompile.quantize.qparams import QParams
+from qcompile.targets.profile import TargetProfile
+
+QuantizePhase = Callable[[QuantPlan, Mapping[str, QParams]], list[ir.passes.PassBase]]
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """The calibration stage's settings; per-tensor overrides come from the plan."""
+
+    method: CalibMethod
+    percentile: float
+
+    def observer_for(self, plan: QuantPlan) -> Callable[[str], Observer]:
+        def make(tensor: str) -> Observer:
+            method, percentile = plan.tensor_methods.get(tensor, (self.method, self.percentile))
+            return make_observer(method, tensor, percentile=percentile)  # type: ignore[arg-type]
+
+        return make
+
+
+@dataclass(frozen=True)
+class Pipeline:
+    profile: TargetProfile
+    rewrite: list[ir.passes.PassBase]
+    calibrate: Calibration
+    quantize: QuantizePhase
+    lower: list[ir.passes.PassBase]

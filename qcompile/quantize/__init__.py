@@ -1,0 +1,1 @@
+"""Observers, calibration, quantization planning and QDQ insertion."""

@@ -1,0 +1,165 @@
+"""Calibration as a stage (not a pass): run the FP32 model on data and observe tensors.
+
+`calibrate` exposes the tensors to observe as extra graph outputs (temporarily, without
+copying weights), runs the model one feed at a time through a runner the caller provides
+(the ORT backend in practice; this layer knows no backend), and streams every tensor
+into its observer. Only observer state is kept between feeds, so memory does not grow
+with the number of batches. Every n-th feed is held out for the report.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx_ir as ir
+
+from qcompile.errors import QCompileError
+from qcompile.quantize.data import Feed
+from qcompile.quantize.observers import Observer
+from qcompile.quantize.qparams import QParams, QuantSpec
+
+logger = logging.getLogger(__name__)
+
+# runner_factory(model, output_names) -> run(feed) -> {name: array}
+Runner = Callable[[Feed], Mapping[str, np.ndarray]]
+RunnerFactory = Callable[[ir.Model, Sequence[str]], Runner]
+
+
+@dataclass
+class CalibrationStats:
+    observers: dict[str, Observer]
+    batches: int = 0
+    run_seconds: float = 0.0  # inside model execution
+    observe_seconds: float = 0.0  # inside observers
+    total_seconds: float = 0.0
+    holdout: list[Feed] = field(default_factory=list)
+    observed: dict[str, tuple[np.dtype, tuple[int, ...]]] = field(default_factory=dict)
+    holdout_is_calibration: bool = False
+
+    def qparams(self, tensor: str, spec: QuantSpec) -> QParams:
+        if tensor not in self.observers:
+            raise QCompileError("tensor was not calibrated", tensor=tensor)
+        return self.observers[tensor].qparams(spec)
+
+
+@contextlib.contextmanager
+def extra_outputs(model: ir.Model, names: Sequence[str]) -> Iterator[list[str]]:
+    """Temporarily expose the named values as graph outputs."""
+    graph = model.graph
+    existing = {v.name for v in graph.outputs}
+    by_name = {v.name: v for v in graph.inputs}
+    for node in graph:
+        for out in node.outputs:
+            by_name[out.name] = out
+    added: list[ir.Value] = []
+    for name in names:
+        value = by_name.get(name)
+        if value is None or name in existing or value in graph.inputs:
+            continue
+        graph.outputs.append(value)
+        added.append(value)
+    try:
+        yield [v.name for v in added]
+    finally:
+        for value in added:
+            graph.outputs.remove(value)
+
+
+def split_holdout(feeds: Iterable[Feed], every: int) -> Iterator[tuple[bool, Feed]]:
+    """Tag every `every`-th feed (1-based) as held out; a single feed is used for both."""
+    for i, feed in enumerate(feeds):
+        yield ((i + 1) % every == 0), feed
+
+
+def calibrate(
+    model: ir.Model,
+    data: Iterable[Feed],
+    tensors: Sequence[str],
+    observer_for: Callable[[str], Observer],
+    runner_factory: RunnerFactory,
+    *,
+    holdout_every: int = 5,
+    max_batches: int | None = None,
+    progress: bool = False,
+    total: int | None = None,
+) -> CalibrationStats:
+    start = time.perf_counter()
+    graph = model.graph
+    observers = {t: observer_for(t) for t in tensors}
+    stats = CalibrationStats(observers=observers)
+    input_names = {v.name for v in graph.inputs}
+    # Constants (e.g. an Add's constant operand) are observed once, without running.
+    for name in tensors:
+        init = graph.initializers.get(name)
+        if init is not None and init.const_value is not None:
+            observers[name].observe(init.const_value.numpy())
+    run_names = [t for t in tensors if t not in graph.initializers and t not in input_names]
+    output_names = [v.name for v in graph.outputs]
+    with extra_outputs(model, run_names) as added:
+        run = runner_factory(model, output_names + added)
+    observed_inputs = [t for t in tensors if t in input_names]
+    first_feed: Feed | None = None
+
+    with _progress(progress, total if max_batches is None else min(total or max_batches, max_batches)) as advance:
+        for held_out, feed in split_holdout(data, holdout_every):
+            if first_feed is None:
+                first_feed = feed
+            if held_out:
+                stats.holdout.append(feed)
+                advance()
+                continue
+            if max_batches is not None and stats.batches >= max_batches:
+                break
+            t0 = time.perf_counter()
+            try:
+                outputs = run(feed)
+            except QCompileError:
+                raise
+            except Exception as exc:
+                raise QCompileError(
+                    f"the FP32 model failed on calibration feed {stats.batches}: {exc}",
+                    hint="check the calibration data's shapes and dtypes against the model inputs",
+                ) from exc
+            t1 = time.perf_counter()
+            for name in run_names:
+                array = outputs[name]
+                observers[name].observe(array)
+                stats.observed[name] = (array.dtype, array.shape)
+            for name in observed_inputs:
+                observers[name].observe(feed[name])
+            stats.observe_seconds += time.perf_counter() - t1
+            stats.run_seconds += t1 - t0
+            stats.batches += 1
+            advance()
+    if stats.batches == 0:
+        raise QCompileError("the calibration set is empty", hint="give at least one feed")
+    if not stats.holdout and first_feed is not None:
+        # Fewer feeds than `holdout_every`: the report is measured on calibration data.
+        logger.warning("too few calibration feeds to hold any out; the report reuses feed 0")
+        stats.holdout.append(first_feed)
+        stats.holdout_is_calibration = True
+    stats.total_seconds = time.perf_counter() - start
+    logger.info(
+        "calibrated %d tensors on %d feeds in %.2fs (model %.2fs, observers %.2fs)",
+        len(tensors), stats.batches, stats.total_seconds, stats.run_seconds, stats.observe_seconds,
+    )
+    return stats
+
+
+@contextlib.contextmanager
+def _progress(enabled: bool, total: int | None) -> Iterator[Callable[[], None]]:
+    if not enabled:
+        yield lambda: None
+        return
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    with Progress(
+        TextColumn("calibrating"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), transient=True
+    ) as bar:
+        task = bar.add_task("calibrate", total=total)
+        yield lambda: bar.advance(task)

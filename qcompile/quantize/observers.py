@@ -1,0 +1,285 @@
+"""Calibration observers: one class per method, in the shape of PyTorch AO's observers.
+
+An observer sees activation batches through `observe(x)` and produces quantization
+parameters through `qparams(spec)`, which always ends in `range_to_qparams`. Histogram
+observers keep a fixed number of bins over a symmetric range [-R, R] that grows by
+doubling: doubling with a bin count divisible by 4 merges bins pairwise, so re-binning is
+exact and memory never depends on the number of batches.
+
+An observer that saw no data, or saw NaN/Inf, raises instead of guessing.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+import numpy as np
+
+from qcompile.errors import QCompileError
+from qcompile.quantize.qparams import QParams, QuantSpec, range_to_qparams
+
+CalibMethod = Literal["minmax", "percentile", "entropy", "mse"]
+CALIB_METHODS: tuple[str, ...] = ("minmax", "percentile", "entropy", "mse")
+
+
+class Observer:
+    """Running min/max plus the bookkeeping shared by all methods."""
+
+    def __init__(self, name: str = "") -> None:
+        self.name = name
+        self.min = math.inf
+        self.max = -math.inf
+        self.count = 0
+
+    def observe(self, x: np.ndarray) -> None:
+        x = np.asarray(x)
+        if x.size == 0:
+            return
+        lo, hi = float(np.min(x)), float(np.max(x))
+        if not (math.isfinite(lo) and math.isfinite(hi)):
+            raise QCompileError(
+                "calibration produced NaN or Inf in this tensor",
+                tensor=self.name,
+                hint="check the calibration data for NaN/Inf and the model for overflow",
+            )
+        self.min = min(self.min, lo)
+        self.max = max(self.max, hi)
+        self.count += x.size
+
+    def _check_seen(self) -> None:
+        if self.count == 0:
+            raise QCompileError(
+                "the observer saw no data, so no range can be computed",
+                tensor=self.name,
+                hint="give calibration data that reaches this tensor",
+            )
+
+    def clip_range(self, spec: QuantSpec) -> tuple[float, float]:
+        """The clipping range [lo, hi] this method chooses."""
+        raise NotImplementedError
+
+    def qparams(self, spec: QuantSpec) -> QParams:
+        self._check_seen()
+        lo, hi = self.clip_range(spec)
+        return range_to_qparams(lo, hi, spec)
+
+
+class MinMaxObserver(Observer):
+    """The full observed range: fast, outlier-sensitive."""
+
+    def clip_range(self, spec: QuantSpec) -> tuple[float, float]:
+        return self.min, self.max
+
+
+class HistogramObserver(Observer):
+    """Streaming histogram over [-R, R] with `bins` bins; R doubles when data exceeds it."""
+
+    def __init__(self, name: str = "", bins: int = 4096) -> None:
+        super().__init__(name)
+        if bins % 4:
+            raise ValueError("bins must be divisible by 4 for exact re-binning")
+        self.bins = bins
+        self.radius = 0.0
+        self.hist = np.zeros(bins, dtype=np.float64)
+
+    def observe(self, x: np.ndarray) -> None:
+        x = np.asarray(x)
+        if x.size == 0:
+            return
+        super().observe(x)
+        peak = max(abs(self.min), abs(self.max))
+        if self.radius == 0.0:
+            self.radius = peak if peak > 0 else 1.0
+        while peak > self.radius:
+            self._double()
+        counts, _ = np.histogram(
+            x.astype(np.float32, copy=False), bins=self.bins, range=(-self.radius, self.radius)
+        )
+        self.hist += counts
+
+    def _double(self) -> None:
+        # Old bins cover the middle half of the new range; adjacent pairs merge exactly.
+        merged = self.hist.reshape(-1, 2).sum(axis=1)
+        quarter = self.bins // 4
+        new = np.zeros_like(self.hist)
+        new[quarter : quarter + merged.size] = merged
+        self.hist = new
+        self.radius *= 2.0
+
+    @property
+    def bin_width(self) -> float:
+        return 2.0 * self.radius / self.bins
+
+    @property
+    def centers(self) -> np.ndarray:
+        w = self.bin_width
+        return -self.radius + w * (np.arange(self.bins) + 0.5)
+
+    def abs_hist(self) -> np.ndarray:
+        """Histogram of |x| with bins/2 bins over [0, R] (exact fold of the signed one)."""
+        half = self.bins // 2
+        return self.hist[half:] + self.hist[:half][::-1]
+
+    def _one_sided(self) -> bool:
+        return self.min >= 0.0
+
+
+class PercentileObserver(HistogramObserver):
+    """Clip at the p-th percentile (and 100−p for the low end); p≈99.99."""
+
+    def __init__(self, name: str = "", bins: int = 4096, percentile: float = 99.99) -> None:
+        super().__init__(name, bins)
+        if not 50.0 < percentile <= 100.0:
+            raise ValueError(f"percentile must be in (50, 100], got {percentile}")
+        self.percentile = percentile
+
+    def clip_range(self, spec: QuantSpec) -> tuple[float, float]:
+        q = self.percentile / 100.0
+        if spec.symmetric or self._one_sided():
+            t = _quantile(self.abs_hist(), self.radius, q)
+            t = min(t, max(abs(self.min), abs(self.max)))
+            return (0.0, t) if self._one_sided() else (-t, t)
+        cdf = np.cumsum(self.hist) / self.hist.sum()
+        edges = -self.radius + self.bin_width * np.arange(1, self.bins + 1)
+        hi = float(edges[np.searchsorted(cdf, q)])
+        lo_idx = np.searchsorted(cdf, 1.0 - q)
+        lo = float(edges[lo_idx] - self.bin_width)
+        return max(lo, self.min), min(hi, self.max)
+
+
+def _quantile(abs_hist: np.ndarray, radius: float, q: float) -> float:
+    cdf = np.cumsum(abs_hist) / max(abs_hist.sum(), 1.0)
+    idx = int(np.searchsorted(cdf, q))
+    width = radius / abs_hist.size
+    return float(min(idx + 1, abs_hist.size) * width)
+
+
+class EntropyObserver(HistogramObserver):
+    """TensorRT's KL calibration: the threshold T minimizing KL(P‖Q) of |x|'s histogram."""
+
+    def __init__(self, name: str = "", bins: int = 4096, max_candidates: int = 512) -> None:
+        super().__init__(name, bins)
+        self.max_candidates = max_candidates
+
+    def clip_range(self, spec: QuantSpec) -> tuple[float, float]:
+        one_sided = self._one_sided()
+        levels = (spec.qmax - spec.qmin + 1) if one_sided else (spec.qmax - spec.qmin + 1) // 2
+        hist = self.abs_hist()
+        t = _kl_threshold(hist, self.radius / hist.size, levels, self.max_candidates)
+        t = min(t, max(abs(self.min), abs(self.max)))
+        if one_sided:
+            return 0.0, t
+        if spec.symmetric:
+            return -t, t
+        return max(-t, self.min), min(t, self.max)
+
+
+def _kl_threshold(hist: np.ndarray, width: float, levels: int, max_candidates: int) -> float:
+    nbins = hist.size
+    nonzero = np.nonzero(hist)[0]
+    if nonzero.size == 0:
+        return width
+    last = int(nonzero[-1]) + 1
+    if last <= levels:
+        return last * width  # fewer occupied bins than levels: no clipping needed
+    step = max(1, (last - levels) // max_candidates)
+    best_t, best_kl = last, math.inf
+    for i in range(levels, last + 1, step):
+        p = hist[:i].copy()
+        p[i - 1] += hist[i:].sum()
+        # Quantize the first i bins into `levels` groups, spread back over non-empty bins.
+        groups = np.minimum((np.arange(i) * levels) // i, levels - 1)
+        group_sum = np.bincount(groups, weights=hist[:i], minlength=levels)
+        group_nz = np.bincount(groups, weights=(hist[:i] > 0).astype(np.float64), minlength=levels)
+        q = np.where(hist[:i] > 0, group_sum[groups] / np.maximum(group_nz[groups], 1.0), 0.0)
+        kl = _kl(p, q)
+        if kl < best_kl:
+            best_kl, best_t = kl, i
+    return min(best_t, nbins) * width
+
+
+def _kl(p: np.ndarray, q: np.ndarray) -> float:
+    p = p / p.sum()
+    qs = q.sum()
+    if qs == 0:
+        return math.inf
+    q = q / qs
+    mask = p > 0
+    if np.any(q[mask] == 0):
+        return math.inf
+    return float(np.sum(p[mask] * np.log(p[mask] / q[mask])))
+
+
+class MSEObserver(HistogramObserver):
+    """The range minimizing expected squared quantization error over the histogram."""
+
+    def __init__(self, name: str = "", bins: int = 4096, grid: int = 100) -> None:
+        super().__init__(name, bins)
+        self.grid = grid
+
+    def clip_range(self, spec: QuantSpec) -> tuple[float, float]:
+        centers, counts = self.centers, self.hist
+        mask = counts > 0
+        centers, counts = centers[mask], counts[mask]
+        full_lo, full_hi = min(self.min, 0.0), max(self.max, 0.0)
+        best = (math.inf, full_lo, full_hi)
+        for f in np.linspace(1.0 / self.grid, 1.0, self.grid):
+            lo, hi = full_lo * f, full_hi * f
+            err = _expected_sq_error(centers, counts, lo, hi, spec)
+            if err < best[0]:
+                best = (err, lo, hi)
+        if not spec.symmetric and full_lo < 0.0 < full_hi:
+            # Coordinate refinement of each end for asymmetric ranges.
+            _, lo, hi = best
+            for _ in range(2):
+                for g in np.linspace(0.5, 1.5, 41):
+                    cand = (max(lo * g, full_lo), hi)
+                    err = _expected_sq_error(centers, counts, *cand, spec)
+                    if err < best[0]:
+                        best = (err, *cand)
+                lo = best[1]
+                for g in np.linspace(0.5, 1.5, 41):
+                    cand = (lo, min(hi * g, full_hi))
+                    err = _expected_sq_error(centers, counts, *cand, spec)
+                    if err < best[0]:
+                        best = (err, *cand)
+                hi = best[2]
+        return best[1], best[2]
+
+
+def _expected_sq_error(
+    centers: np.ndarray, counts: np.ndarray, lo: float, hi: float, spec: QuantSpec
+) -> float:
+    qp = range_to_qparams(lo, hi, spec)
+    scale = float(qp.scale)
+    zp = float(qp.zero_point)
+    q = np.clip(np.rint(centers / scale) + zp, spec.qmin, spec.qmax)
+    err = centers - (q - zp) * scale
+    return float(np.sum(counts * err * err))
+
+
+def make_observer(method: CalibMethod, name: str, *, percentile: float = 99.99) -> Observer:
+    """The observer for a calibration method name."""
+    if method == "minmax":
+        return MinMaxObserver(name)
+    if method == "percentile":
+        return PercentileObserver(name, percentile=percentile)
+    if method == "entropy":
+        return EntropyObserver(name)
+    if method == "mse":
+        return MSEObserver(name)
+    raise QCompileError(
+        f"unknown calibration method '{method}'", hint=f"choose one of {', '.join(CALIB_METHODS)}"
+    )
+
+
+def weight_qparams(w: np.ndarray, spec: QuantSpec, axis: int | None) -> QParams:
+    """Symmetric weight parameters from max|W| per output channel (`axis`) or per tensor."""
+    w = np.asarray(w, dtype=np.float32)
+    if axis is None:
+        return range_to_qparams(float(w.min(initial=0.0)), float(w.max(initial=0.0)), spec)
+    moved = np.moveaxis(w, axis, 0).reshape(w.shape[axis], -1)
+    lo = moved.min(axis=1, initial=0.0)
+    hi = moved.max(axis=1, initial=0.0)
+    return range_to_qparams(lo, hi, spec, axis=axis)

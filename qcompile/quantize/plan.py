@@ -1,0 +1,289 @@
+"""Deciding what to quantize: which nodes, which tensors, and why not the others.
+
+The plan is computed from the graph, the target profile and the options alone, before
+any calibration, so calibration only observes the tensors that will be quantized and
+`qcompile inspect` can show the decisions without running anything.
+
+Rules (chosen so ORT's CPU EP and TensorRT fuse the result into integer kernels):
+- compute ops (Conv, Gemm, MatMul...) quantize activation inputs, weights (per output
+  channel), the bias (int32, scale s_x·s_w) and their output;
+- arithmetic ops (Add, Concat, pools, Sigmoid...) quantize all float inputs and outputs;
+- data-movement ops (Reshape, MaxPool...) are quantized only when their input already is,
+  and their output shares the input's parameters so ORT can drop the Q/DQ pair;
+- a Relu/Clip that alone consumes a quantized op's output is folded into it: the
+  activation's output is what gets quantized, and where the quantizer's clamp reproduces
+  the activation exactly (zero point at qmin) the activation node is removed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+import onnx_ir as ir
+
+from qcompile.options import CompileOptions
+from qcompile.targets.profile import TargetProfile
+
+NodeKind = Literal["compute", "arith", "passthrough"]
+FLOAT_TYPES = frozenset({ir.DataType.FLOAT})
+
+
+@dataclass(frozen=True)
+class WeightUse:
+    node: str
+    input_index: int
+    tensor: str
+    axis: int | None  # output-channel axis for per-channel; None for per-tensor
+
+
+@dataclass(frozen=True)
+class BiasUse:
+    node: str
+    input_index: int
+    tensor: str
+    activation: str  # the input activation tensor whose scale multiplies the weight's
+    weight: str
+
+
+@dataclass
+class QuantPlan:
+    # node name -> kind, for nodes that get quantized
+    nodes: dict[str, NodeKind] = field(default_factory=dict)
+    # node name -> why it stays float (for nodes of supported-looking ops)
+    skipped: dict[str, str] = field(default_factory=dict)
+    # activation tensors to quantize -> the tensor whose qparams they use (themselves,
+    # or the input of the data-movement chain they come from)
+    tensors: dict[str, str] = field(default_factory=dict)
+    # tensor -> names of quantized consumer nodes that read it through its DQ
+    consumers: dict[str, list[str]] = field(default_factory=dict)
+    weights: list[WeightUse] = field(default_factory=list)
+    biases: list[BiasUse] = field(default_factory=list)
+    # activation node name -> producer node name it is folded into
+    fused_activations: dict[str, str] = field(default_factory=dict)
+    # per-node overrides that apply to tensors (tensor -> (calib_method, percentile))
+    tensor_methods: dict[str, tuple[str, float]] = field(default_factory=dict)
+
+    @property
+    def calibrated_tensors(self) -> list[str]:
+        """Tensors that need their own statistics (not inheriting another's)."""
+        return sorted({src for src in self.tensors.values()})
+
+
+def _is_float(value: ir.Value | None) -> bool:
+    if value is None:
+        return False
+    # Unknown dtype: assume float (calibration records the real one).
+    return value.dtype is None or value.dtype in FLOAT_TYPES
+
+
+def _const(value: ir.Value | None) -> ir.TensorProtocol | None:
+    if value is None:
+        return None
+    return value.const_value
+
+
+def _weight_axis(node: ir.Node, weight: ir.TensorProtocol, profile: TargetProfile, per_channel: bool) -> int | None:
+    if not (per_channel and profile.per_channel_weights):
+        return None
+    rank = len(weight.shape)
+    if node.op_type == "Conv":
+        return 0
+    if node.op_type == "ConvTranspose":
+        group = node.attributes.get_int("group", 1)
+        return 1 if group == 1 else None
+    if node.op_type == "Gemm":
+        return 0 if node.attributes.get_int("transB", 0) else 1
+    if node.op_type == "MatMul":
+        return rank - 1 if (rank == 2 and profile.per_channel_matmul) else None
+    return None
+
+
+def _node_kind(node: ir.Node, profile: TargetProfile, options: CompileOptions) -> NodeKind | None:
+    op = node.op_type
+    if node.domain not in ("", "ai.onnx"):
+        return None
+    if op in profile.compute_ops:
+        return "compute"
+    if op == "Softmax" and not options.quantize_softmax:
+        return None
+    if op in profile.arith_ops:
+        return "arith"
+    if op in profile.passthrough_ops:
+        return "passthrough"
+    return None
+
+
+def _activation_inputs(node: ir.Node, kind: NodeKind) -> list[int]:
+    """Input indices of `node` that are quantized as activations."""
+    op = node.op_type
+    if kind == "passthrough":
+        return [0]
+    if op in ("Conv", "ConvTranspose", "Gemm"):
+        return [0]
+    if op == "MatMul":
+        return [0] if _const(node.inputs[1]) is not None else [0, 1]
+    if op in ("Add", "Mul", "Concat"):
+        return list(range(len(node.inputs)))
+    return [0]
+
+
+def build_plan(model: ir.Model, profile: TargetProfile, options: CompileOptions) -> QuantPlan:
+    graph = model.graph
+    plan = QuantPlan()
+    nodes = list(graph)
+    kinds: dict[str, NodeKind] = {}
+    graph_outputs = {v.name for v in graph.outputs}
+
+    # 1. Candidate compute/arith nodes.
+    for node in nodes:
+        kind = _node_kind(node, profile, options)
+        if kind is None or kind == "passthrough":
+            continue
+        name = node.name or ""
+        if options.is_excluded(name, node.op_type):
+            plan.skipped[name] = "excluded by option"
+            continue
+        act_idx = _activation_inputs(node, kind)
+        ins = [node.inputs[i] for i in act_idx if i < len(node.inputs)]
+        if not ins or not all(_is_float(v) for v in ins if v is not None):
+            plan.skipped[name] = "inputs are not float"
+            continue
+        if kind == "compute":
+            reason = _compute_weight_problem(node)
+            if reason:
+                plan.skipped[name] = reason
+                continue
+        kinds[name] = kind
+
+    # 2. Data-movement nodes follow their (quantized) producer.
+    quantized_outputs: set[str] = set()
+    for node in nodes:
+        name = node.name or ""
+        kind = kinds.get(name)
+        if kind is None and _node_kind(node, profile, options) == "passthrough":
+            src = node.inputs[0] if node.inputs else None
+            producer = src.producer() if src is not None else None
+            if options.is_excluded(name, node.op_type):
+                plan.skipped[name] = "excluded by option"
+            elif src is not None and _is_float(src) and producer is not None and producer.name in kinds:
+                kinds[name] = "passthrough"
+            elif src is not None and src.name in quantized_outputs:
+                kinds[name] = "passthrough"
+        if name in kinds:
+            for out in node.outputs:
+                quantized_outputs.add(out.name)
+
+    # 3. Fold Relu/Clip into their producer's output quantizer.
+    fused_output: dict[str, ir.Value] = {}  # producer node -> value to quantize instead
+    for node in nodes:
+        name = node.name or ""
+        if kinds.get(name) not in ("compute", "arith") or len(node.outputs) != 1:
+            continue
+        out = node.outputs[0]
+        uses = list(out.uses())
+        if out.name in graph_outputs or len(uses) != 1:
+            continue
+        act = uses[0].node
+        if act.op_type not in profile.fusible_activations or options.is_excluded(act.name or "", act.op_type):
+            continue
+        if act.op_type == "Clip" and not _clip_bounds_constant(act):
+            continue
+        plan.fused_activations[act.name or ""] = name
+        fused_output[name] = act.outputs[0]
+
+    # 4. Tensors: activation inputs of quantized nodes, and outputs with quantized consumers.
+    def consumer_quantized(value: ir.Value) -> bool:
+        return any((u.node.name or "") in kinds for u in value.uses())
+
+    for node in nodes:
+        name = node.name or ""
+        kind = kinds.get(name)
+        if kind is None:
+            continue
+        plan.nodes[name] = kind
+        for i in _activation_inputs(node, kind):
+            if i < len(node.inputs) and node.inputs[i] is not None:
+                # Constant operands of Add/Mul/Concat are quantized like activations
+                # (same type, per tensor); calibration observes them like any tensor.
+                _add_tensor(plan, node.inputs[i].name, name)
+        outs = [fused_output[name]] if name in fused_output else list(node.outputs)
+        for out in outs:
+            if not _is_float(out):
+                continue
+            # ORT fuses Conv/Gemm into integer kernels only with a quantized output; a
+            # MatMul whose consumers stay float becomes MatMulIntegerToFloat instead.
+            # Graph outputs stay float unless quantized nodes also read them: a head's
+            # output precision is the user's accuracy, not ours to spend.
+            must = kind == "compute" and node.op_type != "MatMul" and out.name not in graph_outputs
+            if must or consumer_quantized(out):
+                plan.tensors.setdefault(out.name, out.name)
+                plan.consumers.setdefault(out.name, [])
+        if kind == "compute":
+            _add_weight_and_bias(plan, node, profile, options)
+
+    # 5. Data-movement outputs share their input's parameters.
+    for node in nodes:
+        name = node.name or ""
+        if kinds.get(name) != "passthrough":
+            continue
+        src = node.inputs[0].name
+        for out in node.outputs:
+            if out.name in plan.tensors:
+                plan.tensors[out.name] = plan.tensors.get(src, src)
+
+    # 6. Per-node calibration overrides apply to the node's output tensors.
+    for node in nodes:
+        override = options.override_for(node.name or "", node.op_type)
+        if override is None or override.calib_method is None and override.percentile is None:
+            continue
+        outs = [fused_output[node.name]] if node.name in fused_output else node.outputs
+        for out in outs:
+            if out.name in plan.tensors:
+                plan.tensor_methods[out.name] = (
+                    override.calib_method or options.calib_method,
+                    override.percentile or options.percentile,
+                )
+    return plan
+
+
+def _add_tensor(plan: QuantPlan, tensor: str, consumer: str) -> None:
+    plan.tensors.setdefault(tensor, tensor)
+    plan.consumers.setdefault(tensor, [])
+    if consumer not in plan.consumers[tensor]:
+        plan.consumers[tensor].append(consumer)
+
+
+def _compute_weight_problem(node: ir.Node) -> str | None:
+    op = node.op_type
+    if op in ("Conv", "ConvTranspose", "Gemm"):
+        if len(node.inputs) < 2 or _const(node.inputs[1]) is None:
+            return "weight is not a constant initializer"
+        if op == "Gemm" and node.attributes.get_int("transA", 0):
+            return "Gemm with transA is not quantized"
+    return None
+
+
+def _clip_bounds_constant(node: ir.Node) -> bool:
+    for i in (1, 2):
+        if i < len(node.inputs) and node.inputs[i] is not None and _const(node.inputs[i]) is None:
+            return False
+    return True
+
+
+def _add_weight_and_bias(plan: QuantPlan, node: ir.Node, profile: TargetProfile, options: CompileOptions) -> None:
+    name = node.name or ""
+    weight_value = node.inputs[1] if len(node.inputs) > 1 else None
+    weight = _const(weight_value)
+    if weight is None or weight_value is None:
+        return  # MatMul of two activations: both quantized as activations
+    override = options.override_for(name, node.op_type)
+    per_channel = options.per_channel if override is None or override.per_channel is None else override.per_channel
+    axis = _weight_axis(node, weight, profile, per_channel)
+    plan.weights.append(WeightUse(name, 1, weight_value.name, axis))
+    if node.op_type in ("Conv", "ConvTranspose", "Gemm") and len(node.inputs) > 2 and node.inputs[2] is not None:
+        bias = node.inputs[2]
+        bias_const = _const(bias)
+        n_out = weight.shape[axis] if axis is not None else None
+        if bias_const is not None and len(bias_const.shape) == 1 and (n_out is None or bias_const.shape[0] == n_out):
+            plan.biases.append(BiasUse(name, 2, bias.name, node.inputs[0].name, weight_value.name))

@@ -1,0 +1,246 @@
+"""InsertQDQ: rewrite an FP32 graph into a QDQ graph following a QuantPlan.
+
+Activations get a QuantizeLinear→DequantizeLinear pair (one per tensor, read only by
+quantized consumers, so float consumers keep full precision). Weights become int8
+initializers behind a DequantizeLinear (per output channel where the plan says so);
+biases become int32 with scale s_x·s_w, which is what ORT's QLinearConv/QGemm and
+TensorRT expect. Folded Relu/Clip nodes are removed where the output quantizer's clamp
+reproduces them exactly.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+
+import numpy as np
+import onnx_ir as ir
+
+from qcompile.errors import QCompileError
+from qcompile.quantize.observers import weight_qparams
+from qcompile.quantize.plan import QuantPlan
+from qcompile.quantize.qparams import QParams, quantize
+from qcompile.targets.profile import TargetProfile
+
+logger = logging.getLogger(__name__)
+
+QDQ_OPS = frozenset({"QuantizeLinear", "DequantizeLinear"})
+INT32_MAX = np.iinfo(np.int32).max
+
+
+class _Names:
+    """Unique value names derived from existing ones."""
+
+    def __init__(self, graph: ir.Graph) -> None:
+        self.used: set[str] = {v.name for v in graph.inputs if v.name}
+        self.used |= set(graph.initializers)
+        for node in graph:
+            self.used |= {v.name for v in node.outputs if v.name}
+
+    def make(self, base: str) -> str:
+        name, i = base, 1
+        while name in self.used:
+            name = f"{base}_{i}"
+            i += 1
+        self.used.add(name)
+        return name
+
+
+def activation_removable(act: ir.Node, qp: QParams) -> bool:
+    """True when Q(x) already clamps exactly as Relu/Clip(x) would."""
+    if qp.per_channel or int(qp.zero_point) != qp.spec.qmin:
+        return False  # the quantizer's lower clamp is at real value 0 only when zp == qmin
+    hi_real = float(qp.scale) * (qp.spec.qmax - qp.spec.qmin)
+    if act.op_type == "Relu":
+        return True
+    if act.op_type == "Clip":
+        lo = _clip_bound(act, 1, act.attributes.get_float("min", -np.inf))
+        hi = _clip_bound(act, 2, act.attributes.get_float("max", np.inf))
+        return lo == 0.0 and hi_real <= hi * (1 + 1e-6)
+    return False
+
+
+def _clip_bound(node: ir.Node, index: int, default: float) -> float:
+    if index < len(node.inputs) and node.inputs[index] is not None:
+        tensor = node.inputs[index].const_value
+        if tensor is None:
+            return float("nan")
+        return float(tensor.numpy())
+    return default
+
+
+class InsertQDQ(ir.passes.InPlacePass):
+    """Insert Q/DQ for activations and quantize weights and biases, as the plan says.
+
+    Requires: no QuantizeLinear/DequantizeLinear on the tensors the plan quantizes.
+    Ensures: every planned tensor is read by its quantized consumers through a DQ.
+    """
+
+    def __init__(
+        self,
+        plan: QuantPlan,
+        activation_qparams: Mapping[str, QParams],
+        profile: TargetProfile,
+    ) -> None:
+        super().__init__()
+        self.plan = plan
+        self.qparams = activation_qparams
+        self.weight_spec = profile.weight
+        self.remove_activations = profile.remove_clamping_activations
+        self.removed_activations: list[str] = []
+        # quantized tensor -> name of its DequantizeLinear output (for reports)
+        self.dq_outputs: dict[str, str] = {}
+
+    def requires(self, model: ir.Model) -> None:
+        missing = [t for t in set(self.plan.tensors.values()) if t not in self.qparams]
+        if missing:
+            raise QCompileError(
+                "no calibration statistics for a tensor the plan quantizes",
+                tensor=missing[0],
+                hint="calibrate with data that reaches this tensor",
+            )
+        for node in model.graph:
+            if node.op_type in QDQ_OPS and node.inputs[0] is not None and node.inputs[0].name in self.plan.tensors:
+                raise QCompileError(
+                    "tensor is already quantized", tensor=node.inputs[0].name, node=node.name
+                )
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        graph = model.graph
+        names = _Names(graph)
+        nodes = {n.name: n for n in graph}
+        if self.remove_activations:
+            self._remove_clamping_activations(graph, nodes)
+        values = _values_by_name(graph)
+        modified = bool(self.removed_activations)
+
+        for tensor, source in self.plan.tensors.items():
+            value = values.get(tensor)
+            if value is None:
+                raise QCompileError("planned tensor not found in the graph", tensor=tensor)
+            consumers = self.plan.consumers.get(tensor, [])
+            if not consumers:
+                continue
+            qp = self.qparams[source]
+            dq_out = self._qdq_pair(graph, names, value, qp)
+            self.dq_outputs[tensor] = dq_out.name
+            for use in list(value.uses()):
+                if use.node.name in consumers and use.node.op_type not in QDQ_OPS:
+                    use.node.replace_input_with(use.idx, dq_out)
+            modified = True
+
+        weight_qp: dict[tuple[str, int | None], tuple[ir.Value, QParams]] = {}
+        for w in self.plan.weights:
+            node = nodes[w.node]
+            key = (w.tensor, w.axis)
+            if key not in weight_qp:
+                weight_qp[key] = self._quantize_weight(graph, names, node.inputs[w.input_index], w.axis)
+            node.replace_input_with(w.input_index, weight_qp[key][0])
+            modified = True
+
+        for b in self.plan.biases:
+            node = nodes[b.node]
+            w_use = next(w for w in self.plan.weights if w.node == b.node)
+            w_qp = weight_qp[(w_use.tensor, w_use.axis)][1]
+            x_qp = self.qparams[self.plan.tensors[b.activation]]
+            bias_value = node.inputs[b.input_index]
+            node.replace_input_with(
+                b.input_index, self._quantize_bias(graph, names, bias_value, x_qp, w_qp, node.name)
+            )
+        graph.sort()
+        return ir.passes.PassResult(model, modified)
+
+    # -- pieces ---------------------------------------------------------------------------
+
+    def _remove_clamping_activations(self, graph: ir.Graph, nodes: dict[str, ir.Node]) -> None:
+        graph_outputs = {v.name for v in graph.outputs}
+        for act_name in self.plan.fused_activations:
+            act = nodes[act_name]
+            out = act.outputs[0]
+            if out.name not in self.plan.tensors or out.name in graph_outputs:
+                continue
+            if not activation_removable(act, self.qparams[self.plan.tensors[out.name]]):
+                continue
+            src = act.inputs[0]
+            name = out.name
+            out.replace_all_uses_with(src)
+            graph.remove(act, safe=True)
+            src.name = name
+            self.removed_activations.append(act_name)
+            del nodes[act_name]
+
+    def _initializer(self, graph: ir.Graph, names: _Names, base: str, array: np.ndarray) -> ir.Value:
+        name = names.make(base)
+        value = ir.Value(name=name, type=ir.TensorType(ir.DataType.from_numpy(array.dtype)), shape=ir.Shape(array.shape))
+        value.const_value = ir.tensor(array, name=name)
+        graph.register_initializer(value)
+        return value
+
+    def _qdq_pair(self, graph: ir.Graph, names: _Names, value: ir.Value, qp: QParams) -> ir.Value:
+        base = value.name
+        scale = self._initializer(graph, names, f"{base}_scale", np.asarray(qp.scale, np.float32))
+        zp = self._initializer(graph, names, f"{base}_zero_point", np.asarray(qp.zero_point))
+        q_node = ir.node("QuantizeLinear", [value, scale, zp], name=names.make(f"{base}_QuantizeLinear"))
+        q_node.outputs[0].name = names.make(f"{base}_quantized")
+        dq_node = ir.node(
+            "DequantizeLinear", [q_node.outputs[0], scale, zp], name=names.make(f"{base}_DequantizeLinear")
+        )
+        dq_out = dq_node.outputs[0]
+        dq_out.name = names.make(f"{base}_dequantized")
+        dq_out.dtype = ir.DataType.FLOAT
+        dq_out.shape = value.shape
+        producer = value.producer()
+        if producer is not None:
+            graph.insert_after(producer, [q_node, dq_node])
+        else:
+            graph.insert_before(next(iter(graph)), [q_node, dq_node])
+        return dq_out
+
+    def _quantize_weight(
+        self, graph: ir.Graph, names: _Names, value: ir.Value, axis: int | None
+    ) -> tuple[ir.Value, QParams]:
+        w = value.const_value.numpy().astype(np.float32)
+        qp = weight_qparams(w, self.weight_spec, axis)
+        q = quantize(w, qp)
+        base = value.name
+        q_init = self._initializer(graph, names, f"{base}_quantized", q)
+        scale = self._initializer(graph, names, f"{base}_scale", qp.scale)
+        zp = self._initializer(graph, names, f"{base}_zero_point", qp.zero_point)
+        attrs = {"axis": axis} if axis is not None else {}
+        dq = ir.node("DequantizeLinear", [q_init, scale, zp], attributes=attrs, name=names.make(f"{base}_DequantizeLinear"))
+        dq.outputs[0].name = names.make(f"{base}_dequantized")
+        dq.outputs[0].dtype = ir.DataType.FLOAT
+        dq.outputs[0].shape = ir.Shape(w.shape)
+        graph.insert_before(next(iter(graph)), dq)
+        return dq.outputs[0], qp
+
+    def _quantize_bias(
+        self, graph: ir.Graph, names: _Names, value: ir.Value, x_qp: QParams, w_qp: QParams, node: str
+    ) -> ir.Value:
+        b = value.const_value.numpy().astype(np.float64)
+        scale = (np.float64(x_qp.scale) * w_qp.scale.astype(np.float64)).astype(np.float32)
+        q = np.rint(b / scale.astype(np.float64))
+        if np.any(np.abs(q) > INT32_MAX):
+            logger.warning("bias of node %s saturates int32; clipping (scale %.3g)", node, float(scale.min()))
+        q = np.clip(q, -INT32_MAX, INT32_MAX).astype(np.int32)
+        base = value.name
+        q_init = self._initializer(graph, names, f"{base}_quantized", q)
+        s_init = self._initializer(graph, names, f"{base}_scale", scale)
+        zp_init = self._initializer(graph, names, f"{base}_zero_point", np.zeros(scale.shape, np.int32))
+        attrs = {"axis": 0} if scale.ndim == 1 else {}
+        dq = ir.node("DequantizeLinear", [q_init, s_init, zp_init], attributes=attrs, name=names.make(f"{base}_DequantizeLinear"))
+        dq.outputs[0].name = names.make(f"{base}_dequantized")
+        dq.outputs[0].dtype = ir.DataType.FLOAT
+        dq.outputs[0].shape = ir.Shape(b.shape)
+        graph.insert_before(next(iter(graph)), dq)
+        return dq.outputs[0]
+
+
+def _values_by_name(graph: ir.Graph) -> dict[str, ir.Value]:
+    values: dict[str, ir.Value] = {v.name: v for v in graph.inputs}
+    values.update(graph.initializers)
+    for node in graph:
+        for out in node.outputs:
+            if out.name:
+                values[out.name] = out
+    return values

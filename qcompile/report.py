@@ -1,0 +1,120 @@
+"""The compile report: what was quantized, how much accuracy it cost, size and speed.
+
+Per-tensor SQNR comes in two forms: `local` is the error of quantizing the FP32 tensor
+alone (the calibration choice), `accumulated` compares the quantized model's dequantized
+tensor with FP32 (where errors pile up). Output SQNR/cosine and latency are measured on
+the deployed model itself, never a simulation of it.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+
+@dataclass
+class TensorReport:
+    name: str
+    scale: float
+    zero_point: int
+    sqnr_local_db: float
+    sqnr_db: float
+
+
+@dataclass
+class OutputReport:
+    name: str
+    sqnr_db: float
+    cosine: float
+
+
+@dataclass
+class CompileReport:
+    target: str
+    input_model: str | None = None
+    output_model: str | None = None
+    calib_method: str = ""
+    calib_batches: int = 0
+    holdout_batches: int = 0
+    holdout_is_calibration: bool = False
+    calib_seconds: float = 0.0
+    calib_model_seconds: float = 0.0
+    compile_seconds: float = 0.0
+    passes: list[dict[str, Any]] = field(default_factory=list)
+    quantized_ops: dict[str, int] = field(default_factory=dict)
+    skipped_nodes: dict[str, str] = field(default_factory=dict)
+    removed_activations: list[str] = field(default_factory=list)
+    ort_ops: dict[str, int] = field(default_factory=dict)
+    tensors: list[TensorReport] = field(default_factory=list)
+    outputs: list[OutputReport] = field(default_factory=list)
+    size_fp32_bytes: int = 0
+    size_quantized_bytes: int = 0
+    latency_fp32_ms: float | None = None
+    latency_quantized_ms: float | None = None
+    bench_threads: int | None = None
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def speedup(self) -> float | None:
+        if self.latency_fp32_ms and self.latency_quantized_ms:
+            return self.latency_fp32_ms / self.latency_quantized_ms
+        return None
+
+    @property
+    def min_output_sqnr_db(self) -> float:
+        return min((o.sqnr_db for o in self.outputs), default=math.inf)
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["speedup"] = self.speedup
+        return _finite(data)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2)
+
+    def print(self, console=None, *, max_tensors: int = 25) -> None:
+        from rich.console import Console
+        from rich.table import Table
+
+        console = console or Console(stderr=True)
+        summary = Table(title=f"qcompile → {self.target}", show_header=False)
+        summary.add_column("what")
+        summary.add_column("value")
+        summary.add_row("quantized ops", ", ".join(f"{k}×{v}" for k, v in sorted(self.quantized_ops.items())) or "none")
+        summary.add_row("calibration", f"{self.calib_method}, {self.calib_batches} feeds, {self.calib_seconds:.2f}s "
+                        f"({self.calib_model_seconds:.2f}s in the model)")
+        summary.add_row("held-out feeds", f"{self.holdout_batches}" + (" (reused calibration data)" if self.holdout_is_calibration else ""))
+        for out in self.outputs:
+            summary.add_row(f"output {out.name}", f"SQNR {out.sqnr_db:.1f} dB, cosine {out.cosine:.5f}")
+        summary.add_row("size", f"{_mb(self.size_fp32_bytes)} → {_mb(self.size_quantized_bytes)}")
+        if self.speedup is not None:
+            summary.add_row("latency (median)", f"{self.latency_fp32_ms:.2f} ms → {self.latency_quantized_ms:.2f} ms "
+                            f"({self.speedup:.2f}×, {self.bench_threads} threads)")
+        summary.add_row("compile time", f"{self.compile_seconds:.2f}s")
+        for note in self.notes:
+            summary.add_row("note", note)
+        console.print(summary)
+        if self.tensors:
+            table = Table(title="worst quantized tensors (accumulated SQNR)")
+            for col in ("tensor", "scale", "zp", "local dB", "accum. dB"):
+                table.add_column(col)
+            for t in sorted(self.tensors, key=lambda t: t.sqnr_db)[:max_tensors]:
+                table.add_row(t.name, f"{t.scale:.3g}", str(t.zero_point), f"{t.sqnr_local_db:.1f}", f"{t.sqnr_db:.1f}")
+            console.print(table)
+
+
+def _mb(n: int) -> str:
+    return f"{n / 1e6:.2f} MB"
+
+
+def _finite(obj: Any) -> Any:
+    """JSON has no inf/nan: write them as strings."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return str(obj)
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_finite(v) for v in obj]
+    return obj

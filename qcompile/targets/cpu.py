@@ -1,0 +1,44 @@
+"""CPU target: ONNX Runtime's CPU EP (x86 with VNNI, Arm with dot-product).
+
+U8 asymmetric activations with S8 symmetric per-channel weights is ORT's fast path on x86:
+QDQ placed so the EP fuses QLinearConv, QGemm, QLinearMatMul/MatMulIntegerToFloat,
+QLinearAdd, QLinearConcat and the pooling kernels.
+"""
+
+from __future__ import annotations
+
+import onnx_ir.passes.common as common_passes
+
+from qcompile.options import CompileOptions
+from qcompile.passes.canonicalize import canonicalize
+from qcompile.pipeline import Calibration, Pipeline
+from qcompile.quantize.qdq import InsertQDQ
+from qcompile.quantize.qparams import QuantSpec
+from qcompile.targets.profile import ARITH_OPS, COMPUTE_OPS, TargetProfile
+
+PROFILE = TargetProfile(
+    name="cpu",
+    activation=QuantSpec(bits=8, signed=False, symmetric=False),
+    weight=QuantSpec(bits=8, signed=True, symmetric=True, narrow=True),
+    per_channel_weights=True,
+    per_channel_matmul=True,
+    compute_ops=COMPUTE_OPS,
+    # HardSwish/HardSigmoid have no integer kernel in ORT: quantizing them only adds Q/DQ.
+    arith_ops=ARITH_OPS - {"HardSwish", "HardSigmoid"},
+    execution_providers=("CPUExecutionProvider",),
+)
+
+
+def finalize() -> list:
+    """Clean-up after quantization: dead float weights go, order is topological."""
+    return [common_passes.RemoveUnusedNodesPass(), common_passes.TopologicalSortPass()]
+
+
+def pipeline(options: CompileOptions, profile: TargetProfile = PROFILE) -> Pipeline:
+    return Pipeline(
+        profile=profile,
+        rewrite=canonicalize(),
+        calibrate=Calibration(options.calib_method, options.percentile),
+        quantize=lambda plan, qparams: [InsertQDQ(plan, qparams, profile)],
+        lower=finalize(),
+    )

@@ -1,0 +1,70 @@
+"""Target profiles: frozen plain data describing what a target can run in integers.
+
+A profile holds no behaviour; the pipeline file of each target reads it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from qcompile.quantize.qparams import QuantSpec
+
+# Ops whose weights are quantized and whose integer kernels do the real work.
+COMPUTE_OPS = frozenset({"Conv", "ConvTranspose", "Gemm", "MatMul"})
+# Ops quantized on all their float inputs and outputs (integer kernels on most targets).
+ARITH_OPS = frozenset(
+    {
+        "Add",
+        "Mul",
+        "AveragePool",
+        "GlobalAveragePool",
+        "Concat",
+        "Sigmoid",
+        "HardSigmoid",
+        "HardSwish",
+        "LeakyRelu",
+        "Softmax",
+    }
+)
+# Data movement: quantized when their input is, sharing its scale, so pairs cancel.
+PASSTHROUGH_OPS = frozenset(
+    {
+        "Reshape",
+        "Transpose",
+        "Flatten",
+        "Squeeze",
+        "Unsqueeze",
+        "Slice",
+        "MaxPool",
+        "Resize",
+        "Gather",
+        "Split",
+        "DepthToSpace",
+        "SpaceToDepth",
+    }
+)
+# Activations folded into the producer's output quantizer.
+FUSIBLE_ACTIVATIONS = frozenset({"Relu", "Clip"})
+
+
+@dataclass(frozen=True)
+class TargetProfile:
+    name: str
+    activation: QuantSpec
+    weight: QuantSpec
+    per_channel_weights: bool
+    # MatMul weights per output column; some EPs only take per-tensor B.
+    per_channel_matmul: bool
+    compute_ops: frozenset[str]
+    arith_ops: frozenset[str]
+    passthrough_ops: frozenset[str] = PASSTHROUGH_OPS
+    fusible_activations: frozenset[str] = FUSIBLE_ACTIVATIONS
+    # Drop Relu/Clip when the output quantizer's clamp reproduces it exactly (zp == qmin).
+    remove_clamping_activations: bool = True
+    accumulator_bits: int = 32
+    execution_providers: tuple[str, ...] = ("CPUExecutionProvider",)
+    notes: tuple[str, ...] = field(default_factory=tuple)
+
+    @property
+    def quantizable_ops(self) -> frozenset[str]:
+        return self.compute_ops | self.arith_ops | self.passthrough_ops
