@@ -82,6 +82,9 @@ class HistogramObserver(Observer):
         self.bins = bins
         self.radius = 0.0
         self.hist = np.zeros(bins, dtype=np.float64)
+        # Exact zeros (ReLU outputs, padding) are kept out of the histogram: zero is always
+        # exactly representable, and a spike there would dominate KL and MSE searches.
+        self.zeros = 0
 
     def observe(self, x: np.ndarray) -> None:
         x = np.asarray(x)
@@ -93,9 +96,10 @@ class HistogramObserver(Observer):
             self.radius = peak if peak > 0 else 1.0
         while peak > self.radius:
             self._double()
-        counts, _ = np.histogram(
-            x.astype(np.float32, copy=False), bins=self.bins, range=(-self.radius, self.radius)
-        )
+        flat = x.astype(np.float32, copy=False).ravel()
+        nonzero = flat[flat != 0]
+        self.zeros += flat.size - nonzero.size
+        counts, _ = np.histogram(nonzero, bins=self.bins, range=(-self.radius, self.radius))
         self.hist += counts
 
     def _double(self) -> None:
@@ -137,10 +141,14 @@ class PercentileObserver(HistogramObserver):
     def clip_range(self, spec: QuantSpec) -> tuple[float, float]:
         q = self.percentile / 100.0
         if spec.symmetric or self._one_sided():
-            t = _quantile(self.abs_hist(), self.radius, q)
+            hist = self.abs_hist()
+            hist[0] += self.zeros
+            t = _quantile(hist, self.radius, q)
             t = min(t, max(abs(self.min), abs(self.max)))
             return (0.0, t) if self._one_sided() else (-t, t)
-        cdf = np.cumsum(self.hist) / self.hist.sum()
+        hist = self.hist.copy()
+        hist[self.bins // 2] += self.zeros
+        cdf = np.cumsum(hist) / hist.sum()
         edges = -self.radius + self.bin_width * np.arange(1, self.bins + 1)
         hi = float(edges[np.searchsorted(cdf, q)])
         lo_idx = np.searchsorted(cdf, 1.0 - q)

@@ -61,6 +61,9 @@ class QuantPlan:
     biases: list[BiasUse] = field(default_factory=list)
     # activation node name -> producer node name it is folded into
     fused_activations: dict[str, str] = field(default_factory=dict)
+    # tensors whose every reader (float ones too) goes through the DQ: ORT fuses a
+    # Conv/Gemm into an integer kernel only when a Q is its output's sole consumer
+    rewire_all: set[str] = field(default_factory=set)
     # per-node overrides that apply to tensors (tensor -> (calib_method, percentile))
     tensor_methods: dict[str, tuple[str, float]] = field(default_factory=dict)
 
@@ -156,25 +159,7 @@ def build_plan(model: ir.Model, profile: TargetProfile, options: CompileOptions)
                 continue
         kinds[name] = kind
 
-    # 2. Data-movement nodes follow their (quantized) producer.
-    quantized_outputs: set[str] = set()
-    for node in nodes:
-        name = node.name or ""
-        kind = kinds.get(name)
-        if kind is None and _node_kind(node, profile, options) == "passthrough":
-            src = node.inputs[0] if node.inputs else None
-            producer = src.producer() if src is not None else None
-            if options.is_excluded(name, node.op_type):
-                plan.skipped[name] = "excluded by option"
-            elif src is not None and _is_float(src) and producer is not None and producer.name in kinds:
-                kinds[name] = "passthrough"
-            elif src is not None and src.name in quantized_outputs:
-                kinds[name] = "passthrough"
-        if name in kinds:
-            for out in node.outputs:
-                quantized_outputs.add(out.name)
-
-    # 3. Fold Relu/Clip into their producer's output quantizer.
+    # 2. Fold Relu/Clip into their producer's output quantizer.
     fused_output: dict[str, ir.Value] = {}  # producer node -> value to quantize instead
     for node in nodes:
         name = node.name or ""
@@ -191,6 +176,20 @@ def build_plan(model: ir.Model, profile: TargetProfile, options: CompileOptions)
             continue
         plan.fused_activations[act.name or ""] = name
         fused_output[name] = act.outputs[0]
+
+    # 3. Data-movement nodes follow their (quantized or fused-into-quantized) producer.
+    for node in nodes:
+        name = node.name or ""
+        kind = kinds.get(name)
+        if kind is None and _node_kind(node, profile, options) == "passthrough":
+            src = node.inputs[0] if node.inputs else None
+            producer = src.producer() if src is not None else None
+            if options.is_excluded(name, node.op_type):
+                plan.skipped[name] = "excluded by option"
+            elif src is not None and _is_float(src) and producer is not None and (
+                producer.name in kinds or producer.name in plan.fused_activations
+            ):
+                kinds[name] = "passthrough"
 
     # 4. Tensors: activation inputs of quantized nodes, and outputs with quantized consumers.
     def consumer_quantized(value: ir.Value) -> bool:
@@ -219,6 +218,8 @@ def build_plan(model: ir.Model, profile: TargetProfile, options: CompileOptions)
             if must or consumer_quantized(out):
                 plan.tensors.setdefault(out.name, out.name)
                 plan.consumers.setdefault(out.name, [])
+            if must:
+                plan.rewire_all.add(out.name)
         if kind == "compute":
             _add_weight_and_bias(plan, node, profile, options)
 

