@@ -70,7 +70,13 @@ def runner_factory(providers: Sequence[str] = ("CPUExecutionProvider",), threads
 
     def factory(model: ir.Model, outputs: Sequence[str]):
         _fill_missing_output_types(model, outputs)
-        sess = make_session(model, providers=providers, threads=threads)
+        try:
+            sess = make_session(model, providers=providers, threads=threads)
+        except Exception as exc:
+            raise QCompileError(
+                f"ONNX Runtime cannot load the FP32 model: {exc}",
+                hint="an op ORT does not implement, or a malformed graph; check the node named above",
+            ) from exc
         names = list(outputs)
 
         def run(feed: Feed) -> dict[str, np.ndarray]:

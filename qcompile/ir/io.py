@@ -114,6 +114,13 @@ def upgrade_opset(model: ir.Model, min_opset: int, *, path: Path | None = None) 
         raise QCompileError(
             "the model imports no default ONNX opset", path=str(path) if path else None
         )
+    newest = onnx.defs.onnx_opset_version()
+    if version > newest:
+        raise QCompileError(
+            f"the model uses opset {version}, newer than the newest this onnx knows ({newest})",
+            path=str(path) if path else None,
+            hint=f"re-export with opset <= {newest} or upgrade onnx/onnxruntime",
+        )
     if version >= min_opset:
         return model
     logger.info("upgrading opset %d -> %d", version, min_opset)

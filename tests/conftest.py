@@ -1,0 +1,48 @@
+"""Shared fixtures: the small models from models/builders.py, written to disk, and data."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+
+from models import builders
+
+
+def sha256(path: Path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+@pytest.fixture(scope="session")
+def cnn_model() -> onnx.ModelProto:
+    return builders.cnn()
+
+
+@pytest.fixture(scope="session")
+def mlp_model() -> onnx.ModelProto:
+    return builders.mlp()
+
+
+@pytest.fixture(scope="session")
+def transformer_model() -> onnx.ModelProto:
+    return builders.transformer_block()
+
+
+@pytest.fixture
+def cnn_path(tmp_path: Path, cnn_model: onnx.ModelProto) -> Path:
+    path = tmp_path / "cnn.onnx"
+    onnx.save(cnn_model, path)
+    return path
+
+
+@pytest.fixture
+def cnn_calib(tmp_path: Path) -> Path:
+    path = tmp_path / "cnn_calib.npz"
+    np.savez(path, input=builders.images(20, seed=1))
+    return path
+
+
+FAST = {"progress": False, "bench_runs": 0}

@@ -1,0 +1,168 @@
+"""End-to-end compile of the small models: validity, placement, accuracy, exact qparams."""
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from onnx import numpy_helper
+from onnx.reference import ReferenceEvaluator
+
+import qcompile
+from models import builders
+from qcompile.backends.ort import optimized_op_counts
+from qcompile.quantize.qparams import QuantSpec, range_to_qparams
+from tests.conftest import FAST
+
+U8 = QuantSpec(bits=8, signed=False, symmetric=False)
+
+
+def _inits(model: onnx.ModelProto) -> dict[str, np.ndarray]:
+    return {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+
+
+def _run(model: onnx.ModelProto, feed):
+    sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    return sess.run(None, feed)
+
+
+CASES = {
+    # name: (builder, data, min output SQNR in dB measured at ~41/31/27; thresholds leave margin)
+    "cnn": (builders.cnn, lambda: {"input": builders.images(40, seed=3)}, 35.0),
+    "mlp": (builders.mlp, lambda: {"input": builders.features(64, seed=3)}, 25.0),
+    "transformer": (builders.transformer_block, lambda: {"input": builders.token_embeddings(40, seed=3)}, 22.0),
+}
+
+
+@pytest.mark.parametrize("name", list(CASES))
+@pytest.mark.parametrize("target", ["cpu", "gpu", "fpga"])
+def test_compiles_to_valid_accurate_model(name, target):
+    build, data, min_sqnr = CASES[name]
+    result = qcompile.compile(build(), target=target, calibration=data(), **FAST)
+    proto = qcompile.ir.to_proto(result.model)
+    onnx.checker.check_model(proto, full_check=True)
+    feed = {"input": data()["input"][:4]}
+    assert np.all(np.isfinite(_run(proto, feed)[0]))
+    margin = 3.0 if target == "fpga" else 0.0  # power-of-two scales cost a few dB
+    assert result.report.min_output_sqnr_db > min_sqnr - margin
+    assert result.report.outputs[0].cosine > 0.99
+    assert result.report.size_quantized_bytes < 0.6 * result.report.size_fp32_bytes
+    ops = {n.op_type for n in proto.graph.node}
+    assert {"QuantizeLinear", "DequantizeLinear"} <= ops
+
+
+def test_cpu_placement_fuses_into_integer_kernels():
+    result = qcompile.compile(builders.cnn(), calibration={"input": builders.images(20)}, **FAST)
+    assert result.report.quantized_ops["Conv"] == 7
+    counts = optimized_op_counts(result.model)
+    # every Conv ran as QLinearConv, the residual Add and Concat as integer kernels
+    assert counts.get("QLinearConv") == 7 and "Conv" not in counts
+    assert counts.get("QLinearAdd") == 1 and counts.get("QLinearConcat") == 1
+    assert counts.get("QGemm") == 1
+    # Relu/Clip folded into output quantizers with zero point 0 (u8)
+    assert {n.op_type for n in result.model.graph} & {"Relu", "Clip"} == set()
+
+
+def test_gpu_keeps_activations_and_uses_symmetric_int8():
+    result = qcompile.compile(builders.cnn(), target="gpu", calibration={"input": builders.images(20)}, **FAST)
+    proto = qcompile.ir.to_proto(result.model)
+    assert any(n.op_type == "Relu" for n in proto.graph.node)
+    for n in proto.graph.node:
+        if n.op_type == "QuantizeLinear":
+            zp = _inits(proto)[n.input[2]]
+            assert zp.dtype == np.int8 and np.all(zp == 0)
+
+
+def test_transformer_matmuls_quantized_on_cpu():
+    result = qcompile.compile(builders.transformer_block(), calibration={"input": builders.token_embeddings(20)}, **FAST)
+    assert result.report.quantized_ops["MatMul"] == 8  # 6 linear + QK^T + attention·V
+    counts = optimized_op_counts(result.model)
+    assert counts.get("QLinearMatMul", 0) + counts.get("MatMulIntegerToFloat", 0) >= 6
+
+
+def test_softmax_only_quantized_when_asked():
+    build = builders.transformer_block
+    data = {"input": builders.token_embeddings(10)}
+    off = qcompile.compile(build(), calibration=data, **FAST)
+    on = qcompile.compile(build(), calibration=data, quantize_softmax=True, **FAST)
+    assert "Softmax" not in off.report.quantized_ops
+    assert on.report.quantized_ops.get("Softmax") == 1
+
+
+def test_qparams_equal_numpy_minmax_over_calibration_feeds():
+    """Scales/zero points in the output equal an independent numpy computation."""
+    model = builders.mlp()
+    feeds = [{"input": builders.features(16, seed=s)} for s in range(10)]
+    result = qcompile.compile(model, calibration=feeds, calib_method="minmax", holdout_every=5, **FAST)
+    out = qcompile.ir.to_proto(result.model)
+    inits = _inits(out)
+    calib = [f for i, f in enumerate(feeds) if (i + 1) % 5]  # feeds 4 and 9 are held out
+    # graph input
+    x = np.concatenate([f["input"] for f in calib])
+    ref = range_to_qparams(x.min(), x.max(), U8)
+    assert inits["input_scale"] == pytest.approx(float(ref.scale), rel=1e-6)
+    assert int(inits["input_zero_point"]) == int(ref.zero_point)
+    # an intermediate (fc1's Relu output), from the onnx reference evaluator, not ORT
+    relu = next(n for n in model.graph.node if n.op_type == "Relu")
+    probe = onnx.ModelProto()
+    probe.CopyFrom(model)
+    probe.graph.output.append(onnx.helper.make_tensor_value_info(relu.output[0], onnx.TensorProto.FLOAT, None))
+    evaluator = ReferenceEvaluator(probe)
+    h = np.concatenate([evaluator.run([relu.output[0]], f)[0] for f in calib])
+    ref = range_to_qparams(h.min(), h.max(), U8)
+    assert inits[f"{relu.output[0]}_scale"] == pytest.approx(float(ref.scale), rel=1e-5)
+    assert int(inits[f"{relu.output[0]}_zero_point"]) == 0
+    # fc1 weights: symmetric per output column, max|W|/127; bias int32 at s_x*s_w
+    w_name = next(n for n in model.graph.node if n.op_type == "MatMul").input[1]
+    w = numpy_helper.to_array(next(t for t in model.graph.initializer if t.name == w_name))
+    np.testing.assert_allclose(inits[f"{w_name}_scale"], np.abs(w).max(axis=0) / 127, rtol=1e-6)
+    np.testing.assert_array_equal(inits[f"{w_name}_quantized"], np.clip(np.rint(w / (np.abs(w).max(axis=0) / 127)), -127, 127))
+
+
+def test_gemm_bias_is_int32_at_product_scale():
+    model = builders.mlp()
+    feeds = {"input": builders.features(64, seed=2)}
+    result = qcompile.compile(model, calibration=feeds, **FAST)
+    out = qcompile.ir.to_proto(result.model)
+    inits = _inits(out)
+    gemm = next(n for n in out.graph.node if n.op_type == "Gemm")
+    dq = {n.output[0]: n for n in out.graph.node if n.op_type == "DequantizeLinear"}
+    bias_dq, w_dq, x_dq = dq[gemm.input[2]], dq[gemm.input[1]], dq[gemm.input[0]]
+    q_bias = inits[bias_dq.input[0]]
+    assert q_bias.dtype == np.int32
+    np.testing.assert_allclose(inits[bias_dq.input[1]], inits[x_dq.input[1]] * inits[w_dq.input[1]], rtol=1e-6)
+    orig = next(n for n in model.graph.node if n.op_type == "Gemm")
+    b = numpy_helper.to_array(next(t for t in model.graph.initializer if t.name == orig.input[2]))
+    np.testing.assert_array_equal(q_bias, np.rint(b / inits[bias_dq.input[1]]).astype(np.int32))
+
+
+def test_exclusion_by_name_op_and_regex():
+    data = {"input": builders.images(10)}
+    by_op = qcompile.compile(builders.cnn(), calibration=data, exclude=["op:Concat"], **FAST)
+    assert "Concat" not in by_op.report.quantized_ops
+    assert by_op.report.skipped_nodes["concat"] == "excluded by option"
+    by_name = qcompile.compile(builders.cnn(), calibration=data, exclude=["stem_conv"], **FAST)
+    assert by_name.report.quantized_ops["Conv"] == 6
+    by_re = qcompile.compile(builders.cnn(), calibration=data, exclude=["re:branch_.*"], **FAST)
+    assert by_re.report.quantized_ops["Conv"] == 4
+
+
+def test_override_per_tensor_weights_and_method():
+    data = {"input": builders.images(10)}
+    result = qcompile.compile(builders.cnn(), calibration=data,
+                              overrides=["head_conv:per_channel=false,calib_method=minmax"], **FAST)
+    out = qcompile.ir.to_proto(result.model)
+    conv = next(n for n in out.graph.node if n.name == "head_conv")
+    w_dq = next(n for n in out.graph.node if n.output[0] == conv.input[1])
+    assert _inits(out)[w_dq.input[1]].ndim == 0
+
+
+def test_report_has_tensor_and_output_metrics(cnn_path, cnn_calib, tmp_path):
+    result = qcompile.compile(cnn_path, calibration=cnn_calib, progress=False, bench_runs=3,
+                              output=tmp_path / "q.onnx")
+    report = result.report
+    assert report.tensors and all(t.sqnr_db > 15 for t in report.tensors)
+    assert report.latency_fp32_ms > 0 and report.latency_quantized_ms > 0
+    assert report.calib_batches >= 1 and report.holdout_batches >= 1
+    assert (tmp_path / "q.onnx").exists()
+    data = report.to_dict()
+    assert data["speedup"] > 0 and data["outputs"][0]["name"] == "logits"
