@@ -42,35 +42,68 @@ class _Builder:
         self.nodes.append(helper.make_node(op_type, inputs, [out], name=name, **attrs))
         return out
 
-    def conv(self, x: str, cin: int, cout: int, k: int = 3, stride: int = 1, group: int = 1, bn: bool = True, name: str | None = None) -> str:
+    def conv(
+        self,
+        x: str,
+        cin: int,
+        cout: int,
+        k: int = 3,
+        stride: int = 1,
+        group: int = 1,
+        bn: bool = True,
+        name: str | None = None,
+    ) -> str:
         fan_in = cin // group * k * k
-        w = (self.rng.standard_normal((cout, cin // group, k, k)) * np.sqrt(2.0 / fan_in)).astype(np.float32)
+        w = (self.rng.standard_normal((cout, cin // group, k, k)) * np.sqrt(2.0 / fan_in)).astype(
+            np.float32
+        )
         inputs = [x, self.const("W", w)]
         if not bn:
             inputs.append(self.const("B", self.rng.standard_normal(cout).astype(np.float32) * 0.1))
-        y = self.op("Conv", inputs, name=name, kernel_shape=[k, k], strides=[stride, stride], pads=[k // 2] * 4, group=group)
+        y = self.op(
+            "Conv",
+            inputs,
+            name=name,
+            kernel_shape=[k, k],
+            strides=[stride, stride],
+            pads=[k // 2] * 4,
+            group=group,
+        )
         if bn:
             y = self.op(
                 "BatchNormalization",
-                [y, self.const("gamma", 1 + 0.2 * self.rng.standard_normal(cout).astype(np.float32)),
-                 self.const("beta", 0.1 * self.rng.standard_normal(cout).astype(np.float32)),
-                 self.const("mean", 0.1 * self.rng.standard_normal(cout).astype(np.float32)),
-                 self.const("var", (1 + 0.3 * self.rng.random(cout)).astype(np.float32))],
+                [
+                    y,
+                    self.const(
+                        "gamma", 1 + 0.2 * self.rng.standard_normal(cout).astype(np.float32)
+                    ),
+                    self.const("beta", 0.1 * self.rng.standard_normal(cout).astype(np.float32)),
+                    self.const("mean", 0.1 * self.rng.standard_normal(cout).astype(np.float32)),
+                    self.const("var", (1 + 0.3 * self.rng.random(cout)).astype(np.float32)),
+                ],
                 epsilon=1e-5,
             )
         return y
 
-    def linear(self, x: str, din: int, dout: int, name: str | None = None, gemm: bool = False) -> str:
+    def linear(
+        self, x: str, din: int, dout: int, name: str | None = None, gemm: bool = False
+    ) -> str:
         w = (self.rng.standard_normal((din, dout)) * np.sqrt(2.0 / din)).astype(np.float32)
         b = (0.05 * self.rng.standard_normal(dout)).astype(np.float32)
         if gemm:
-            return self.op("Gemm", [x, self.const("W", w.T.copy()), self.const("B", b)], name=name, transB=1)
+            return self.op(
+                "Gemm", [x, self.const("W", w.T.copy()), self.const("B", b)], name=name, transB=1
+            )
         y = self.op("MatMul", [x, self.const("W", w)], name=name)
         return self.op("Add", [y, self.const("B", b)])
 
-    def model(self, inputs: list[onnx.ValueInfoProto], outputs: list[onnx.ValueInfoProto]) -> onnx.ModelProto:
+    def model(
+        self, inputs: list[onnx.ValueInfoProto], outputs: list[onnx.ValueInfoProto]
+    ) -> onnx.ModelProto:
         graph = helper.make_graph(self.nodes, self.name, inputs, outputs, self.inits)
-        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)], producer_name="qcompile-models")
+        model = helper.make_model(
+            graph, opset_imports=[helper.make_opsetid("", OPSET)], producer_name="qcompile-models"
+        )
         model.ir_version = 8
         onnx.checker.check_model(model, full_check=True)
         return model
@@ -87,14 +120,29 @@ def cnn(seed: int = 0, size: int = 32, classes: int = 10) -> onnx.ModelProto:
     x = b.op("Relu", [b.op("Add", [x, r], name="res_add")])
     # Two branches concatenated (one depthwise).
     a = b.op("Relu", [b.conv(x, 16, 16, stride=2, name="branch_a")])
-    d = b.op("Clip", [b.conv(x, 16, 16, stride=2, group=16, name="branch_dw"), b.const("lo", np.float32(0)), b.const("hi", np.float32(6))])
+    d = b.op(
+        "Clip",
+        [
+            b.conv(x, 16, 16, stride=2, group=16, name="branch_dw"),
+            b.const("lo", np.float32(0)),
+            b.const("hi", np.float32(6)),
+        ],
+    )
     d = b.op("Relu", [b.conv(d, 16, 16, k=1, name="branch_pw")])
     x = b.op("Concat", [a, d], axis=1, name="concat")
     x = b.op("Relu", [b.conv(x, 32, 32, bn=False, name="head_conv")])
     x = b.op("GlobalAveragePool", [x], name="gap")
     x = b.op("Flatten", [x], axis=1)
-    logits = b.op("Gemm", [x, b.const("fc_w", (b.rng.standard_normal((classes, 32)) * 0.3).astype(np.float32)),
-                           b.const("fc_b", np.zeros(classes, np.float32))], name="fc", transB=1)
+    logits = b.op(
+        "Gemm",
+        [
+            x,
+            b.const("fc_w", (b.rng.standard_normal((classes, 32)) * 0.3).astype(np.float32)),
+            b.const("fc_b", np.zeros(classes, np.float32)),
+        ],
+        name="fc",
+        transB=1,
+    )
     b.nodes[-1].output[0] = "logits"
     inp = helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", 3, size, size])
     out = helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", classes])
@@ -113,7 +161,9 @@ def mlp(seed: int = 0, din: int = 64, hidden: int = 128, dout: int = 16) -> onnx
     return b.model([inp], [out])
 
 
-def transformer_block(seed: int = 0, dim: int = 64, heads: int = 4, ffn: int = 128) -> onnx.ModelProto:
+def transformer_block(
+    seed: int = 0, dim: int = 64, heads: int = 4, ffn: int = 128
+) -> onnx.ModelProto:
     """Pre-LN encoder block: LayerNorm, multi-head attention with Softmax, GELU FFN, residuals."""
     b = _Builder("transformer_block", seed)
     hd = dim // heads
@@ -121,7 +171,13 @@ def transformer_block(seed: int = 0, dim: int = 64, heads: int = 4, ffn: int = 1
     def layer_norm(x: str, name: str) -> str:
         g = (1 + 0.1 * b.rng.standard_normal(dim)).astype(np.float32)
         beta = (0.05 * b.rng.standard_normal(dim)).astype(np.float32)
-        return b.op("LayerNormalization", [x, b.const("ln_g", g), b.const("ln_b", beta)], name=name, axis=-1, epsilon=1e-5)
+        return b.op(
+            "LayerNormalization",
+            [x, b.const("ln_g", g), b.const("ln_b", beta)],
+            name=name,
+            axis=-1,
+            epsilon=1e-5,
+        )
 
     def heads_split(x: str) -> str:
         r = b.op("Reshape", [x, b.const("shape", np.array([0, 0, heads, hd], np.int64))])
@@ -144,7 +200,13 @@ def transformer_block(seed: int = 0, dim: int = 64, heads: int = 4, ffn: int = 1
     f = b.linear(h, dim, ffn, name="ffn1")
     # GELU written out with Erf, as exporters emit it.
     e = b.op("Erf", [b.op("Div", [f, b.const("sqrt2", np.float32(np.sqrt(2.0)))])])
-    g = b.op("Mul", [b.op("Mul", [f, b.op("Add", [e, b.const("one", np.float32(1.0))])]), b.const("half", np.float32(0.5))])
+    g = b.op(
+        "Mul",
+        [
+            b.op("Mul", [f, b.op("Add", [e, b.const("one", np.float32(1.0))])]),
+            b.const("half", np.float32(0.5)),
+        ],
+    )
     f = b.linear(g, ffn, dim, name="ffn2")
     b.op("Add", [x, f], name="residual2")
     b.nodes[-1].output[0] = "output"
@@ -155,6 +217,7 @@ def transformer_block(seed: int = 0, dim: int = 64, heads: int = 4, ffn: int = 1
 
 # -- calibration data --------------------------------------------------------------------
 
+
 def images(count: int, size: int = 32, seed: int = 0) -> np.ndarray:
     """Smooth, image-like NCHW data in ImageNet-normalized units (not white noise)."""
     rng = np.random.default_rng(seed)
@@ -164,7 +227,9 @@ def images(count: int, size: int = 32, seed: int = 0) -> np.ndarray:
         for c in range(3):
             fx, fy, phase = rng.uniform(0.5, 4.0), rng.uniform(0.5, 4.0), rng.uniform(0, 2 * np.pi)
             base = np.sin(2 * np.pi * (fx * xx + fy * yy) + phase)
-            blob = np.exp(-((xx - rng.random()) ** 2 + (yy - rng.random()) ** 2) / rng.uniform(0.01, 0.1))
+            blob = np.exp(
+                -((xx - rng.random()) ** 2 + (yy - rng.random()) ** 2) / rng.uniform(0.01, 0.1)
+            )
             out[i, c] = 0.8 * base + 1.5 * blob + 0.1 * rng.standard_normal((size, size))
     return out
 
@@ -172,7 +237,7 @@ def images(count: int, size: int = 32, seed: int = 0) -> np.ndarray:
 def features(count: int, dim: int = 64, seed: int = 0) -> np.ndarray:
     rng = np.random.default_rng(seed)
     scales = np.exp(rng.normal(0, 0.5, dim)).astype(np.float32)
-    return (rng.standard_normal((count, dim)).astype(np.float32) * scales)
+    return rng.standard_normal((count, dim)).astype(np.float32) * scales
 
 
 def token_embeddings(count: int, seq: int = 16, dim: int = 64, seed: int = 0) -> np.ndarray:

@@ -49,11 +49,17 @@ def make_options(**kwargs: Any) -> CompileOptions:
     known = {f.name for f in fields(CompileOptions)}
     unknown = sorted(set(kwargs) - known)
     if unknown:
-        raise QCompileError(f"unknown option '{unknown[0]}'", hint=f"options are: {', '.join(sorted(known))}")
+        raise QCompileError(
+            f"unknown option '{unknown[0]}'", hint=f"options are: {', '.join(sorted(known))}"
+        )
     if "exclude" in kwargs:
-        kwargs["exclude"] = tuple(m if isinstance(m, NodeMatcher) else NodeMatcher(m) for m in kwargs["exclude"])
+        kwargs["exclude"] = tuple(
+            m if isinstance(m, NodeMatcher) else NodeMatcher(m) for m in kwargs["exclude"]
+        )
     if "overrides" in kwargs:
-        kwargs["overrides"] = tuple(o if isinstance(o, NodeOverride) else NodeOverride.parse(o) for o in kwargs["overrides"])
+        kwargs["overrides"] = tuple(
+            o if isinstance(o, NodeOverride) else NodeOverride.parse(o) for o in kwargs["overrides"]
+        )
     if "input_shapes" in kwargs and isinstance(kwargs["input_shapes"], Mapping):
         kwargs["input_shapes"] = tuple((k, tuple(v)) for k, v in kwargs["input_shapes"].items())
     return CompileOptions(**kwargs)
@@ -88,8 +94,13 @@ def compile(  # noqa: A001 - the public name users expect
         pin_input_shapes(graph_model, dict(options.input_shapes))
     infer_shapes(graph_model)
     specs = input_specs(graph_model)
-    data = open_calibration(calibration, specs, batch_size=options.calib_batch_size,
-                            image_spec=image_spec, seed=options.seed)
+    data = open_calibration(
+        calibration,
+        specs,
+        batch_size=options.calib_batch_size,
+        image_spec=image_spec,
+        seed=options.seed,
+    )
     verify = None
     if options.verify_passes:
         verify = ort_backend.equivalence_verifier(_first_feeds(data, 2))
@@ -104,10 +115,15 @@ def compile(  # noqa: A001 - the public name users expect
             hint="run `qcompile inspect` to see each node's reason",
         )
     stats = calibrate(
-        graph_model, data, plan.calibrated_tensors, pipe.calibrate.observer_for(plan),
+        graph_model,
+        data,
+        plan.calibrated_tensors,
+        pipe.calibrate.observer_for(plan),
         ort_backend.runner_factory(threads=options.threads),
-        holdout_every=options.holdout_every, max_batches=options.max_calib_batches,
-        progress=options.progress, total=data.count,
+        holdout_every=options.holdout_every,
+        max_batches=options.max_calib_batches,
+        progress=options.progress,
+        total=data.count,
     )
     record_observed_shapes(graph_model, stats.observed)
     qparams = {t: stats.qparams(t, profile.activation) for t in plan.calibrated_tensors}
@@ -121,7 +137,9 @@ def compile(  # noqa: A001 - the public name users expect
     try:
         onnx.checker.check_model(proto, full_check=True)
     except Exception as exc:
-        raise RuntimeError(f"the compiled model failed onnx.checker (a qcompile bug): {exc}") from exc
+        raise RuntimeError(
+            f"the compiled model failed onnx.checker (a qcompile bug): {exc}"
+        ) from exc
 
     op_types = {node.name: node.op_type for node in fp32_model.graph}
     insert = next((p for p in quantize_passes if isinstance(p, InsertQDQ)), None)
@@ -134,8 +152,10 @@ def compile(  # noqa: A001 - the public name users expect
         holdout_is_calibration=stats.holdout_is_calibration,
         calib_seconds=stats.total_seconds,
         calib_model_seconds=stats.run_seconds,
-        passes=[{"phase": r.phase, "name": r.name, "seconds": r.seconds, "modified": r.modified}
-                for r in (*records, *q_records, *l_records)],
+        passes=[
+            {"phase": r.phase, "name": r.name, "seconds": r.seconds, "modified": r.modified}
+            for r in (*records, *q_records, *l_records)
+        ],
         quantized_ops=dict(collections.Counter(op_types[n] for n in plan.nodes)),
         skipped_nodes=dict(plan.skipped),
         removed_activations=list(insert.removed_activations) if insert else [],
@@ -143,8 +163,17 @@ def compile(  # noqa: A001 - the public name users expect
         size_quantized_bytes=proto.ByteSize(),
         notes=list(profile.notes),
     )
-    measure(report, fp32_model, graph_model, stats.holdout, plan, qparams,
-            insert.dq_outputs if insert else {}, profile.execution_providers, options)
+    measure(
+        report,
+        fp32_model,
+        graph_model,
+        stats.holdout,
+        plan,
+        qparams,
+        insert.dq_outputs if insert else {},
+        profile.execution_providers,
+        options,
+    )
     if output is not None:
         save_model(graph_model, output)
         report.output_model = str(output)
@@ -179,29 +208,49 @@ def measure(
     out_names = [o.name for o in fp32_sess.get_outputs()]
     sums = {name: [0.0, 0.0, 0.0, 0.0, 0.0] for name in out_names}  # signal, noise, dot, |a|², |b|²
     for feed in feeds:
-        for name, a, b in zip(out_names, fp32_sess.run(None, dict(feed)), q_sess.run(None, dict(feed)), strict=True):
+        for name, a, b in zip(
+            out_names, fp32_sess.run(None, dict(feed)), q_sess.run(None, dict(feed)), strict=True
+        ):
             _accumulate(sums[name], a, b)
     report.outputs = [OutputReport(n, _sqnr(s), _cos(s)) for n, s in sums.items()]
 
     # Per-tensor errors through instrumented copies (extra outputs only).
+    inputs = {v.name for v in fp32_model.graph.inputs}
     tensors = [t for t in plan.tensors if t in dq_outputs]
-    with extra_outputs(fp32_model, tensors) as fp_added, extra_outputs(q_model, [dq_outputs[t] for t in tensors]) as q_added:
-        fp_inst = make(fp32_model, threads=options.threads, opt_level=ort_backend.OptLevel.ORT_ENABLE_BASIC)
-        q_inst = make(q_model, threads=options.threads, opt_level=ort_backend.OptLevel.ORT_ENABLE_BASIC)
-    fp_set, q_set = set(fp_added), set(q_added)
-    tensors = [t for t in tensors if t in fp_set and dq_outputs[t] in q_set]
+    with (
+        extra_outputs(fp32_model, tensors) as fp_added,
+        extra_outputs(q_model, [dq_outputs[t] for t in tensors]) as q_added,
+    ):
+        fp_inst = make(
+            fp32_model, threads=options.threads, opt_level=ort_backend.OptLevel.ORT_ENABLE_BASIC
+        )
+        q_inst = make(
+            q_model, threads=options.threads, opt_level=ort_backend.OptLevel.ORT_ENABLE_BASIC
+        )
+    fp_run = [t for t in tensors if t in set(fp_added)]
+    tensors = [t for t in tensors if (t in inputs or t in fp_run) and dq_outputs[t] in set(q_added)]
+    fp_run = [t for t in fp_run if t in tensors]
     acc = {t: [0.0] * 5 for t in tensors}
     local = {t: [0.0] * 5 for t in tensors}
-    for feed in feeds:
-        fp_vals = dict(zip(tensors, fp_inst.run(tensors, dict(feed)), strict=True))
-        q_vals = dict(zip(tensors, q_inst.run([dq_outputs[t] for t in tensors], dict(feed)), strict=True))
+    for feed in feeds if tensors else ():
+        fp_vals = {t: feed[t] for t in tensors if t in inputs}
+        if fp_run:  # (ORT runs every output for an empty list)
+            fp_vals.update(zip(fp_run, fp_inst.run(fp_run, dict(feed)), strict=True))
+        q_vals = dict(
+            zip(tensors, q_inst.run([dq_outputs[t] for t in tensors], dict(feed)), strict=True)
+        )
         for t in tensors:
             qp = qparams[plan.tensors[t]]
             _accumulate(acc[t], fp_vals[t], q_vals[t])
             _accumulate(local[t], fp_vals[t], fake_quantize(fp_vals[t], qp))
     report.tensors = [
-        TensorReport(t, float(qparams[plan.tensors[t]].scale), int(qparams[plan.tensors[t]].zero_point),
-                     _sqnr(local[t]), _sqnr(acc[t]))
+        TensorReport(
+            t,
+            float(qparams[plan.tensors[t]].scale),
+            int(qparams[plan.tensors[t]].zero_point),
+            _sqnr(local[t]),
+            _sqnr(acc[t]),
+        )
         for t in tensors
     ]
     if "CPUExecutionProvider" in providers and providers[0] == "CPUExecutionProvider":

@@ -13,7 +13,7 @@ import sys
 import traceback
 from pathlib import Path
 
-from qcompile.errors import QCompileError, find_qcompile_error
+from qcompile.errors import find_qcompile_error
 from qcompile.quantize.observers import CALIB_METHODS
 from qcompile.targets import TARGETS
 
@@ -22,35 +22,67 @@ logger = logging.getLogger("qcompile")
 
 def _add_model_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--target", choices=TARGETS, default="cpu", help="target profile (default: cpu)")
-    p.add_argument("--input-shape", action="append", default=[], metavar="NAME=D0,D1,...",
-                   help="pin a dynamic input shape (repeatable)")
-    p.add_argument("--exclude", action="append", default=[], metavar="PATTERN",
-                   help="keep matching nodes FP32: node name, op:TYPE or re:REGEX (repeatable)")
-    p.add_argument("--override", action="append", default=[], metavar="PATTERN:key=value,...",
-                   help="per-node settings: exclude, per_channel, calib_method, percentile (repeatable)")
-    p.add_argument("--per-tensor", action="store_true", help="per-tensor weights instead of per-channel")
+    p.add_argument(
+        "--input-shape",
+        action="append",
+        default=[],
+        metavar="NAME=D0,D1,...",
+        help="pin a dynamic input shape (repeatable)",
+    )
+    p.add_argument(
+        "--exclude",
+        action="append",
+        default=[],
+        metavar="PATTERN",
+        help="keep matching nodes FP32: node name, op:TYPE or re:REGEX (repeatable)",
+    )
+    p.add_argument(
+        "--override",
+        action="append",
+        default=[],
+        metavar="PATTERN:key=value,...",
+        help="per-node settings: exclude, per_channel, calib_method, percentile (repeatable)",
+    )
+    p.add_argument(
+        "--per-tensor", action="store_true", help="per-tensor weights instead of per-channel"
+    )
     p.add_argument("--quantize-softmax", action="store_true", help="also quantize Softmax")
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="qcompile", description="ONNX quantization compiler")
-    parser.add_argument("-v", "--verbose", action="count", default=0, help="more logging (-vv for debug)")
+    parser.add_argument(
+        "-v", "--verbose", action="count", default=0, help="more logging (-vv for debug)"
+    )
     sub = parser.add_subparsers(dest="command", required=True)
 
     c = sub.add_parser("compile", help="quantize a model for a target")
     c.add_argument("model", help="input FP32 .onnx model (never modified)")
     c.add_argument("-o", "--output", required=True, help="output .onnx path")
-    c.add_argument("--calib", required=True, metavar="DATA",
-                   help=".npz (one array per input), .npy, a folder of images, or 'random' (explicit)")
+    c.add_argument(
+        "--calib",
+        required=True,
+        metavar="DATA",
+        help=".npz (one array per input), .npy, a folder of images, or 'random' (explicit)",
+    )
     c.add_argument("--calib-method", choices=CALIB_METHODS, default="percentile")
     c.add_argument("--percentile", type=float, default=99.99)
-    c.add_argument("--image-spec", metavar="SPEC",
-                   help="for image folders: size=HxW[,mean=a/b/c,std=a/b/c,scale=..,layout=NCHW|NHWC,color=RGB|BGR]")
-    c.add_argument("--calib-batch-size", type=int, default=8, help="samples per feed for dynamic batch")
+    c.add_argument(
+        "--image-spec",
+        metavar="SPEC",
+        help="for image folders: size=HxW[,mean=a/b/c,std=a/b/c,scale=..,layout=NCHW|NHWC,color=RGB|BGR]",
+    )
+    c.add_argument(
+        "--calib-batch-size", type=int, default=8, help="samples per feed for dynamic batch"
+    )
     c.add_argument("--max-calib-batches", type=int, default=None)
     c.add_argument("--report", metavar="JSON", help="write the report as JSON")
-    c.add_argument("--verify-passes", action="store_true", help="check FP32 equivalence after each pass")
-    c.add_argument("--bench-runs", type=int, default=20, help="latency runs in the report (0: skip)")
+    c.add_argument(
+        "--verify-passes", action="store_true", help="check FP32 equivalence after each pass"
+    )
+    c.add_argument(
+        "--bench-runs", type=int, default=20, help="latency runs in the report (0: skip)"
+    )
     c.add_argument("--threads", type=int, default=None)
     c.add_argument("--quiet", action="store_true", help="no progress bar or tables")
     _add_model_options(c)
@@ -63,7 +95,9 @@ def build_parser() -> argparse.ArgumentParser:
     b = sub.add_parser("bench", help="median latency of a model (and a second one to compare)")
     b.add_argument("model")
     b.add_argument("other", nargs="?", help="second model, e.g. the quantized one")
-    b.add_argument("--data", default="random", help=".npz/.npy feed (default: random, needs fixed shapes)")
+    b.add_argument(
+        "--data", default="random", help=".npz/.npy feed (default: random, needs fixed shapes)"
+    )
     b.add_argument("--input-shape", action="append", default=[], metavar="NAME=D0,D1,...")
     b.add_argument("--runs", type=int, default=50)
     b.add_argument("--threads", type=int, default=None)
@@ -103,14 +137,25 @@ def cmd_compile(args: argparse.Namespace) -> int:
     if args.report:
         check_output_path(args.report, inputs=(args.model,))
     options = _options(
-        args, calib_method=args.calib_method, percentile=args.percentile,
-        calib_batch_size=args.calib_batch_size, max_calib_batches=args.max_calib_batches,
-        verify_passes=args.verify_passes, bench_runs=args.bench_runs, threads=args.threads,
+        args,
+        calib_method=args.calib_method,
+        percentile=args.percentile,
+        calib_batch_size=args.calib_batch_size,
+        max_calib_batches=args.max_calib_batches,
+        verify_passes=args.verify_passes,
+        bench_runs=args.bench_runs,
+        threads=args.threads,
         progress=not args.quiet and sys.stderr.isatty(),
     )
     image_spec = ImageSpec.parse(args.image_spec) if args.image_spec else None
-    result = compile_model(args.model, target=args.target, calibration=args.calib,
-                           image_spec=image_spec, options=options, output=args.output)
+    result = compile_model(
+        args.model,
+        target=args.target,
+        calibration=args.calib,
+        image_spec=image_spec,
+        options=options,
+        output=args.output,
+    )
     if not args.quiet:
         result.report.print(Console(stderr=True))
     if args.report:
@@ -138,10 +183,21 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         pin_input_shapes(model, dict(options.input_shapes))
     info = inspect_model(model, args.target, options)
     if args.json:
-        print(json.dumps({
-            "opset": info.opset, "inputs": info.inputs, "outputs": info.outputs, "ops": info.op_counts,
-            "nodes": [dict(zip(("node", "op", "decision", "why"), d, strict=True)) for d in info.decisions],
-        }, indent=2))
+        print(
+            json.dumps(
+                {
+                    "opset": info.opset,
+                    "inputs": info.inputs,
+                    "outputs": info.outputs,
+                    "ops": info.op_counts,
+                    "nodes": [
+                        dict(zip(("node", "op", "decision", "why"), d, strict=True))
+                        for d in info.decisions
+                    ],
+                },
+                indent=2,
+            )
+        )
     else:
         print_inspection(info, Console())
     return 0
@@ -205,14 +261,25 @@ def cmd_zoo(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"compile": cmd_compile, "inspect": cmd_inspect, "bench": cmd_bench,
-            "passes": cmd_passes, "zoo": cmd_zoo}
+COMMANDS = {
+    "compile": cmd_compile,
+    "inspect": cmd_inspect,
+    "bench": cmd_bench,
+    "passes": cmd_passes,
+    "zoo": cmd_zoo,
+}
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    level = logging.WARNING if args.verbose == 0 else logging.INFO if args.verbose == 1 else logging.DEBUG
+    level = (
+        logging.WARNING
+        if args.verbose == 0
+        else logging.INFO
+        if args.verbose == 1
+        else logging.DEBUG
+    )
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
     if args.verbose < 2:
         # onnxscript/onnx-ir narrate every rewrite at INFO; keep our own messages only.
@@ -229,7 +296,10 @@ def main(argv: list[str] | None = None) -> int:
             print(f"qcompile: error: {user_error}", file=sys.stderr)
             return 2
         traceback.print_exc()
-        print("qcompile: internal error (a bug): please report it with the traceback above", file=sys.stderr)
+        print(
+            "qcompile: internal error (a bug): please report it with the traceback above",
+            file=sys.stderr,
+        )
         return 1
 
 

@@ -42,8 +42,13 @@ def inspect_model(model: ir.Model, target: str, options: CompileOptions) -> Insp
     specs = {s.name: s for s in input_specs(model)}
     result = Inspection(
         opset=model.opset_imports.get("", 0),
-        inputs=[(v.name, str(specs[v.name].dtype) if v.name in specs else "?", _shape(v)) for v in model.graph.inputs],
-        outputs=[(v.name, str(v.dtype) if v.dtype else "?", _shape(v)) for v in model.graph.outputs],
+        inputs=[
+            (v.name, str(specs[v.name].dtype) if v.name in specs else "?", _shape(v))
+            for v in model.graph.inputs
+        ],
+        outputs=[
+            (v.name, str(v.dtype) if v.dtype else "?", _shape(v)) for v in model.graph.outputs
+        ],
         op_counts=dict(collections.Counter(n.op_type for n in model.graph)),
         plan=plan,
     )

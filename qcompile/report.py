@@ -82,16 +82,31 @@ class CompileReport:
         summary = Table(title=f"qcompile → {self.target}", show_header=False)
         summary.add_column("what")
         summary.add_column("value")
-        summary.add_row("quantized ops", ", ".join(f"{k}×{v}" for k, v in sorted(self.quantized_ops.items())) or "none")
-        summary.add_row("calibration", f"{self.calib_method}, {self.calib_batches} feeds, {self.calib_seconds:.2f}s "
-                        f"({self.calib_model_seconds:.2f}s in the model)")
-        summary.add_row("held-out feeds", f"{self.holdout_batches}" + (" (reused calibration data)" if self.holdout_is_calibration else ""))
+        summary.add_row(
+            "quantized ops",
+            ", ".join(f"{k}×{v}" for k, v in sorted(self.quantized_ops.items())) or "none",
+        )
+        summary.add_row(
+            "calibration",
+            f"{self.calib_method}, {self.calib_batches} feeds, {self.calib_seconds:.2f}s "
+            f"({self.calib_model_seconds:.2f}s in the model)",
+        )
+        summary.add_row(
+            "held-out feeds",
+            f"{self.holdout_batches}"
+            + (" (reused calibration data)" if self.holdout_is_calibration else ""),
+        )
         for out in self.outputs:
-            summary.add_row(f"output {out.name}", f"SQNR {out.sqnr_db:.1f} dB, cosine {out.cosine:.5f}")
+            summary.add_row(
+                f"output {out.name}", f"SQNR {out.sqnr_db:.1f} dB, cosine {out.cosine:.5f}"
+            )
         summary.add_row("size", f"{_mb(self.size_fp32_bytes)} → {_mb(self.size_quantized_bytes)}")
         if self.speedup is not None:
-            summary.add_row("latency (median)", f"{self.latency_fp32_ms:.2f} ms → {self.latency_quantized_ms:.2f} ms "
-                            f"({self.speedup:.2f}×, {self.bench_threads} threads)")
+            summary.add_row(
+                "latency (median)",
+                f"{self.latency_fp32_ms:.2f} ms → {self.latency_quantized_ms:.2f} ms "
+                f"({self.speedup:.2f}×, {self.bench_threads} threads)",
+            )
         summary.add_row("compile time", f"{self.compile_seconds:.2f}s")
         for note in self.notes:
             summary.add_row("note", note)
@@ -101,7 +116,13 @@ class CompileReport:
             for col in ("tensor", "scale", "zp", "local dB", "accum. dB"):
                 table.add_column(col)
             for t in sorted(self.tensors, key=lambda t: t.sqnr_db)[:max_tensors]:
-                table.add_row(t.name, f"{t.scale:.3g}", str(t.zero_point), f"{t.sqnr_local_db:.1f}", f"{t.sqnr_db:.1f}")
+                table.add_row(
+                    t.name,
+                    f"{t.scale:.3g}",
+                    str(t.zero_point),
+                    f"{t.sqnr_local_db:.1f}",
+                    f"{t.sqnr_db:.1f}",
+                )
             console.print(table)
 
 

@@ -29,7 +29,11 @@ CASES = {
     # name: (builder, data, min output SQNR in dB measured at ~41/31/27; thresholds leave margin)
     "cnn": (builders.cnn, lambda: {"input": builders.images(40, seed=3)}, 35.0),
     "mlp": (builders.mlp, lambda: {"input": builders.features(64, seed=3)}, 25.0),
-    "transformer": (builders.transformer_block, lambda: {"input": builders.token_embeddings(40, seed=3)}, 22.0),
+    "transformer": (
+        builders.transformer_block,
+        lambda: {"input": builders.token_embeddings(40, seed=3)},
+        22.0,
+    ),
 }
 
 
@@ -63,7 +67,9 @@ def test_cpu_placement_fuses_into_integer_kernels():
 
 
 def test_gpu_keeps_activations_and_uses_symmetric_int8():
-    result = qcompile.compile(builders.cnn(), target="gpu", calibration={"input": builders.images(20)}, **FAST)
+    result = qcompile.compile(
+        builders.cnn(), target="gpu", calibration={"input": builders.images(20)}, **FAST
+    )
     proto = qcompile.ir.to_proto(result.model)
     assert any(n.op_type == "Relu" for n in proto.graph.node)
     for n in proto.graph.node:
@@ -73,7 +79,9 @@ def test_gpu_keeps_activations_and_uses_symmetric_int8():
 
 
 def test_transformer_matmuls_quantized_on_cpu():
-    result = qcompile.compile(builders.transformer_block(), calibration={"input": builders.token_embeddings(20)}, **FAST)
+    result = qcompile.compile(
+        builders.transformer_block(), calibration={"input": builders.token_embeddings(20)}, **FAST
+    )
     assert result.report.quantized_ops["MatMul"] == 8  # 6 linear + QK^T + attention·V
     counts = optimized_op_counts(result.model)
     assert counts.get("QLinearMatMul", 0) + counts.get("MatMulIntegerToFloat", 0) >= 6
@@ -92,7 +100,9 @@ def test_qparams_equal_numpy_minmax_over_calibration_feeds():
     """Scales/zero points in the output equal an independent numpy computation."""
     model = builders.mlp()
     feeds = [{"input": builders.features(16, seed=s)} for s in range(10)]
-    result = qcompile.compile(model, calibration=feeds, calib_method="minmax", holdout_every=5, **FAST)
+    result = qcompile.compile(
+        model, calibration=feeds, calib_method="minmax", holdout_every=5, **FAST
+    )
     out = qcompile.ir.to_proto(result.model)
     inits = _inits(out)
     calib = [f for i, f in enumerate(feeds) if (i + 1) % 5]  # feeds 4 and 9 are held out
@@ -105,7 +115,9 @@ def test_qparams_equal_numpy_minmax_over_calibration_feeds():
     relu = next(n for n in model.graph.node if n.op_type == "Relu")
     probe = onnx.ModelProto()
     probe.CopyFrom(model)
-    probe.graph.output.append(onnx.helper.make_tensor_value_info(relu.output[0], onnx.TensorProto.FLOAT, None))
+    probe.graph.output.append(
+        onnx.helper.make_tensor_value_info(relu.output[0], onnx.TensorProto.FLOAT, None)
+    )
     evaluator = ReferenceEvaluator(probe)
     h = np.concatenate([evaluator.run([relu.output[0]], f)[0] for f in calib])
     ref = range_to_qparams(h.min(), h.max(), U8)
@@ -115,7 +127,9 @@ def test_qparams_equal_numpy_minmax_over_calibration_feeds():
     w_name = next(n for n in model.graph.node if n.op_type == "MatMul").input[1]
     w = numpy_helper.to_array(next(t for t in model.graph.initializer if t.name == w_name))
     np.testing.assert_allclose(inits[f"{w_name}_scale"], np.abs(w).max(axis=0) / 127, rtol=1e-6)
-    np.testing.assert_array_equal(inits[f"{w_name}_quantized"], np.clip(np.rint(w / (np.abs(w).max(axis=0) / 127)), -127, 127))
+    np.testing.assert_array_equal(
+        inits[f"{w_name}_quantized"], np.clip(np.rint(w / (np.abs(w).max(axis=0) / 127)), -127, 127)
+    )
 
 
 def test_gemm_bias_is_int32_at_product_scale():
@@ -129,7 +143,9 @@ def test_gemm_bias_is_int32_at_product_scale():
     bias_dq, w_dq, x_dq = dq[gemm.input[2]], dq[gemm.input[1]], dq[gemm.input[0]]
     q_bias = inits[bias_dq.input[0]]
     assert q_bias.dtype == np.int32
-    np.testing.assert_allclose(inits[bias_dq.input[1]], inits[x_dq.input[1]] * inits[w_dq.input[1]], rtol=1e-6)
+    np.testing.assert_allclose(
+        inits[bias_dq.input[1]], inits[x_dq.input[1]] * inits[w_dq.input[1]], rtol=1e-6
+    )
     orig = next(n for n in model.graph.node if n.op_type == "Gemm")
     b = numpy_helper.to_array(next(t for t in model.graph.initializer if t.name == orig.input[2]))
     np.testing.assert_array_equal(q_bias, np.rint(b / inits[bias_dq.input[1]]).astype(np.int32))
@@ -148,8 +164,12 @@ def test_exclusion_by_name_op_and_regex():
 
 def test_override_per_tensor_weights_and_method():
     data = {"input": builders.images(10)}
-    result = qcompile.compile(builders.cnn(), calibration=data,
-                              overrides=["head_conv:per_channel=false,calib_method=minmax"], **FAST)
+    result = qcompile.compile(
+        builders.cnn(),
+        calibration=data,
+        overrides=["head_conv:per_channel=false,calib_method=minmax"],
+        **FAST,
+    )
     out = qcompile.ir.to_proto(result.model)
     conv = next(n for n in out.graph.node if n.name == "head_conv")
     w_dq = next(n for n in out.graph.node if n.output[0] == conv.input[1])
@@ -157,8 +177,9 @@ def test_override_per_tensor_weights_and_method():
 
 
 def test_report_has_tensor_and_output_metrics(cnn_path, cnn_calib, tmp_path):
-    result = qcompile.compile(cnn_path, calibration=cnn_calib, progress=False, bench_runs=3,
-                              output=tmp_path / "q.onnx")
+    result = qcompile.compile(
+        cnn_path, calibration=cnn_calib, progress=False, bench_runs=3, output=tmp_path / "q.onnx"
+    )
     report = result.report
     assert report.tensors and all(t.sqnr_db > 15 for t in report.tensors)
     assert report.latency_fp32_ms > 0 and report.latency_quantized_ms > 0

@@ -44,11 +44,17 @@ def test_missing_model_file(tmp_path, cnn_calib):
 
 def test_unsupported_op_names_the_node(tmp_path):
     graph = helper.make_graph(
-        [helper.make_node("Relu", ["x"], ["h"], name="ok"),
-         helper.make_node("FancyOp", ["h"], ["y"], name="my_custom_node", domain="com.example")],
-        "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.example", 1)])
+        [
+            helper.make_node("Relu", ["x"], ["h"], name="ok"),
+            helper.make_node("FancyOp", ["h"], ["y"], name="my_custom_node", domain="com.example"),
+        ],
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])],
+    )
+    model = helper.make_model(
+        graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.example", 1)]
+    )
     path = tmp_path / "custom.onnx"
     onnx.save(model, path)
     before = sha256(path)
@@ -61,9 +67,12 @@ def test_unsupported_op_names_the_node(tmp_path):
 
 
 def test_unsupported_opset_version(tmp_path):
-    graph = helper.make_graph([helper.make_node("Relu", ["x"], ["y"])], "g",
-                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])])
+    graph = helper.make_graph(
+        [helper.make_node("Relu", ["x"], ["y"])],
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])],
+    )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 99)])
     path = tmp_path / "future.onnx"
     onnx.save(model, path)
@@ -160,7 +169,9 @@ def test_cli_user_error_exit_2_without_traceback(cnn_path, tmp_path, capsys):
     before = sha256(bad)
     calib = tmp_path / "c.npz"
     np.savez(calib, input=builders.images(4))
-    code = main(["compile", str(bad), "-o", str(tmp_path / "q.onnx"), "--calib", str(calib), "--quiet"])
+    code = main(
+        ["compile", str(bad), "-o", str(tmp_path / "q.onnx"), "--calib", str(calib), "--quiet"]
+    )
     captured = capsys.readouterr()
     assert code == 2
     assert "Traceback" not in captured.err and "bad.onnx" in captured.err
@@ -169,11 +180,33 @@ def test_cli_user_error_exit_2_without_traceback(cnn_path, tmp_path, capsys):
 
 
 def test_cli_bad_option_values_exit_2(cnn_path, cnn_calib, tmp_path, capsys):
-    code = main(["compile", str(cnn_path), "-o", str(tmp_path / "q.onnx"), "--calib", str(cnn_calib),
-                 "--input-shape", "nosuch=1,3,32,32", "--quiet"])
+    code = main(
+        [
+            "compile",
+            str(cnn_path),
+            "-o",
+            str(tmp_path / "q.onnx"),
+            "--calib",
+            str(cnn_calib),
+            "--input-shape",
+            "nosuch=1,3,32,32",
+            "--quiet",
+        ]
+    )
     assert code == 2 and "nosuch" in capsys.readouterr().err
-    code = main(["compile", str(cnn_path), "-o", str(tmp_path / "q.onnx"), "--calib", str(cnn_calib),
-                 "--override", "stem_conv:colour=blue", "--quiet"])
+    code = main(
+        [
+            "compile",
+            str(cnn_path),
+            "-o",
+            str(tmp_path / "q.onnx"),
+            "--calib",
+            str(cnn_calib),
+            "--override",
+            "stem_conv:colour=blue",
+            "--quiet",
+        ]
+    )
     assert code == 2 and "colour" in capsys.readouterr().err
 
 
@@ -182,7 +215,17 @@ def test_cli_internal_error_exit_1(cnn_path, cnn_calib, tmp_path, monkeypatch, c
         raise ZeroDivisionError("simulated bug")
 
     monkeypatch.setattr("qcompile.api.build_plan", boom)
-    code = main(["compile", str(cnn_path), "-o", str(tmp_path / "q.onnx"), "--calib", str(cnn_calib), "--quiet"])
+    code = main(
+        [
+            "compile",
+            str(cnn_path),
+            "-o",
+            str(tmp_path / "q.onnx"),
+            "--calib",
+            str(cnn_calib),
+            "--quiet",
+        ]
+    )
     err = capsys.readouterr().err
     assert code == 1 and "Traceback" in err and "simulated bug" in err
 
@@ -191,8 +234,14 @@ def test_missing_external_data_names_the_file(tmp_path, cnn_model, cnn_calib):
     path = tmp_path / "ext.onnx"
     model = onnx.ModelProto()
     model.CopyFrom(cnn_model)  # onnx.save converts to external data in place
-    onnx.save(model, path, save_as_external_data=True, all_tensors_to_one_file=True,
-              location="weights.bin", size_threshold=0)
+    onnx.save(
+        model,
+        path,
+        save_as_external_data=True,
+        all_tensors_to_one_file=True,
+        location="weights.bin",
+        size_threshold=0,
+    )
     (tmp_path / "weights.bin").unlink()
     with pytest.raises(QCompileError, match="weights.bin"):
         _compile(path, cnn_calib)

@@ -62,9 +62,14 @@ def test_quantize_matches_onnxruntime_bit_exactly(spec):
     qp = range_to_qparams(-4.0, 5.0, spec)
     x[:10] = (np.arange(10) + 0.5) * float(qp.scale)
     graph = helper.make_graph(
-        [helper.make_node("QuantizeLinear", ["x", "s", "z"], ["y"])], "q",
+        [helper.make_node("QuantizeLinear", ["x", "s", "z"], ["y"])],
+        "q",
         [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1000])],
-        [helper.make_tensor_value_info("y", TensorProto.UINT8 if not spec.signed else TensorProto.INT8, [1000])],
+        [
+            helper.make_tensor_value_info(
+                "y", TensorProto.UINT8 if not spec.signed else TensorProto.INT8, [1000]
+            )
+        ],
         [numpy_helper.from_array(qp.scale, "s"), numpy_helper.from_array(qp.zero_point, "z")],
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])

@@ -29,8 +29,11 @@ def available_providers() -> list[str]:
     return list(ort.get_available_providers())
 
 
-def session_options(threads: int | None = None, opt_level: OptLevel = OptLevel.ORT_ENABLE_ALL,
-                    optimized_model_path: str | None = None) -> ort.SessionOptions:
+def session_options(
+    threads: int | None = None,
+    opt_level: OptLevel = OptLevel.ORT_ENABLE_ALL,
+    optimized_model_path: str | None = None,
+) -> ort.SessionOptions:
     opts = ort.SessionOptions()
     opts.graph_optimization_level = opt_level
     opts.log_severity_level = 3
@@ -65,7 +68,9 @@ def make_session(
     return ort.InferenceSession(proto.SerializeToString(), opts, providers=usable)
 
 
-def runner_factory(providers: Sequence[str] = ("CPUExecutionProvider",), threads: int | None = None):
+def runner_factory(
+    providers: Sequence[str] = ("CPUExecutionProvider",), threads: int | None = None
+):
     """A calibration RunnerFactory backed by ORT."""
 
     def factory(model: ir.Model, outputs: Sequence[str]):
@@ -119,8 +124,12 @@ def bench(
     return {name: statistics.median(ts) for name, ts in times.items()}
 
 
-def optimized_op_counts(model: ir.Model | onnx.ModelProto, *, providers: Sequence[str] = ("CPUExecutionProvider",),
-                        threads: int | None = 1) -> dict[str, int]:
+def optimized_op_counts(
+    model: ir.Model | onnx.ModelProto,
+    *,
+    providers: Sequence[str] = ("CPUExecutionProvider",),
+    threads: int | None = 1,
+) -> dict[str, int]:
     """Op types in the graph ORT actually runs after its optimizations (fusions included)."""
     with tempfile.TemporaryDirectory(prefix="qcompile-opt-") as tmp:
         path = os.path.join(tmp, "optimized.onnx")
@@ -129,7 +138,9 @@ def optimized_op_counts(model: ir.Model | onnx.ModelProto, *, providers: Sequenc
     return dict(collections.Counter(n.op_type for n in optimized.graph.node))
 
 
-def check_runs(model: ir.Model, feed: Feed, providers: Sequence[str] = ("CPUExecutionProvider",)) -> None:
+def check_runs(
+    model: ir.Model, feed: Feed, providers: Sequence[str] = ("CPUExecutionProvider",)
+) -> None:
     """Raise a clear error if ORT cannot load or run the model."""
     try:
         make_session(model, providers=providers).run(None, dict(feed))

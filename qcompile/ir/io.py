@@ -62,10 +62,16 @@ def _load_path(path: Path) -> ir.Model:
             hint="re-export the model or check that the download completed",
         ) from exc
     except Exception as exc:  # onnx-ir raises several types for malformed protos
-        raise QCompileError(
-            f"could not read the ONNX model: {exc}", path=str(path)
-        ) from exc
+        raise QCompileError(f"could not read the ONNX model: {exc}", path=str(path)) from exc
     _check_external_data(model, path)
+    external = sum(
+        v.const_value.nbytes
+        for v in model.graph.initializers.values()
+        if isinstance(v.const_value, ir.ExternalTensor)
+    )
+    if external and external <= EXTERNAL_DATA_THRESHOLD:
+        # Small enough to hold: load it, so the model serializes self-contained for ORT.
+        model = ir.external_data.load_to_model(model)
     return model
 
 
@@ -149,7 +155,9 @@ def model_nbytes(model: ir.Model) -> int:
     return total
 
 
-def check_output_path(output: str | os.PathLike, *, inputs: tuple[str | os.PathLike, ...] = ()) -> Path:
+def check_output_path(
+    output: str | os.PathLike, *, inputs: tuple[str | os.PathLike, ...] = ()
+) -> Path:
     """Refuse to write over an input, into a missing directory, or where we cannot write."""
     out = Path(output)
     for item in inputs:

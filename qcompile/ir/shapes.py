@@ -26,7 +26,8 @@ def parse_input_shapes(specs: Sequence[str]) -> dict[str, tuple[int, ...]]:
         name, sep, dims = spec.rpartition("=")
         if not sep or not name:
             raise QCompileError(
-                f"bad --input-shape '{spec}'", hint="write it as NAME=D0,D1,... e.g. input=1,3,224,224"
+                f"bad --input-shape '{spec}'",
+                hint="write it as NAME=D0,D1,... e.g. input=1,3,224,224",
             )
         try:
             values = tuple(int(d) for d in dims.split(",") if d.strip())

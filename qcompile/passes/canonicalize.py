@@ -47,14 +47,19 @@ class DefaultRewrites(rewriter.RewritePass):
         super().__init__(rewriter._DEFAULT_REWRITE_RULES)
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
-        before = {id(n): (n.name, n.op_type, tuple(v.name for v in n.inputs if v is not None)) for n in model.graph}
+        before = {
+            id(n): (n.name, n.op_type, tuple(v.name for v in n.inputs if v is not None))
+            for n in model.graph
+        }
         result = super().call(model)
         if result.modified:
             restore_node_names(model.graph, before)
         return result
 
 
-def restore_node_names(graph: ir.Graph, before: dict[int, tuple[str | None, str, tuple[str, ...]]]) -> None:
+def restore_node_names(
+    graph: ir.Graph, before: dict[int, tuple[str | None, str, tuple[str, ...]]]
+) -> None:
     current = {id(n) for n in graph}
     used = {n.name for n in graph}
     removed = [info for key, info in before.items() if key not in current]

@@ -105,7 +105,9 @@ def calibrate(
     observed_inputs = [t for t in tensors if t in input_names]
     first_feed: Feed | None = None
 
-    with _progress(progress, total if max_batches is None else min(total or max_batches, max_batches)) as advance:
+    with _progress(
+        progress, total if max_batches is None else min(total or max_batches, max_batches)
+    ) as advance:
         for held_out, feed in split_holdout(data, holdout_every):
             if first_feed is None:
                 first_feed = feed
@@ -146,7 +148,11 @@ def calibrate(
     stats.total_seconds = time.perf_counter() - start
     logger.info(
         "calibrated %d tensors on %d feeds in %.2fs (model %.2fs, observers %.2fs)",
-        len(tensors), stats.batches, stats.total_seconds, stats.run_seconds, stats.observe_seconds,
+        len(tensors),
+        stats.batches,
+        stats.total_seconds,
+        stats.run_seconds,
+        stats.observe_seconds,
     )
     return stats
 
@@ -159,7 +165,11 @@ def _progress(enabled: bool, total: int | None) -> Iterator[Callable[[], None]]:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     with Progress(
-        TextColumn("calibrating"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), transient=True
+        TextColumn("calibrating"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        transient=True,
     ) as bar:
         task = bar.add_task("calibrate", total=total)
         yield lambda: bar.advance(task)

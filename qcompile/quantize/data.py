@@ -51,7 +51,9 @@ def input_specs(model: ir.Model) -> list[InputSpec]:
         dtype = value.dtype.numpy() if value.dtype is not None else np.dtype(np.float32)
         shape = None
         if value.shape is not None:
-            shape = tuple(d if isinstance(d, int) else (d.value if d.value else None) for d in value.shape)
+            shape = tuple(
+                d if isinstance(d, int) else (d.value if d.value else None) for d in value.shape
+            )
         specs.append(InputSpec(value.name, np.dtype(dtype), shape))
     return specs
 
@@ -85,12 +87,16 @@ class ImageSpec:
                 elif key in ("layout", "color", "dtype"):
                     kwargs[key] = value
                 else:
-                    raise QCompileError(f"unknown image preprocessing key '{key}'",
-                                        hint="keys: size, mean, std, scale, layout, color, dtype")
+                    raise QCompileError(
+                        f"unknown image preprocessing key '{key}'",
+                        hint="keys: size, mean, std, scale, layout, color, dtype",
+                    )
             except ValueError as exc:
                 raise QCompileError(f"bad image preprocessing value '{item}'") from exc
         if "size" not in kwargs:
-            raise QCompileError("image preprocessing needs size=HxW", hint="e.g. --image-spec size=224x224")
+            raise QCompileError(
+                "image preprocessing needs size=HxW", hint="e.g. --image-spec size=224x224"
+            )
         spec = cls(**kwargs)  # type: ignore[arg-type]
         if spec.layout not in ("NCHW", "NHWC") or spec.color not in ("RGB", "BGR", "L"):
             raise QCompileError("image layout must be NCHW|NHWC and color RGB|BGR|L")
@@ -123,7 +129,13 @@ def load_image(path: Path, spec: ImageSpec) -> np.ndarray:
 class CalibrationSource:
     """A re-iterable stream of validated feeds for a model."""
 
-    def __init__(self, feeds: Iterable[Feed] | Iterator[Feed], specs: Sequence[InputSpec], origin: str, count: int | None = None) -> None:
+    def __init__(
+        self,
+        feeds: Iterable[Feed] | Iterator[Feed],
+        specs: Sequence[InputSpec],
+        origin: str,
+        count: int | None = None,
+    ) -> None:
         self._feeds = feeds
         self.specs = list(specs)
         self.origin = origin
@@ -163,46 +175,61 @@ def open_calibration(
                 with np.load(path, allow_pickle=False) as npz:
                     arrays = {k: npz[k] for k in npz.files}
             except Exception as exc:
-                raise QCompileError(f"cannot read .npz calibration file: {exc}", path=str(path)) from exc
+                raise QCompileError(
+                    f"cannot read .npz calibration file: {exc}", path=str(path)
+                ) from exc
             return _from_arrays(arrays, specs, batch_size, str(path))
         if path.suffix == ".npy":
             if len(specs) != 1:
                 raise QCompileError(
                     f"a .npy file feeds one input, but the model has {len(specs)}",
                     path=str(path),
-                    hint="use an .npz with one array per input name: " + ", ".join(s.name for s in specs),
+                    hint="use an .npz with one array per input name: "
+                    + ", ".join(s.name for s in specs),
                 )
             try:
                 array = np.load(path, allow_pickle=False)
             except Exception as exc:
-                raise QCompileError(f"cannot read .npy calibration file: {exc}", path=str(path)) from exc
+                raise QCompileError(
+                    f"cannot read .npy calibration file: {exc}", path=str(path)
+                ) from exc
             return _from_arrays({specs[0].name: array}, specs, batch_size, str(path))
         raise QCompileError(
-            "unsupported calibration file type", path=str(path),
+            "unsupported calibration file type",
+            path=str(path),
             hint="use .npz (one array per input), .npy (single input) or a folder of images",
         )
     if isinstance(source, Mapping):
-        return _from_arrays({k: np.asarray(v) for k, v in source.items()}, specs, batch_size, "arrays")
+        return _from_arrays(
+            {k: np.asarray(v) for k, v in source.items()}, specs, batch_size, "arrays"
+        )
     if isinstance(source, Iterable):
         count = len(source) if hasattr(source, "__len__") else None  # type: ignore[arg-type]
-        return CalibrationSource(({k: np.asarray(v) for k, v in f.items()} for f in source), specs, "iterable", count)  # noqa: E501
+        return CalibrationSource(
+            ({k: np.asarray(v) for k, v in f.items()} for f in source), specs, "iterable", count
+        )  # noqa: E501
     raise QCompileError(f"unsupported calibration source of type {type(source).__name__}")
 
 
-def _from_arrays(arrays: Mapping[str, np.ndarray], specs: Sequence[InputSpec], batch_size: int, origin: str) -> CalibrationSource:
+def _from_arrays(
+    arrays: Mapping[str, np.ndarray], specs: Sequence[InputSpec], batch_size: int, origin: str
+) -> CalibrationSource:
     names = {s.name for s in specs}
     missing = [s.name for s in specs if s.name not in arrays]
     if missing:
         raise QCompileError(
             "calibration data has no array for a model input",
-            tensor=missing[0], path=origin,
+            tensor=missing[0],
+            path=origin,
             hint=f"provide one array per input; model inputs: {', '.join(sorted(names))}; found: {', '.join(sorted(arrays))}",
         )
     extra = sorted(set(arrays) - names)
     if extra:
         raise QCompileError(
             "calibration data has an array that matches no model input",
-            tensor=extra[0], path=origin, hint=f"model inputs: {', '.join(sorted(names))}",
+            tensor=extra[0],
+            path=origin,
+            hint=f"model inputs: {', '.join(sorted(names))}",
         )
     per_input: dict[str, list[np.ndarray]] = {}
     for spec in specs:
@@ -212,10 +239,14 @@ def _from_arrays(arrays: Mapping[str, np.ndarray], specs: Sequence[InputSpec], b
         raise QCompileError(
             "calibration arrays give different numbers of feeds: "
             + ", ".join(f"{k}={len(v)}" for k, v in per_input.items()),
-            path=origin, hint="stack the same number of samples for every input",
+            path=origin,
+            hint="stack the same number of samples for every input",
         )
     n = counts.pop() if counts else 1
-    feeds = [{name: (chunks[i] if len(chunks) > 1 else chunks[0]) for name, chunks in per_input.items()} for i in range(n)]
+    feeds = [
+        {name: (chunks[i] if len(chunks) > 1 else chunks[0]) for name, chunks in per_input.items()}
+        for i in range(n)
+    ]
     return CalibrationSource(feeds, specs, origin, n)
 
 
@@ -234,12 +265,14 @@ def _split(array: np.ndarray, spec: InputSpec, batch_size: int, origin: str) -> 
         if spec.batch is not None and array.shape[0] % spec.batch:
             raise QCompileError(
                 f"{array.shape[0]} samples do not split into the model's batch size {spec.batch}",
-                tensor=spec.name, path=origin,
+                tensor=spec.name,
+                path=origin,
             )
         return [array[i : i + step] for i in range(0, array.shape[0], step)]
     raise QCompileError(
         f"calibration array has rank {array.ndim}; the input has rank {spec.rank}",
-        tensor=spec.name, path=origin,
+        tensor=spec.name,
+        path=origin,
         hint=f"use rank {spec.rank} (samples stacked on the batch axis) or {spec.rank + 1} (a list of feeds)",
     )
 
@@ -249,15 +282,21 @@ def validate_feed(feed: Mapping[str, np.ndarray], specs: Sequence[InputSpec], wh
     out: Feed = {}
     for spec in specs:
         if spec.name not in feed:
-            raise QCompileError(f"{where} has no value for input", tensor=spec.name,
-                                hint="every feed needs every model input")
+            raise QCompileError(
+                f"{where} has no value for input",
+                tensor=spec.name,
+                hint="every feed needs every model input",
+            )
         array = np.asarray(feed[spec.name])
         if array.dtype != spec.dtype:
-            same_kind = (array.dtype.kind == "f") == (spec.dtype.kind == "f") and array.dtype.kind != "b"
+            same_kind = (array.dtype.kind == "f") == (
+                spec.dtype.kind == "f"
+            ) and array.dtype.kind != "b"
             if not same_kind and not (spec.dtype.kind == "b" and array.dtype.kind in "iub"):
                 raise QCompileError(
                     f"{where}: dtype {array.dtype} cannot feed an input of type {spec.dtype}",
-                    tensor=spec.name, hint=f"convert the array to {spec.dtype}",
+                    tensor=spec.name,
+                    hint=f"convert the array to {spec.dtype}",
                 )
             array = array.astype(spec.dtype)
         if spec.shape is not None:
@@ -273,8 +312,9 @@ def validate_feed(feed: Mapping[str, np.ndarray], specs: Sequence[InputSpec], wh
                         tensor=spec.name,
                     )
         if array.dtype.kind == "f" and not np.all(np.isfinite(array)):
-            raise QCompileError(f"{where} contains NaN or Inf", tensor=spec.name,
-                                hint="clean the calibration data")
+            raise QCompileError(
+                f"{where} contains NaN or Inf", tensor=spec.name, hint="clean the calibration data"
+            )
         out[spec.name] = array
     return out
 
@@ -283,7 +323,9 @@ def _fmt(shape: Sequence[object]) -> str:
     return "(" + ", ".join(str(d) if isinstance(d, int) else "?" for d in shape) + ")"
 
 
-def random_feeds(specs: Sequence[InputSpec], count: int, seed: int, batch_size: int = 1) -> list[Feed]:
+def random_feeds(
+    specs: Sequence[InputSpec], count: int, seed: int, batch_size: int = 1
+) -> list[Feed]:
     """Random feeds, only when asked for explicitly: N(0,1) floats, zeros/ones for ints."""
     rng = np.random.default_rng(seed)
     feeds = []
@@ -292,7 +334,8 @@ def random_feeds(specs: Sequence[InputSpec], count: int, seed: int, batch_size: 
         for spec in specs:
             if spec.shape is None or any(not isinstance(d, int) for d in spec.shape[1:]):
                 raise QCompileError(
-                    "random calibration needs fixed input shapes", tensor=spec.name,
+                    "random calibration needs fixed input shapes",
+                    tensor=spec.name,
                     hint="pin dynamic dims with --input-shape NAME=D0,D1,...",
                 )
             shape = tuple(d if isinstance(d, int) else batch_size for d in spec.shape)
@@ -304,18 +347,28 @@ def random_feeds(specs: Sequence[InputSpec], count: int, seed: int, batch_size: 
     return feeds
 
 
-def _image_folder(path: Path, specs: Sequence[InputSpec], image_spec: ImageSpec | None, batch_size: int) -> CalibrationSource:
+def _image_folder(
+    path: Path, specs: Sequence[InputSpec], image_spec: ImageSpec | None, batch_size: int
+) -> CalibrationSource:
     if image_spec is None:
-        raise QCompileError("a folder of images needs preprocessing settings", path=str(path),
-                            hint="pass --image-spec size=HxW[,mean=...,std=...,layout=NCHW]")
+        raise QCompileError(
+            "a folder of images needs preprocessing settings",
+            path=str(path),
+            hint="pass --image-spec size=HxW[,mean=...,std=...,layout=NCHW]",
+        )
     float_inputs = [s for s in specs if s.dtype.kind == "f"]
     if len(float_inputs) != 1 or len(specs) != 1:
-        raise QCompileError("a folder of images feeds models with exactly one input", path=str(path))
+        raise QCompileError(
+            "a folder of images feeds models with exactly one input", path=str(path)
+        )
     spec = specs[0]
     files = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
     if not files:
-        raise QCompileError("the image folder has no images", path=str(path),
-                            hint=f"supported: {', '.join(IMAGE_SUFFIXES)}")
+        raise QCompileError(
+            "the image folder has no images",
+            path=str(path),
+            hint=f"supported: {', '.join(IMAGE_SUFFIXES)}",
+        )
     step = spec.batch or batch_size
 
     def feeds() -> Iterator[Feed]:
@@ -331,10 +384,14 @@ def _image_folder(path: Path, specs: Sequence[InputSpec], image_spec: ImageSpec 
     if spec.batch is not None and len(files) % spec.batch:
         n = len(files) // spec.batch
         if n == 0:
-            raise QCompileError(f"fewer images than the model's batch size {spec.batch}", path=str(path))
+            raise QCompileError(
+                f"fewer images than the model's batch size {spec.batch}", path=str(path)
+            )
 
         def feeds() -> Iterator[Feed]:  # noqa: F811 - fixed batch: drop the ragged tail
             for i in range(0, n * step, step):
-                yield {spec.name: np.stack([load_image(f, image_spec) for f in files[i : i + step]])}
+                yield {
+                    spec.name: np.stack([load_image(f, image_spec) for f in files[i : i + step]])
+                }
 
     return CalibrationSource(_Reiterable(), specs, str(path), n)

@@ -86,7 +86,9 @@ def _const(value: ir.Value | None) -> ir.TensorProtocol | None:
     return value.const_value
 
 
-def _weight_axis(node: ir.Node, weight: ir.TensorProtocol, profile: TargetProfile, per_channel: bool) -> int | None:
+def _weight_axis(
+    node: ir.Node, weight: ir.TensorProtocol, profile: TargetProfile, per_channel: bool
+) -> int | None:
     if not (per_channel and profile.per_channel_weights):
         return None
     rank = len(weight.shape)
@@ -170,7 +172,9 @@ def build_plan(model: ir.Model, profile: TargetProfile, options: CompileOptions)
         if out.name in graph_outputs or len(uses) != 1:
             continue
         act = uses[0].node
-        if act.op_type not in profile.fusible_activations or options.is_excluded(act.name or "", act.op_type):
+        if act.op_type not in profile.fusible_activations or options.is_excluded(
+            act.name or "", act.op_type
+        ):
             continue
         if act.op_type == "Clip" and not _clip_bounds_constant(act):
             continue
@@ -186,8 +190,11 @@ def build_plan(model: ir.Model, profile: TargetProfile, options: CompileOptions)
             producer = src.producer() if src is not None else None
             if options.is_excluded(name, node.op_type):
                 plan.skipped[name] = "excluded by option"
-            elif src is not None and _is_float(src) and producer is not None and (
-                producer.name in kinds or producer.name in plan.fused_activations
+            elif (
+                src is not None
+                and _is_float(src)
+                and producer is not None
+                and (producer.name in kinds or producer.name in plan.fused_activations)
             ):
                 kinds[name] = "passthrough"
 
@@ -272,19 +279,33 @@ def _clip_bounds_constant(node: ir.Node) -> bool:
     return True
 
 
-def _add_weight_and_bias(plan: QuantPlan, node: ir.Node, profile: TargetProfile, options: CompileOptions) -> None:
+def _add_weight_and_bias(
+    plan: QuantPlan, node: ir.Node, profile: TargetProfile, options: CompileOptions
+) -> None:
     name = node.name or ""
     weight_value = node.inputs[1] if len(node.inputs) > 1 else None
     weight = _const(weight_value)
     if weight is None or weight_value is None:
         return  # MatMul of two activations: both quantized as activations
     override = options.override_for(name, node.op_type)
-    per_channel = options.per_channel if override is None or override.per_channel is None else override.per_channel
+    per_channel = (
+        options.per_channel
+        if override is None or override.per_channel is None
+        else override.per_channel
+    )
     axis = _weight_axis(node, weight, profile, per_channel)
     plan.weights.append(WeightUse(name, 1, weight_value.name, axis))
-    if node.op_type in ("Conv", "ConvTranspose", "Gemm") and len(node.inputs) > 2 and node.inputs[2] is not None:
+    if (
+        node.op_type in ("Conv", "ConvTranspose", "Gemm")
+        and len(node.inputs) > 2
+        and node.inputs[2] is not None
+    ):
         bias = node.inputs[2]
         bias_const = _const(bias)
         n_out = weight.shape[axis] if axis is not None else None
-        if bias_const is not None and len(bias_const.shape) == 1 and (n_out is None or bias_const.shape[0] == n_out):
+        if (
+            bias_const is not None
+            and len(bias_const.shape) == 1
+            and (n_out is None or bias_const.shape[0] == n_out)
+        ):
             plan.biases.append(BiasUse(name, 2, bias.name, node.inputs[0].name, weight_value.name))

@@ -100,7 +100,11 @@ class InsertQDQ(ir.passes.InPlacePass):
                 hint="calibrate with data that reaches this tensor",
             )
         for node in model.graph:
-            if node.op_type in QDQ_OPS and node.inputs[0] is not None and node.inputs[0].name in self.plan.tensors:
+            if (
+                node.op_type in QDQ_OPS
+                and node.inputs[0] is not None
+                and node.inputs[0].name in self.plan.tensors
+            ):
                 raise QCompileError(
                     "tensor is already quantized", tensor=node.inputs[0].name, node=node.name
                 )
@@ -137,7 +141,9 @@ class InsertQDQ(ir.passes.InPlacePass):
             node = nodes[w.node]
             key = (w.tensor, w.axis)
             if key not in weight_qp:
-                weight_qp[key] = self._quantize_weight(graph, names, node.inputs[w.input_index], w.axis)
+                weight_qp[key] = self._quantize_weight(
+                    graph, names, node.inputs[w.input_index], w.axis
+                )
             node.replace_input_with(w.input_index, weight_qp[key][0])
             modified = True
 
@@ -163,7 +169,11 @@ class InsertQDQ(ir.passes.InPlacePass):
         for act_name in self.plan.fused_activations:
             act = nodes[act_name]
             out = act.outputs[0]
-            if out.name not in self.plan.tensors or out.name in graph_outputs or not self._gets_qdq(out.name):
+            if (
+                out.name not in self.plan.tensors
+                or out.name in graph_outputs
+                or not self._gets_qdq(out.name)
+            ):
                 continue  # without a quantizer right after it, the activation must stay
             if not activation_removable(act, self.qparams[self.plan.tensors[out.name]]):
                 continue
@@ -175,9 +185,15 @@ class InsertQDQ(ir.passes.InPlacePass):
             self.removed_activations.append(act_name)
             del nodes[act_name]
 
-    def _initializer(self, graph: ir.Graph, names: _Names, base: str, array: np.ndarray) -> ir.Value:
+    def _initializer(
+        self, graph: ir.Graph, names: _Names, base: str, array: np.ndarray
+    ) -> ir.Value:
         name = names.make(base)
-        value = ir.Value(name=name, type=ir.TensorType(ir.DataType.from_numpy(array.dtype)), shape=ir.Shape(array.shape))
+        value = ir.Value(
+            name=name,
+            type=ir.TensorType(ir.DataType.from_numpy(array.dtype)),
+            shape=ir.Shape(array.shape),
+        )
         value.const_value = ir.tensor(array, name=name)
         graph.register_initializer(value)
         return value
@@ -186,10 +202,14 @@ class InsertQDQ(ir.passes.InPlacePass):
         base = value.name
         scale = self._initializer(graph, names, f"{base}_scale", np.asarray(qp.scale, np.float32))
         zp = self._initializer(graph, names, f"{base}_zero_point", np.asarray(qp.zero_point))
-        q_node = ir.node("QuantizeLinear", [value, scale, zp], name=names.make(f"{base}_QuantizeLinear"))
+        q_node = ir.node(
+            "QuantizeLinear", [value, scale, zp], name=names.make(f"{base}_QuantizeLinear")
+        )
         q_node.outputs[0].name = names.make(f"{base}_quantized")
         dq_node = ir.node(
-            "DequantizeLinear", [q_node.outputs[0], scale, zp], name=names.make(f"{base}_DequantizeLinear")
+            "DequantizeLinear",
+            [q_node.outputs[0], scale, zp],
+            name=names.make(f"{base}_DequantizeLinear"),
         )
         dq_out = dq_node.outputs[0]
         dq_out.name = names.make(f"{base}_dequantized")
@@ -213,7 +233,12 @@ class InsertQDQ(ir.passes.InPlacePass):
         scale = self._initializer(graph, names, f"{base}_scale", qp.scale)
         zp = self._initializer(graph, names, f"{base}_zero_point", qp.zero_point)
         attrs = {"axis": axis} if axis is not None else {}
-        dq = ir.node("DequantizeLinear", [q_init, scale, zp], attributes=attrs, name=names.make(f"{base}_DequantizeLinear"))
+        dq = ir.node(
+            "DequantizeLinear",
+            [q_init, scale, zp],
+            attributes=attrs,
+            name=names.make(f"{base}_DequantizeLinear"),
+        )
         dq.outputs[0].name = names.make(f"{base}_dequantized")
         dq.outputs[0].dtype = ir.DataType.FLOAT
         dq.outputs[0].shape = ir.Shape(w.shape)
@@ -221,20 +246,35 @@ class InsertQDQ(ir.passes.InPlacePass):
         return dq.outputs[0], qp
 
     def _quantize_bias(
-        self, graph: ir.Graph, names: _Names, value: ir.Value, x_qp: QParams, w_qp: QParams, node: str
+        self,
+        graph: ir.Graph,
+        names: _Names,
+        value: ir.Value,
+        x_qp: QParams,
+        w_qp: QParams,
+        node: str,
     ) -> ir.Value:
         b = value.const_value.numpy().astype(np.float64)
         scale = (np.float64(x_qp.scale) * w_qp.scale.astype(np.float64)).astype(np.float32)
         q = np.rint(b / scale.astype(np.float64))
         if np.any(np.abs(q) > INT32_MAX):
-            logger.warning("bias of node %s saturates int32; clipping (scale %.3g)", node, float(scale.min()))
+            logger.warning(
+                "bias of node %s saturates int32; clipping (scale %.3g)", node, float(scale.min())
+            )
         q = np.clip(q, -INT32_MAX, INT32_MAX).astype(np.int32)
         base = value.name
         q_init = self._initializer(graph, names, f"{base}_quantized", q)
         s_init = self._initializer(graph, names, f"{base}_scale", scale)
-        zp_init = self._initializer(graph, names, f"{base}_zero_point", np.zeros(scale.shape, np.int32))
+        zp_init = self._initializer(
+            graph, names, f"{base}_zero_point", np.zeros(scale.shape, np.int32)
+        )
         attrs = {"axis": 0} if scale.ndim == 1 else {}
-        dq = ir.node("DequantizeLinear", [q_init, s_init, zp_init], attributes=attrs, name=names.make(f"{base}_DequantizeLinear"))
+        dq = ir.node(
+            "DequantizeLinear",
+            [q_init, s_init, zp_init],
+            attributes=attrs,
+            name=names.make(f"{base}_DequantizeLinear"),
+        )
         dq.outputs[0].name = names.make(f"{base}_dequantized")
         dq.outputs[0].dtype = ir.DataType.FLOAT
         dq.outputs[0].shape = ir.Shape(b.shape)

@@ -144,4 +144,6 @@ def cosine(a: np.ndarray, b: np.ndarray) -> float:
     a = np.asarray(a, dtype=np.float64).ravel()
     b = np.asarray(b, dtype=np.float64).ravel()
     denom = float(np.linalg.norm(a) * np.linalg.norm(b))
-    return 1.0 if denom == 0.0 and not a.any() and not b.any() else float(a @ b) / max(denom, 1e-300)
+    return (
+        1.0 if denom == 0.0 and not a.any() and not b.any() else float(a @ b) / max(denom, 1e-300)
+    )

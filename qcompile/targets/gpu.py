@@ -24,7 +24,11 @@ PROFILE = TargetProfile(
     compute_ops=COMPUTE_OPS,
     arith_ops=frozenset({"Add", "Concat", "AveragePool", "GlobalAveragePool"}),
     remove_clamping_activations=False,
-    execution_providers=("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"),
+    execution_providers=(
+        "TensorrtExecutionProvider",
+        "CUDAExecutionProvider",
+        "CPUExecutionProvider",
+    ),
 )
 
 

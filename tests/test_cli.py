@@ -1,0 +1,76 @@
+"""The CLI end to end: compile writes model + JSON report; inspect, bench, passes."""
+
+import json
+
+import onnx
+import onnxruntime as ort
+
+from qcompile.cli import main
+from tests.conftest import sha256
+
+
+def test_compile_writes_model_and_report(cnn_path, cnn_calib, tmp_path, capsys):
+    out, report = tmp_path / "q.onnx", tmp_path / "r.json"
+    before = sha256(cnn_path)
+    code = main(
+        [
+            "compile",
+            str(cnn_path),
+            "-o",
+            str(out),
+            "--calib",
+            str(cnn_calib),
+            "--report",
+            str(report),
+            "--bench-runs",
+            "3",
+            "--calib-method",
+            "mse",
+        ]
+    )
+    assert code == 0
+    assert sha256(cnn_path) == before
+    onnx.checker.check_model(onnx.load(out), full_check=True)
+    ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    data = json.loads(report.read_text())
+    assert data["target"] == "cpu" and data["calib_method"] == "mse"
+    assert data["quantized_ops"]["Conv"] == 7 and data["outputs"][0]["sqnr_db"] > 30
+    assert "qcompile → cpu" in capsys.readouterr().err
+
+
+def test_inspect_explains_decisions(cnn_path, capsys):
+    assert main(["inspect", str(cnn_path), "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    decisions = {d["node"]: d for d in data["nodes"]}
+    assert decisions["stem_conv"]["decision"] == "quantized"
+    assert decisions["relu_7"]["decision"] == "fused"
+    assert main(["inspect", str(cnn_path), "--exclude", "op:Concat", "--json"]) == 0
+    decisions = {d["node"]: d for d in json.loads(capsys.readouterr().out)["nodes"]}
+    assert decisions["concat"]["why"] == "excluded by option"
+
+
+def test_bench_and_passes(cnn_path, cnn_calib, tmp_path, capsys):
+    out = tmp_path / "q.onnx"
+    assert (
+        main(
+            [
+                "compile",
+                str(cnn_path),
+                "-o",
+                str(out),
+                "--calib",
+                str(cnn_calib),
+                "--quiet",
+                "--bench-runs",
+                "0",
+            ]
+        )
+        == 0
+    )
+    assert (
+        main(["bench", str(cnn_path), str(out), "--input-shape", "input=1,3,32,32", "--runs", "3"])
+        == 0
+    )
+    assert "median latency" in capsys.readouterr().out
+    assert main(["passes"]) == 0
+    assert "InsertQDQ" in capsys.readouterr().out

@@ -1,0 +1,173 @@
+"""Canonicalization keeps FP32 outputs, is idempotent, keeps user node names."""
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+import onnxruntime as ort
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from onnx import TensorProto, helper, numpy_helper
+
+import qcompile
+from models import builders
+from qcompile.ir import load_model
+from qcompile.passes.canonicalize import canonicalize
+from qcompile.passes.manager import run_phase
+from tests.conftest import FAST
+
+MODELS = {
+    "cnn": (builders.cnn, lambda: builders.images(4, seed=5)),
+    "mlp": (builders.mlp, lambda: builders.features(4, seed=5)),
+    "transformer": (builders.transformer_block, lambda: builders.token_embeddings(2, seed=5)),
+}
+
+
+def _outputs(model, feed):
+    proto = ir.to_proto(model) if isinstance(model, ir.Model) else model
+    sess = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
+    return sess.run(None, feed)
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_canonicalize_keeps_fp32_outputs_and_is_idempotent(name):
+    build, data = MODELS[name]
+    proto = build()
+    feed = {"input": data()}
+    model, records = run_phase(load_model(proto), "rewrite", canonicalize())
+    onnx.checker.check_model(ir.to_proto(model), full_check=True)
+    for a, b in zip(_outputs(proto, feed), _outputs(model, feed), strict=True):
+        np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-5)
+    model, again = run_phase(model, "rewrite", canonicalize())
+    changed = [r.name for r in again if r.modified and r.name not in ("TopologicalSortPass",)]
+    assert changed == [], f"second run still modified: {changed}"
+    assert all(r.seconds >= 0 for r in records)
+
+
+def test_batchnorm_folded_and_names_kept():
+    model, _ = run_phase(load_model(builders.cnn()), "rewrite", canonicalize())
+    ops = [n.op_type for n in model.graph]
+    assert "BatchNormalization" not in ops
+    names = {n.name for n in model.graph if n.op_type == "Conv"}
+    assert {
+        "stem_conv",
+        "res_conv1",
+        "res_conv2",
+        "branch_a",
+        "branch_dw",
+        "branch_pw",
+        "head_conv",
+    } == names
+
+
+def test_verify_passes_option_runs_equivalence_checks():
+    result = qcompile.compile(
+        builders.cnn(), calibration={"input": builders.images(6)}, verify_passes=True, **FAST
+    )
+    assert any(p["name"] == "DefaultRewrites" and p["modified"] for p in result.report.passes)
+
+
+def test_verifier_catches_a_broken_pass():
+    from qcompile.backends.ort import equivalence_verifier
+    from qcompile.errors import QCompileError
+
+    class Sabotage(ir.passes.InPlacePass):
+        def call(self, model):
+            for node in model.graph:
+                if node.op_type == "Relu":
+                    node.op_type = "Sigmoid"
+                    return ir.passes.PassResult(model, True)
+            return ir.passes.PassResult(model, False)
+
+    feeds = [{"input": builders.features(4)}]
+    with pytest.raises(QCompileError, match="Sabotage"):
+        run_phase(
+            load_model(builders.mlp()), "rewrite", [Sabotage()], verify=equivalence_verifier(feeds)
+        )
+
+
+# -- hypothesis: random small graphs through canonicalize and compile -----------------
+
+UNARY = ["Relu", "Sigmoid", "Identity", "Neg"]
+
+
+@st.composite
+def random_graph(draw):
+    rng = np.random.default_rng(draw(st.integers(0, 2**16)))
+    width = draw(st.sampled_from([4, 8]))
+    nodes, inits, cur = [], [], "x"
+    live = ["x"]
+    for names in range(1, draw(st.integers(1, 6)) + 1):
+        kind = draw(
+            st.sampled_from(["matmul", "gemm", "unary", "add", "mul_const", "add_residual"])
+        )
+        out = f"t{names}"
+        if kind in ("matmul", "gemm"):
+            w = (rng.standard_normal((width, width)) / np.sqrt(width)).astype(np.float32)
+            inits.append(numpy_helper.from_array(w, f"w{names}"))
+            if kind == "gemm":
+                inits.append(
+                    numpy_helper.from_array(
+                        rng.standard_normal(width).astype(np.float32), f"b{names}"
+                    )
+                )
+                nodes.append(
+                    helper.make_node(
+                        "Gemm", [cur, f"w{names}", f"b{names}"], [out], name=f"n{names}"
+                    )
+                )
+            else:
+                nodes.append(
+                    helper.make_node("MatMul", [cur, f"w{names}"], [out], name=f"n{names}")
+                )
+        elif kind == "unary":
+            nodes.append(
+                helper.make_node(draw(st.sampled_from(UNARY)), [cur], [out], name=f"n{names}")
+            )
+        elif kind == "mul_const":
+            inits.append(
+                numpy_helper.from_array(np.float32(draw(st.floats(0.5, 2.0))), f"c{names}")
+            )
+            nodes.append(helper.make_node("Mul", [cur, f"c{names}"], [out], name=f"n{names}"))
+        elif kind == "add":
+            inits.append(
+                numpy_helper.from_array(np.zeros(width, np.float32), f"z{names}")
+            )  # a no-op add
+            nodes.append(helper.make_node("Add", [cur, f"z{names}"], [out], name=f"n{names}"))
+        else:
+            other = draw(st.sampled_from(live))
+            nodes.append(helper.make_node("Add", [cur, other], [out], name=f"n{names}"))
+        live.append(out)
+        cur = out
+    graph = helper.make_graph(
+        nodes,
+        "rand",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, width])],
+        [helper.make_tensor_value_info(cur, TensorProto.FLOAT, [2, width])],
+        inits,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    return model, width
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(random_graph())
+def test_random_graphs_canonicalize_exactly_and_compile(case):
+    proto, width = case
+    feed = {"x": np.random.default_rng(0).standard_normal((2, width)).astype(np.float32)}
+    model, _ = run_phase(load_model(proto), "rewrite", canonicalize())
+    for a, b in zip(_outputs(proto, feed), _outputs(model, feed), strict=True):
+        np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-5)
+    calib = [
+        {"x": np.random.default_rng(i).standard_normal((2, width)).astype(np.float32)}
+        for i in range(6)
+    ]
+    try:
+        result = qcompile.compile(proto, calibration=calib, **FAST)
+    except qcompile.QCompileError as err:
+        assert "nothing in this model can be quantized" in str(err)
+        return
+    out = _outputs(result.model, feed)[0]
+    assert np.all(np.isfinite(out))
+    onnx.checker.check_model(ir.to_proto(result.model), full_check=True)
