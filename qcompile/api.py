@@ -26,7 +26,7 @@ from qcompile.options import CompileOptions, NodeMatcher, NodeOverride
 from qcompile.passes.manager import run_phase
 from qcompile.quantize.calibration import calibrate, extra_outputs
 from qcompile.quantize.data import Feed, ImageSpec, input_specs, open_calibration
-from qcompile.quantize.plan import QuantPlan, build_plan
+from qcompile.quantize.plan import QuantPlan, build_plan, nodes_touching
 from qcompile.quantize.qdq import InsertQDQ
 from qcompile.quantize.qparams import QParams, cosine, fake_quantize
 from qcompile.report import CompileReport, OutputReport, TensorReport
@@ -126,6 +126,10 @@ def compile(  # noqa: A001 - the public name users expect
         total=data.count,
     )
     record_observed_shapes(graph_model, stats.observed)
+    unbounded = {t for t, obs in stats.observers.items() if obs.unbounded}
+    if unbounded:
+        # e.g. attention masks filled with -inf/finfo.min: keep their nodes FP32.
+        plan = _demote(graph_model, plan, unbounded, profile, options)
     qparams = {t: stats.qparams(t, profile.activation) for t in plan.calibrated_tensors}
     fp32_model = ir.from_proto(ir.to_proto(graph_model))
 
@@ -179,6 +183,28 @@ def compile(  # noqa: A001 - the public name users expect
         report.output_model = str(output)
     report.compile_seconds = time.perf_counter() - start
     return CompileResult(graph_model, report, plan)
+
+
+def _demote(model: ir.Model, plan: QuantPlan, unbounded: set[str], profile, options: CompileOptions) -> QuantPlan:
+    demoted = dict(plan.skipped)
+    for _ in range(len(plan.nodes) + 1):  # demoting can only shrink the plan: a fixpoint
+        nodes = nodes_touching(model, plan, unbounded)
+        if not nodes:
+            return plan
+        for name in sorted(nodes):
+            tensor = sorted(unbounded & _tensors_of(model, name))
+            reason = f"reads/writes '{tensor[0] if tensor else '?'}', which holds Inf/NaN or mask sentinels"
+            demoted[name] = reason
+            logger.warning("keeping %s FP32: %s", name, reason)
+        plan = build_plan(model, profile, options, demoted=demoted)
+    raise RuntimeError("demoting unquantizable nodes did not converge")
+
+
+def _tensors_of(model: ir.Model, node_name: str) -> set[str]:
+    for node in model.graph:
+        if node.name == node_name:
+            return {v.name for v in node.inputs if v is not None} | {v.name for v in node.outputs}
+    return set()
 
 
 def _first_feeds(data: Iterable[Feed], n: int) -> list[Feed]:

@@ -187,3 +187,36 @@ def test_report_has_tensor_and_output_metrics(cnn_path, cnn_calib, tmp_path):
     assert (tmp_path / "q.onnx").exists()
     data = report.to_dict()
     assert data["speedup"] > 0 and data["outputs"][0]["name"] == "logits"
+
+
+def test_attention_mask_sentinels_keep_their_nodes_float():
+    """Exported BERTs add finfo.min where the mask is 0: that Add must stay FP32."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    w = (rng.standard_normal((8, 8)) / 3).astype(np.float32)
+    graph = helper.make_graph(
+        [
+            helper.make_node("MatMul", ["x", "w"], ["scores"], name="qk"),
+            helper.make_node("Equal", ["mask", "zero"], ["is_pad"], name="eq"),
+            helper.make_node("Where", ["is_pad", "neg", "zerof"], ["bias"], name="where"),
+            helper.make_node("Add", ["scores", "bias"], ["masked"], name="mask_add"),
+            helper.make_node("Softmax", ["masked"], ["probs"], axis=-1, name="softmax"),
+            helper.make_node("MatMul", ["probs", "w"], ["y"], name="av"),
+        ],
+        "masked",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 8]),
+         helper.make_tensor_value_info("mask", TensorProto.INT64, ["N", 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 8])],
+        [numpy_helper.from_array(w, "w"), numpy_helper.from_array(np.array(0, np.int64), "zero"),
+         numpy_helper.from_array(np.array(np.finfo(np.float32).min, np.float32), "neg"),
+         numpy_helper.from_array(np.array(0.0, np.float32), "zerof")],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    feeds = [{"x": rng.standard_normal((4, 8)).astype(np.float32),
+              "mask": (rng.random((4, 8)) > 0.3).astype(np.int64)} for _ in range(6)]
+    result = qcompile.compile(model, calibration=feeds, **FAST)
+    assert "mask_add" not in result.plan.nodes
+    assert "Inf/NaN or mask sentinels" in result.report.skipped_nodes["mask_add"]
+    assert result.report.quantized_ops.get("MatMul") == 2
+    assert result.report.min_output_sqnr_db > 25

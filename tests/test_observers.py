@@ -139,10 +139,15 @@ def test_observer_without_data_raises_naming_tensor():
         obs.qparams(U8)
 
 
-def test_nan_raises_naming_tensor():
-    obs = MinMaxObserver("bad_tensor")
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.finfo(np.float32).max])
+@pytest.mark.parametrize("cls", [MinMaxObserver, EntropyObserver])
+def test_nonfinite_or_sentinel_marks_unbounded_and_qparams_name_tensor(cls, bad):
+    obs = cls("bad_tensor")
+    obs.observe(np.array([1.0, 2.0], np.float32))
+    obs.observe(np.array([1.0, bad], np.float32))
+    assert obs.unbounded
     with pytest.raises(QCompileError, match="bad_tensor"):
-        obs.observe(np.array([1.0, np.nan], np.float32))
+        obs.qparams(U8)
 
 
 def test_weight_qparams_per_channel_is_max_abs():

@@ -59,7 +59,7 @@ def pin_input_shapes(model: ir.Model, shapes: Mapping[str, Sequence[int]]) -> No
                     tensor=name,
                 )
             for axis, (old, new) in enumerate(zip(value.shape, dims, strict=True)):
-                if isinstance(old, int) and old != new:
+                if isinstance(old, int) and old > 0 and old != new:
                     raise QCompileError(
                         f"axis {axis} is fixed to {old} in the model but pinned to {new}",
                         tensor=name,

@@ -51,9 +51,8 @@ def input_specs(model: ir.Model) -> list[InputSpec]:
         dtype = value.dtype.numpy() if value.dtype is not None else np.dtype(np.float32)
         shape = None
         if value.shape is not None:
-            shape = tuple(
-                d if isinstance(d, int) else (d.value if d.value else None) for d in value.shape
-            )
+            # Symbolic dims, unnamed dims and exporters' -1 are all dynamic.
+            shape = tuple(d if isinstance(d, int) and d > 0 else None for d in value.shape)
         specs.append(InputSpec(value.name, np.dtype(dtype), shape))
     return specs
 

@@ -23,6 +23,11 @@ CalibMethod = Literal["minmax", "percentile", "entropy", "mse"]
 CALIB_METHODS: tuple[str, ...] = ("minmax", "percentile", "entropy", "mse")
 
 
+# Values this large are masking sentinels (attention masks filled with finfo.min or -inf),
+# not data: no 8-bit range can hold them and the real values next to them.
+SENTINEL = 1e30
+
+
 class Observer:
     """Running min/max plus the bookkeeping shared by all methods."""
 
@@ -31,23 +36,28 @@ class Observer:
         self.min = math.inf
         self.max = -math.inf
         self.count = 0
+        # Set when the tensor held NaN, ±Inf or masking sentinels: it cannot be quantized.
+        self.unbounded = False
 
     def observe(self, x: np.ndarray) -> None:
         x = np.asarray(x)
-        if x.size == 0:
+        if x.size == 0 or self.unbounded:
             return
         lo, hi = float(np.min(x)), float(np.max(x))
-        if not (math.isfinite(lo) and math.isfinite(hi)):
-            raise QCompileError(
-                "calibration produced NaN or Inf in this tensor",
-                tensor=self.name,
-                hint="check the calibration data for NaN/Inf and the model for overflow",
-            )
+        if not (math.isfinite(lo) and math.isfinite(hi)) or max(-lo, hi) >= SENTINEL:
+            self.unbounded = True
+            return
         self.min = min(self.min, lo)
         self.max = max(self.max, hi)
         self.count += x.size
 
     def _check_seen(self) -> None:
+        if self.unbounded:
+            raise QCompileError(
+                "this tensor held NaN, Inf or masking sentinels during calibration",
+                tensor=self.name,
+                hint="keep its producer/consumers FP32 (qcompile does this by itself) or fix the overflow",
+            )
         if self.count == 0:
             raise QCompileError(
                 "the observer saw no data, so no range can be computed",
@@ -91,6 +101,8 @@ class HistogramObserver(Observer):
         if x.size == 0:
             return
         super().observe(x)
+        if self.unbounded:
+            return
         peak = max(abs(self.min), abs(self.max))
         if self.radius == 0.0:
             self.radius = peak if peak > 0 else 1.0

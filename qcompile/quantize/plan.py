@@ -133,8 +133,15 @@ def _activation_inputs(node: ir.Node, kind: NodeKind) -> list[int]:
     return [0]
 
 
-def build_plan(model: ir.Model, profile: TargetProfile, options: CompileOptions) -> QuantPlan:
+def build_plan(
+    model: ir.Model,
+    profile: TargetProfile,
+    options: CompileOptions,
+    demoted: dict[str, str] | None = None,
+) -> QuantPlan:
+    """The plan for `model`; `demoted` maps node names forced to stay float to the reason."""
     graph = model.graph
+    demoted = demoted or {}
     plan = QuantPlan()
     nodes = list(graph)
     kinds: dict[str, NodeKind] = {}
@@ -148,6 +155,9 @@ def build_plan(model: ir.Model, profile: TargetProfile, options: CompileOptions)
         name = node.name or ""
         if options.is_excluded(name, node.op_type):
             plan.skipped[name] = "excluded by option"
+            continue
+        if name in demoted:
+            plan.skipped[name] = demoted[name]
             continue
         act_idx = _activation_inputs(node, kind)
         ins = [node.inputs[i] for i in act_idx if i < len(node.inputs)]
@@ -253,6 +263,23 @@ def build_plan(model: ir.Model, profile: TargetProfile, options: CompileOptions)
                     override.percentile or options.percentile,
                 )
     return plan
+
+
+def nodes_touching(model: ir.Model, plan: QuantPlan, tensors: set[str]) -> set[str]:
+    """Quantized nodes that read or write any of `tensors`."""
+    found = set()
+    for node in model.graph:
+        if node.name not in plan.nodes:
+            continue
+        names = {v.name for v in node.inputs if v is not None} | {v.name for v in node.outputs}
+        if node.name in plan.fused_activations.values():
+            # a folded activation's output is its producer's quantized output
+            for act, producer in plan.fused_activations.items():
+                if producer == node.name:
+                    names |= {v.name for n in model.graph if n.name == act for v in n.outputs}
+        if names & tensors:
+            found.add(node.name)
+    return found
 
 
 def _add_tensor(plan: QuantPlan, tensor: str, consumer: str) -> None:

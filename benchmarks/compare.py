@@ -1,0 +1,310 @@
+"""Side-by-side: FP32, ONNX Runtime's quantizers and every qcompile target/option, on the zoo.
+
+    python -m benchmarks.compare --models all            # writes benchmarks/RESULTS.md + results.png
+
+For each model: ORT quantize_dynamic (defaults), ORT quantize_static with its defaults and
+at its best honest settings (QDQ, per-channel, U8 activations/S8 weights, quant_pre_process
+where it works), and qcompile per target and calibration method. Every row is evaluated
+the same way on the same held-out data: the task metric, output SQNR and cosine vs FP32,
+median latency over interleaved runs in this one process at fixed threads, size and
+compile time. A quantizer that fails becomes a row saying why, not a crash.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import importlib.metadata
+import logging
+import platform
+import statistics
+import tempfile
+import time
+import traceback
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+from models import datasets, zoo
+
+HERE = Path(__file__).parent
+logger = logging.getLogger("benchmarks.compare")
+
+
+@dataclass
+class Row:
+    model: str
+    config: str
+    path: Path | None = None
+    compile_seconds: float | None = None
+    error: str | None = None
+    metrics: dict[str, float] = field(default_factory=dict)
+    sqnr_db: float | None = None
+    cosine: float | None = None
+    latency_ms: float | None = None
+    speedup: float | None = None
+    size_mb: float | None = None
+
+
+class _Reader:
+    """ORT CalibrationDataReader over our calibration feeds."""
+
+    def __init__(self, feeds):
+        self.feeds = list(feeds)
+        self.it = iter(self.feeds)
+
+    def get_next(self):
+        return next(self.it, None)
+
+    def rewind(self):
+        self.it = iter(self.feeds)
+
+
+def _ort_dynamic(src: Path, dst: Path, task) -> None:
+    from onnxruntime.quantization import quantize_dynamic
+
+    quantize_dynamic(src, dst)
+
+
+def _ort_static_default(src: Path, dst: Path, task) -> None:
+    from onnxruntime.quantization import quantize_static
+
+    quantize_static(src, dst, _Reader(task.calibration))
+
+
+def _ort_static_best(src: Path, dst: Path, task) -> None:
+    from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    pre = dst.with_name(dst.stem + ".pre.onnx")
+    source = src
+    try:
+        quant_pre_process(str(src), str(pre))
+        source = pre
+    except Exception as exc:  # recorded: ORT's pre-processing fails on some graphs
+        logger.warning("quant_pre_process failed on %s: %s; quantizing without it", src.name, exc)
+    quantize_static(source, dst, _Reader(task.calibration), quant_format=QuantFormat.QDQ, per_channel=True,
+                    activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
+
+
+def _qcompile(target: str, method: str) -> Callable:
+    def run(src: Path, dst: Path, task) -> None:
+        import qcompile
+
+        qcompile.compile(src, target=target, calibration=task.calibration, calib_method=method,
+                         bench_runs=0, progress=False, output=dst)
+
+    return run
+
+
+def configs(quick: bool) -> dict[str, Callable]:
+    out: dict[str, Callable] = {
+        "ORT quantize_dynamic": _ort_dynamic,
+        "ORT quantize_static (defaults)": _ort_static_default,
+        "ORT quantize_static (QDQ, per-channel, U8/S8, pre-process)": _ort_static_best,
+    }
+    methods = ("percentile",) if quick else ("percentile", "minmax", "entropy", "mse")
+    for m in methods:
+        out[f"qcompile cpu ({m})"] = _qcompile("cpu", m)
+    if not quick:
+        out["qcompile gpu (percentile; CPU EP here)"] = _qcompile("gpu", "percentile")
+        out["qcompile fpga (percentile; pow2 scales)"] = _qcompile("fpga", "percentile")
+    return out
+
+
+def _session(path: Path, threads: int) -> ort.InferenceSession:
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = threads
+    opts.inter_op_num_threads = 1
+    opts.log_severity_level = 3
+    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+
+
+def evaluate(name: str, model_path: Path, task, cfgs: dict[str, Callable], threads: int, runs: int, work: Path) -> list[Row]:
+    rows = [Row(name, "FP32", path=model_path)]
+    for label, fn in cfgs.items():
+        dst = work / f"{name}-{len(rows)}.onnx"
+        row = Row(name, label)
+        t0 = time.perf_counter()
+        try:
+            fn(model_path, dst, task)
+            row.path = dst
+        except Exception as exc:
+            row.error = f"{type(exc).__name__}: {str(exc).splitlines()[0][:160]}"
+            logger.warning("%s / %s failed:\n%s", name, label, traceback.format_exc())
+        row.compile_seconds = time.perf_counter() - t0
+        rows.append(row)
+
+    sessions = {}
+    for row in rows:
+        if row.path is None:
+            continue
+        try:
+            sessions[row.config] = _session(row.path, threads)
+        except Exception as exc:
+            row.error = f"ORT cannot load it: {str(exc).splitlines()[0][:160]}"
+            row.path = None
+    fp32_sess = sessions["FP32"]
+    fp32_out = [fp32_sess.run(None, f) for f in task.evaluation]
+    for row in rows:
+        sess = sessions.get(row.config)
+        if sess is None:
+            continue
+        try:
+            outs = [sess.run(None, f) for f in task.evaluation]
+        except Exception as exc:
+            row.error = f"ORT fails at run time: {str(exc).splitlines()[0][:160]}"
+            sessions.pop(row.config)
+            continue
+        row.metrics = task.metric(fp32_out, outs)
+        a = np.concatenate([o.ravel() for out in fp32_out for o in out]).astype(np.float64)
+        b = np.concatenate([o.ravel() for out in outs for o in out]).astype(np.float64)
+        noise = float(np.sum((a - b) ** 2))
+        row.sqnr_db = float("inf") if noise == 0 else 10 * np.log10(float(np.sum(a * a)) / noise)
+        row.cosine = float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b)))
+        row.size_mb = sum(p.stat().st_size for p in row.path.parent.glob(row.path.name + "*")) / 1e6
+
+    # Latency: interleaved runs, same feed and threads for every session.
+    times: dict[str, list[float]] = {k: [] for k in sessions}
+    for sess in sessions.values():
+        for _ in range(3):
+            sess.run(None, task.bench_feed)
+    for _ in range(runs):
+        for key, sess in sessions.items():
+            t0 = time.perf_counter()
+            sess.run(None, task.bench_feed)
+            times[key].append((time.perf_counter() - t0) * 1e3)
+    base = statistics.median(times["FP32"])
+    for row in rows:
+        if row.config in times:
+            row.latency_ms = statistics.median(times[row.config])
+            row.speedup = base / row.latency_ms
+    return rows
+
+
+def _fmt(v, digits=3):
+    if v is None:
+        return "–"
+    if isinstance(v, float):
+        if np.isinf(v):
+            return "∞"
+        return f"{v:.{digits}f}"
+    return str(v)
+
+
+def write_results(all_rows: dict[str, list[Row]], tasks: dict, args, out: Path, plot: Path, seconds: float) -> None:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    libs = []
+    for lib in ("onnx", "onnxruntime", "onnxscript", "onnx-ir", "numpy", "torch", "transformers"):
+        try:
+            libs.append(f"{lib} {importlib.metadata.version(lib)}")
+        except importlib.metadata.PackageNotFoundError:
+            pass
+    lines = [
+        "# qcompile benchmark results",
+        "",
+        "Generated by `python -m benchmarks.compare " + " ".join(args.argv) + "` — do not edit by hand.",
+        "",
+        f"- date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M UTC}",
+        f"- CPU: {cpu}, {args.threads} threads for every session; latency = median of {args.runs} interleaved runs",
+        f"- libraries: {', '.join(libs)}",
+        f"- total benchmark time: {seconds:.0f} s",
+        "",
+        "SQNR and cosine compare each model's outputs with FP32 over the whole evaluation set. "
+        "Speedup is FP32 latency / row latency measured in the same process.",
+        "",
+    ]
+    for name, rows in all_rows.items():
+        entry = zoo.ZOO[name]
+        metric_names = sorted({k for r in rows for k in r.metrics})
+        task = tasks[name]
+        lines += [f"## {name}", "", entry.description + ".",
+                  f"Calibration feeds: {len(task.calibration)}, evaluation feeds: {len(task.evaluation)}; "
+                  f"headline metric: `{task.primary}`.", ""]
+        header = ["config", *metric_names, "SQNR dB", "cosine", "latency ms", "speedup", "size MB", "compile s"]
+        lines.append("| " + " | ".join(header) + " |")
+        lines.append("|" + "---|" * len(header))
+        for r in rows:
+            if r.error:
+                lines.append(f"| {r.config} | " + " | ".join(["–"] * (len(header) - 2)) + f" | failed: {r.error} |")
+                continue
+            cells = [r.config, *(_fmt(r.metrics.get(m)) for m in metric_names), _fmt(r.sqnr_db, 1), _fmt(r.cosine, 4),
+                     _fmt(r.latency_ms, 2), _fmt(r.speedup, 2) + "×", _fmt(r.size_mb, 2),
+                     _fmt(r.compile_seconds, 1) if r.config != "FP32" else "–"]
+            lines.append("| " + " | ".join(cells) + " |")
+        lines.append("")
+    lines += [f"![accuracy vs speedup]({plot.name})", ""]
+    out.write_text("\n".join(lines))
+    _plot(all_rows, tasks, plot)
+
+
+def _plot(all_rows: dict[str, list[Row]], tasks: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    n = len(all_rows)
+    fig, axes = plt.subplots(1, n, figsize=(4.2 * n, 3.8), squeeze=False)
+    for ax, (name, rows) in zip(axes[0], all_rows.items(), strict=True):
+        primary = tasks[name].primary
+        for r in rows:
+            if r.error or r.speedup is None:
+                continue
+            color = "black" if r.config == "FP32" else "tab:red" if r.config.startswith("ORT") else "tab:blue"
+            ax.scatter(r.speedup, r.metrics.get(primary, np.nan), color=color, s=30)
+            ax.annotate(r.config.replace("qcompile ", "qc ").split(" (")[0] + ("" if "(" not in r.config else " " + r.config.split("(")[1][:10]),
+                        (r.speedup, r.metrics.get(primary, np.nan)), fontsize=6, xytext=(3, 3), textcoords="offset points")
+        ax.set_title(name)
+        ax.set_xlabel("speedup vs FP32 (×)")
+        ax.set_ylabel(primary)
+        ax.grid(alpha=0.3)
+    fig.suptitle("accuracy vs speedup (black FP32, red ORT quantizer, blue qcompile)", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main(argv: list[str] | None = None) -> int:
+    import sys
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", default="all", help="comma-separated zoo names or 'all'")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--runs", type=int, default=30)
+    parser.add_argument("--quick", action="store_true", help="one qcompile row per model")
+    parser.add_argument("--out", default=str(HERE / "RESULTS.md"))
+    parser.add_argument("--plot", default=str(HERE / "results.png"))
+    args = parser.parse_args(argv)
+    args.argv = sys.argv[1:] if argv is None else argv
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    for noisy in ("onnxscript", "onnx_ir", "root"):
+        logging.getLogger(noisy).setLevel(logging.ERROR)
+    names = list(zoo.ZOO) if args.models == "all" else args.models.split(",")
+    start = time.perf_counter()
+    all_rows, tasks = {}, {}
+    with tempfile.TemporaryDirectory(prefix="qcompile-bench-") as tmp:
+        for name in names:
+            path = zoo.fetch(name)
+            tasks[name] = datasets.task_data(name, path)
+            print(f"== {name}", flush=True)
+            all_rows[name] = evaluate(name, path, tasks[name], configs(args.quick), args.threads, args.runs, Path(tmp))
+            for r in all_rows[name]:
+                print(f"  {r.config:60s} {r.error or ''} {tasks[name].primary}={_fmt(r.metrics.get(tasks[name].primary))} "
+                      f"sqnr={_fmt(r.sqnr_db, 1)} speedup={_fmt(r.speedup, 2)}", flush=True)
+    write_results(all_rows, tasks, args, Path(args.out), Path(args.plot), time.perf_counter() - start)
+    print(f"wrote {args.out} and {args.plot}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
