@@ -150,6 +150,54 @@ def cnn(seed: int = 0, size: int = 32, classes: int = 10) -> onnx.ModelProto:
     return b.model([inp], [out])
 
 
+def mobile_block(seed: int = 0, size: int = 24) -> onnx.ModelProto:
+    """MobileNetV3-style block as Paddle exports it: bias-free Conv + Add, decomposed
+    HardSwish (x·clip(x+3,0,6)/6), depthwise conv, squeeze-excite with HardSigmoid."""
+    b = _Builder("mobile_block", seed)
+
+    def conv_add(
+        x: str, cin: int, cout: int, k: int, group: int = 1, name: str | None = None
+    ) -> str:
+        w = (
+            b.rng.standard_normal((cout, cin // group, k, k))
+            * np.sqrt(2.0 / (cin // group * k * k))
+        ).astype(np.float32)
+        y = b.op(
+            "Conv",
+            [x, b.const("W", w)],
+            name=name,
+            kernel_shape=[k, k],
+            pads=[k // 2] * 4,
+            group=group,
+        )
+        bias = (0.1 * b.rng.standard_normal((1, cout, 1, 1))).astype(np.float32)
+        return b.op("Add", [y, b.const("bias", bias)])
+
+    def hardswish(x: str) -> str:
+        c = b.op(
+            "Clip",
+            [
+                b.op("Add", [x, b.const("three", np.float32(3))]),
+                b.const("zero", np.float32(0)),
+                b.const("six", np.float32(6)),
+            ],
+        )
+        return b.op("Div", [b.op("Mul", [x, c]), b.const("six_d", np.float32(6))])
+
+    x = hardswish(conv_add("input", 3, 16, 3, name="stem"))
+    d = hardswish(conv_add(x, 16, 16, 3, group=16, name="dw"))
+    se = b.op("GlobalAveragePool", [d])
+    se = b.op("Relu", [conv_add(se, 16, 8, 1, name="se_reduce")])
+    se = b.op("HardSigmoid", [conv_add(se, 8, 16, 1, name="se_expand")], alpha=0.2, beta=0.5)
+    y = b.op("Mul", [d, se], name="se_scale")
+    y = conv_add(y, 16, 16, 1, name="project")
+    b.op("Add", [y, x], name="residual")
+    b.nodes[-1].output[0] = "output"
+    inp = helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", 3, size, size])
+    out = helper.make_tensor_value_info("output", TensorProto.FLOAT, ["N", 16, size, size])
+    return b.model([inp], [out])
+
+
 def mlp(seed: int = 0, din: int = 64, hidden: int = 128, dout: int = 16) -> onnx.ModelProto:
     b = _Builder("mlp", seed)
     x = b.op("Relu", [b.linear("input", din, hidden, name="fc1")])

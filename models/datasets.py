@@ -43,17 +43,99 @@ class TaskData:
 # -- sentences ------------------------------------------------------------------------
 
 STDLIB_MODULES = (
-    "os", "os.path", "json", "collections", "itertools", "functools", "pathlib", "re", "string",
-    "textwrap", "statistics", "random", "datetime", "decimal", "fractions", "heapq", "bisect",
-    "shutil", "tempfile", "csv", "argparse", "logging", "typing", "inspect", "ast", "dataclasses",
-    "enum", "abc", "contextlib", "operator", "zipfile", "tarfile", "gzip", "hashlib", "hmac",
-    "secrets", "socket", "urllib.parse", "email.message", "sqlite3", "unittest", "doctest",
-    "pickle", "copy", "pprint", "difflib", "calendar", "threading", "subprocess", "queue",
-    "asyncio", "io", "codecs", "locale", "gettext", "glob", "fnmatch", "filecmp", "configparser",
-    "platform", "sys", "time", "uuid", "weakref", "types", "traceback", "warnings", "numbers",
-    "math", "cmath", "array", "struct", "base64", "binascii", "html", "xml.dom.minidom",
-    "http.cookies", "smtplib", "ftplib", "imaplib", "mailbox", "mimetypes", "shlex", "signal",
-    "selectors", "ssl", "tokenize", "keyword", "symtable", "dis", "pkgutil", "runpy", "zlib",
+    "os",
+    "os.path",
+    "json",
+    "collections",
+    "itertools",
+    "functools",
+    "pathlib",
+    "re",
+    "string",
+    "textwrap",
+    "statistics",
+    "random",
+    "datetime",
+    "decimal",
+    "fractions",
+    "heapq",
+    "bisect",
+    "shutil",
+    "tempfile",
+    "csv",
+    "argparse",
+    "logging",
+    "typing",
+    "inspect",
+    "ast",
+    "dataclasses",
+    "enum",
+    "abc",
+    "contextlib",
+    "operator",
+    "zipfile",
+    "tarfile",
+    "gzip",
+    "hashlib",
+    "hmac",
+    "secrets",
+    "socket",
+    "urllib.parse",
+    "email.message",
+    "sqlite3",
+    "unittest",
+    "doctest",
+    "pickle",
+    "copy",
+    "pprint",
+    "difflib",
+    "calendar",
+    "threading",
+    "subprocess",
+    "queue",
+    "asyncio",
+    "io",
+    "codecs",
+    "locale",
+    "gettext",
+    "glob",
+    "fnmatch",
+    "filecmp",
+    "configparser",
+    "platform",
+    "sys",
+    "time",
+    "uuid",
+    "weakref",
+    "types",
+    "traceback",
+    "warnings",
+    "numbers",
+    "math",
+    "cmath",
+    "array",
+    "struct",
+    "base64",
+    "binascii",
+    "html",
+    "xml.dom.minidom",
+    "http.cookies",
+    "smtplib",
+    "ftplib",
+    "imaplib",
+    "mailbox",
+    "mimetypes",
+    "shlex",
+    "signal",
+    "selectors",
+    "ssl",
+    "tokenize",
+    "keyword",
+    "symtable",
+    "dis",
+    "pkgutil",
+    "runpy",
+    "zlib",
 )
 
 
@@ -73,7 +155,11 @@ def docstring_sentences() -> list[str]:
                 continue
             text = " ".join(doc.split("\n\n")[0].split())
             sentence = re.split(r"(?<=[.!?])\s", text)[0]
-            if 25 <= len(sentence) <= 240 and not sentence.startswith(("(", "[", ">>>")) and "(" not in sentence[:12]:
+            if (
+                25 <= len(sentence) <= 240
+                and not sentence.startswith(("(", "[", ">>>"))
+                and "(" not in sentence[:12]
+            ):
                 found.add(sentence)
     return sorted(found)
 
@@ -86,7 +172,10 @@ def _split(items: Sequence, n_calib: int, n_eval: int, seed: int = 0) -> tuple[l
 
 # -- MiniLM ---------------------------------------------------------------------------
 
-def minilm(model_dir: Path, batch: int = 16, seq: int = 64, n_calib: int = 160, n_eval: int = 256) -> TaskData:
+
+def minilm(
+    model_dir: Path, batch: int = 16, seq: int = 64, n_calib: int = 160, n_eval: int = 256
+) -> TaskData:
     from tokenizers import Tokenizer
 
     tok = Tokenizer.from_file(str(model_dir / "tokenizer.json"))
@@ -98,11 +187,13 @@ def minilm(model_dir: Path, batch: int = 16, seq: int = 64, n_calib: int = 160, 
         out = []
         for i in range(0, len(sentences), batch):
             enc = tok.encode_batch(sentences[i : i + batch])
-            out.append({
-                "input_ids": np.array([e.ids for e in enc], np.int64),
-                "attention_mask": np.array([e.attention_mask for e in enc], np.int64),
-                "token_type_ids": np.array([e.type_ids for e in enc], np.int64),
-            })
+            out.append(
+                {
+                    "input_ids": np.array([e.ids for e in enc], np.int64),
+                    "attention_mask": np.array([e.attention_mask for e in enc], np.int64),
+                    "token_type_ids": np.array([e.type_ids for e in enc], np.int64),
+                }
+            )
         return out
 
     eval_feeds = feeds(evaluation)
@@ -112,8 +203,11 @@ def minilm(model_dir: Path, batch: int = 16, seq: int = 64, n_calib: int = 160, 
         a = np.concatenate([_mean_pool(o[0], m) for o, m in zip(fp32, masks, strict=True)])
         b = np.concatenate([_mean_pool(o[0], m) for o, m in zip(quant, masks, strict=True)])
         cos = np.sum(a * b, axis=1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
-        return {"cosine_mean": float(cos.mean()), "cosine_min": float(cos.min()),
-                "top5_agreement": _topk_agreement(a, b, 5)}
+        return {
+            "cosine_mean": float(cos.mean()),
+            "cosine_min": float(cos.min()),
+            "top5_agreement": _topk_agreement(a, b, 5),
+        }
 
     return TaskData(feeds(calib), eval_feeds, metric, "cosine_mean", eval_feeds[0])
 
@@ -137,9 +231,28 @@ def _topk_agreement(a: np.ndarray, b: np.ndarray, k: int) -> float:
 # -- images -----------------------------------------------------------------------------
 
 SAMPLE_IMAGES = (
-    "astronaut", "camera", "coffee", "coins", "chelsea", "horse", "hubble_deep_field",
-    "immunohistochemistry", "moon", "page", "text", "rocket", "clock", "brick", "grass",
-    "gravel", "logo", "cell", "colorwheel", "checkerboard", "shepp_logan_phantom", "retina",
+    "astronaut",
+    "camera",
+    "coffee",
+    "coins",
+    "chelsea",
+    "horse",
+    "hubble_deep_field",
+    "immunohistochemistry",
+    "moon",
+    "page",
+    "text",
+    "rocket",
+    "clock",
+    "brick",
+    "grass",
+    "gravel",
+    "logo",
+    "cell",
+    "colorwheel",
+    "checkerboard",
+    "shepp_logan_phantom",
+    "retina",
 )
 IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], np.float32)
 IMAGENET_STD = np.array([0.229, 0.224, 0.225], np.float32)
@@ -169,7 +282,9 @@ def _resize_center_crop(img: np.ndarray, short: int = 256, crop: int = 224) -> n
 
     h, w = img.shape[:2]
     scale = short / min(h, w)
-    pil = Image.fromarray(img).resize((round(w * scale), round(h * scale)), Image.Resampling.LANCZOS)
+    pil = Image.fromarray(img).resize(
+        (round(w * scale), round(h * scale)), Image.Resampling.LANCZOS
+    )
     arr = np.asarray(pil)
     top, left = (arr.shape[0] - crop) // 2, (arr.shape[1] - crop) // 2
     arr = arr[top : top + crop, left : left + crop].astype(np.float32) / 255.0
@@ -206,13 +321,17 @@ def orientation(batch: int = 8) -> TaskData:
     def metric(fp32, quant):
         pa = np.concatenate([o[0] for o in fp32]).argmax(axis=1)
         pb = np.concatenate([o[0] for o in quant]).argmax(axis=1)
-        return {"top1_agreement": float(np.mean(pa == pb)), "accuracy": float(np.mean(pb == ey)),
-                "accuracy_fp32": float(np.mean(pa == ey))}
+        return {
+            "top1_agreement": float(np.mean(pa == pb)),
+            "accuracy": float(np.mean(pb == ey)),
+            "accuracy_fp32": float(np.mean(pa == ey)),
+        }
 
     return TaskData(calib, evaluation, metric, "top1_agreement", evaluation[0])
 
 
 # -- text rendering for PP-OCR ----------------------------------------------------------
+
 
 def _fonts() -> list[str]:
     try:
@@ -220,12 +339,20 @@ def _fonts() -> list[str]:
     except ImportError:
         return []
     folder = Path(matplotlib.get_data_path()) / "fonts" / "ttf"
-    names = ("DejaVuSans.ttf", "DejaVuSerif.ttf", "DejaVuSansMono.ttf", "DejaVuSans-Bold.ttf", "STIXGeneral.ttf")
+    names = (
+        "DejaVuSans.ttf",
+        "DejaVuSerif.ttf",
+        "DejaVuSansMono.ttf",
+        "DejaVuSans-Bold.ttf",
+        "STIXGeneral.ttf",
+    )
     return [str(folder / n) for n in names if (folder / n).exists()]
 
 
 def text_lines(count: int, seed: int) -> list[str]:
-    words = sorted({w for s in docstring_sentences() for w in re.findall(r"[A-Za-z][A-Za-z0-9]{2,11}", s)})
+    words = sorted(
+        {w for s in docstring_sentences() for w in re.findall(r"[A-Za-z][A-Za-z0-9]{2,11}", s)}
+    )
     rng = np.random.default_rng(seed)
     lines = []
     for _ in range(count):
@@ -242,7 +369,11 @@ def render_line(text: str, rng: np.random.Generator) -> np.ndarray:
 
     fonts = _fonts()
     size = int(rng.integers(22, 40))
-    font = ImageFont.truetype(fonts[int(rng.integers(len(fonts)))], size) if fonts else ImageFont.load_default(size)
+    font = (
+        ImageFont.truetype(fonts[int(rng.integers(len(fonts)))], size)
+        if fonts
+        else ImageFont.load_default(size)
+    )
     left, top, right, bottom = font.getbbox(text)
     pad = int(rng.integers(4, 12))
     bg = int(rng.integers(215, 256))
@@ -259,7 +390,9 @@ def _ocr_line_input(gray: np.ndarray, height: int, width: int) -> np.ndarray:
 
     h, w = gray.shape
     new_w = min(width, max(1, int(np.ceil(height * w / h))))
-    resized = np.asarray(Image.fromarray(gray).resize((new_w, height), Image.Resampling.BILINEAR), np.float32)
+    resized = np.asarray(
+        Image.fromarray(gray).resize((new_w, height), Image.Resampling.BILINEAR), np.float32
+    )
     rgb = np.stack([resized] * 3, axis=0) / 255.0
     out = np.zeros((3, height, width), np.float32)
     out[:, :, :new_w] = (rgb - 0.5) / 0.5
@@ -275,7 +408,9 @@ def _rendered(count: int, seed: int) -> tuple[list[str], list[np.ndarray]]:
 def ocr_rec(model_path: Path, batch: int = 8, n_calib: int = 64, n_eval: int = 128) -> TaskData:
     import onnx
 
-    meta = {p.key: p.value for p in onnx.load(str(model_path), load_external_data=False).metadata_props}
+    meta = {
+        p.key: p.value for p in onnx.load(str(model_path), load_external_data=False).metadata_props
+    }
     charset = ["blank", *meta["character"].splitlines(), " "]
 
     def feeds(seed: int, n: int) -> tuple[list[str], list[Feed]]:
@@ -300,8 +435,11 @@ def ocr_rec(model_path: Path, batch: int = 8, n_calib: int = 64, n_eval: int = 1
     def metric(fp32, quant):
         a = [s for o in fp32 for s in decode(o[0])]
         b = [s for o in quant for s in decode(o[0])]
-        return {"string_agreement": float(np.mean([x == y for x, y in zip(a, b, strict=True)])),
-                "cer": _cer(truth, b), "cer_fp32": _cer(truth, a)}
+        return {
+            "string_agreement": float(np.mean([x == y for x, y in zip(a, b, strict=True)])),
+            "cer": _cer(truth, b),
+            "cer_fp32": _cer(truth, a),
+        }
 
     return TaskData(calib, evaluation, metric, "string_agreement", evaluation[0])
 
@@ -310,7 +448,10 @@ def ocr_cls(batch: int = 8, n_calib: int = 64, n_eval: int = 128) -> TaskData:
     def feeds(seed: int, n: int) -> tuple[np.ndarray, list[Feed]]:
         _, imgs = _rendered(n, seed)
         labels = np.arange(n) % 2
-        xs = [_ocr_line_input(np.rot90(i, 2) if lab else i, 48, 192) for i, lab in zip(imgs, labels, strict=True)]
+        xs = [
+            _ocr_line_input(np.rot90(i, 2) if lab else i, 48, 192)
+            for i, lab in zip(imgs, labels, strict=True)
+        ]
         x = np.stack(xs)
         return labels, [{"x": x[i : i + batch]} for i in range(0, n, batch)]
 
@@ -320,8 +461,11 @@ def ocr_cls(batch: int = 8, n_calib: int = 64, n_eval: int = 128) -> TaskData:
     def metric(fp32, quant):
         pa = np.concatenate([o[0] for o in fp32]).argmax(axis=1)
         pb = np.concatenate([o[0] for o in quant]).argmax(axis=1)
-        return {"agreement": float(np.mean(pa == pb)), "accuracy": float(np.mean(pb == labels)),
-                "accuracy_fp32": float(np.mean(pa == labels))}
+        return {
+            "agreement": float(np.mean(pa == pb)),
+            "accuracy": float(np.mean(pb == labels)),
+            "accuracy_fp32": float(np.mean(pa == labels)),
+        }
 
     return TaskData(calib, evaluation, metric, "agreement", evaluation[0])
 
@@ -349,7 +493,10 @@ def _det_input(gray: np.ndarray, limit: int = 736) -> np.ndarray:
     h, w = gray.shape[:2]
     scale = min(1.0, limit / max(h, w))
     nh, nw = max(32, int(round(h * scale / 32)) * 32), max(32, int(round(w * scale / 32)) * 32)
-    img = np.asarray(Image.fromarray(gray).resize((nw, nh), Image.Resampling.BILINEAR), np.float32) / 255.0
+    img = (
+        np.asarray(Image.fromarray(gray).resize((nw, nh), Image.Resampling.BILINEAR), np.float32)
+        / 255.0
+    )
     return ((np.stack([img] * 3) - 0.5) / 0.5)[None].astype(np.float32)
 
 

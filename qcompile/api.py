@@ -185,7 +185,9 @@ def compile(  # noqa: A001 - the public name users expect
     return CompileResult(graph_model, report, plan)
 
 
-def _demote(model: ir.Model, plan: QuantPlan, unbounded: set[str], profile, options: CompileOptions) -> QuantPlan:
+def _demote(
+    model: ir.Model, plan: QuantPlan, unbounded: set[str], profile, options: CompileOptions
+) -> QuantPlan:
     demoted = dict(plan.skipped)
     for _ in range(len(plan.nodes) + 1):  # demoting can only shrink the plan: a fixpoint
         nodes = nodes_touching(model, plan, unbounded)
@@ -288,6 +290,15 @@ def measure(
         lat = ort_backend.bench({"fp32": f_s, "q": q_s}, feeds[0], runs=options.bench_runs)
         report.latency_fp32_ms, report.latency_quantized_ms = lat["fp32"], lat["q"]
         report.bench_threads = threads
+        if report.speedup is not None and report.speedup < 1.0:
+            islands = ort_backend.float_islands(q_model)
+            where = ", ".join(f"{op}×{n}" for op, n in sorted(islands.items())) or "none found"
+            note = (
+                f"the quantized model is {1 / report.speedup:.2f}× SLOWER than FP32 here; float ops "
+                f"between integer kernels: {where}. Try --exclude on them or their neighbours."
+            )
+            report.notes.append(note)
+            logger.warning(note)
 
 
 def _accumulate(s: list[float], a: np.ndarray, b: np.ndarray) -> None:

@@ -205,16 +205,26 @@ def test_attention_mask_sentinels_keep_their_nodes_float():
             helper.make_node("MatMul", ["probs", "w"], ["y"], name="av"),
         ],
         "masked",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 8]),
-         helper.make_tensor_value_info("mask", TensorProto.INT64, ["N", 8])],
+        [
+            helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 8]),
+            helper.make_tensor_value_info("mask", TensorProto.INT64, ["N", 8]),
+        ],
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 8])],
-        [numpy_helper.from_array(w, "w"), numpy_helper.from_array(np.array(0, np.int64), "zero"),
-         numpy_helper.from_array(np.array(np.finfo(np.float32).min, np.float32), "neg"),
-         numpy_helper.from_array(np.array(0.0, np.float32), "zerof")],
+        [
+            numpy_helper.from_array(w, "w"),
+            numpy_helper.from_array(np.array(0, np.int64), "zero"),
+            numpy_helper.from_array(np.array(np.finfo(np.float32).min, np.float32), "neg"),
+            numpy_helper.from_array(np.array(0.0, np.float32), "zerof"),
+        ],
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    feeds = [{"x": rng.standard_normal((4, 8)).astype(np.float32),
-              "mask": (rng.random((4, 8)) > 0.3).astype(np.int64)} for _ in range(6)]
+    feeds = [
+        {
+            "x": rng.standard_normal((4, 8)).astype(np.float32),
+            "mask": (rng.random((4, 8)) > 0.3).astype(np.int64),
+        }
+        for _ in range(6)
+    ]
     result = qcompile.compile(model, calibration=feeds, **FAST)
     assert "mask_add" not in result.plan.nodes
     assert "Inf/NaN or mask sentinels" in result.report.skipped_nodes["mask_add"]

@@ -124,18 +124,45 @@ def bench(
     return {name: statistics.median(ts) for name, ts in times.items()}
 
 
-def optimized_op_counts(
+def optimized_model(
     model: ir.Model | onnx.ModelProto,
     *,
     providers: Sequence[str] = ("CPUExecutionProvider",),
     threads: int | None = 1,
-) -> dict[str, int]:
-    """Op types in the graph ORT actually runs after its optimizations (fusions included)."""
+) -> onnx.ModelProto:
+    """The graph ORT actually runs after its optimizations (fusions included), weights omitted."""
     with tempfile.TemporaryDirectory(prefix="qcompile-opt-") as tmp:
         path = os.path.join(tmp, "optimized.onnx")
         make_session(model, providers=providers, threads=threads, optimized_model_path=path)
-        optimized = onnx.load(path, load_external_data=False)
-    return dict(collections.Counter(n.op_type for n in optimized.graph.node))
+        return onnx.load(path, load_external_data=False)
+
+
+def optimized_op_counts(model: ir.Model | onnx.ModelProto, **kwargs) -> dict[str, int]:
+    """Op types in the graph ORT actually runs (QLinearConv etc. show what it fused)."""
+    return dict(collections.Counter(n.op_type for n in optimized_model(model, **kwargs).graph.node))
+
+
+def float_islands(model: ir.Model | onnx.ModelProto) -> dict[str, int]:
+    """Float ops that ORT runs between a DequantizeLinear and a QuantizeLinear.
+
+    Each pays a dequantize and a quantize around float compute; many of them make an INT8
+    model slower than FP32 (e.g. HardSwish in MobileNetV3: ORT has no integer kernel).
+    """
+    graph = optimized_model(model).graph
+    producers = {out: n for n in graph.node for out in n.output}
+    consumers: dict[str, list] = collections.defaultdict(list)
+    for n in graph.node:
+        for name in n.input:
+            consumers[name].append(n)
+    counts: collections.Counter[str] = collections.Counter()
+    for n in graph.node:
+        if n.op_type in ("QuantizeLinear", "DequantizeLinear"):
+            continue
+        fed = any(i in producers and producers[i].op_type == "DequantizeLinear" for i in n.input)
+        feeds = any(c.op_type == "QuantizeLinear" for o in n.output for c in consumers[o])
+        if fed and feeds:
+            counts[n.op_type] += 1
+    return dict(counts)
 
 
 def check_runs(

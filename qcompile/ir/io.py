@@ -21,6 +21,9 @@ from qcompile.errors import QCompileError
 logger = logging.getLogger(__name__)
 
 MIN_OPSET = 13  # per-channel QuantizeLinear/DequantizeLinear need opset 13
+# Older models are brought to 17 when the converter allows: HardSwish (14) and
+# LayerNormalization (17) are what our fusions emit.
+PREFERRED_OPSET = 17
 # Protobuf cannot serialize a message over 2 GiB; stay well below it.
 EXTERNAL_DATA_THRESHOLD = 1 << 30
 
@@ -30,8 +33,9 @@ ModelSource = str | os.PathLike | bytes | onnx.ModelProto | ir.Model
 def load_model(source: ModelSource, *, min_opset: int = MIN_OPSET) -> ir.Model:
     """Load a model from a path, bytes, a ModelProto or an ir.Model (which is copied).
 
-    External data is resolved relative to the model file. Models below `min_opset` are
-    upgraded with onnx's version converter. Errors name the file and what to do.
+    External data is resolved relative to the model file. Models below PREFERRED_OPSET
+    are upgraded with onnx's version converter; if that fails, models at `min_opset` or
+    above are kept as they are, older ones are refused. Errors name the file.
     """
     path = None
     if isinstance(source, ir.Model):
@@ -127,17 +131,22 @@ def upgrade_opset(model: ir.Model, min_opset: int, *, path: Path | None = None) 
             path=str(path) if path else None,
             hint=f"re-export with opset <= {newest} or upgrade onnx/onnxruntime",
         )
-    if version >= min_opset:
+    target = max(min_opset, PREFERRED_OPSET)
+    if version >= target:
         return model
-    logger.info("upgrading opset %d -> %d", version, min_opset)
+    logger.info("upgrading opset %d -> %d", version, target)
     proto = ir.to_proto(model)
     try:
-        upgraded = onnx.version_converter.convert_version(proto, min_opset)
+        upgraded = onnx.version_converter.convert_version(proto, target)
+        onnx.checker.check_model(upgraded)
     except Exception as exc:
+        if version >= min_opset:
+            logger.warning("keeping opset %d: the upgrade to %d failed (%s)", version, target, exc)
+            return model
         raise QCompileError(
-            f"could not upgrade the model from opset {version} to {min_opset}: {exc}",
+            f"could not upgrade the model from opset {version} to {target}: {exc}",
             path=str(path) if path else None,
-            hint="re-export the model with opset >= 13",
+            hint=f"re-export the model with opset >= {min_opset}",
         ) from exc
     return ir.from_proto(upgraded)
 

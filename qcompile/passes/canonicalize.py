@@ -14,6 +14,8 @@ import onnx_ir.passes.common as common_passes
 from onnxscript import rewriter
 from onnxscript.optimizer import _constant_folding
 
+from qcompile.passes.naming import NamePreservingRewrite
+
 # Quantize/Dequantize on constants are already-quantized weights: folding them would
 # silently turn an INT8 model back into FP32.
 _NEVER_FOLD = frozenset({"QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear"})
@@ -35,44 +37,11 @@ class FoldConstants(_constant_folding.FoldConstantsPass):
         )
 
 
-class DefaultRewrites(rewriter.RewritePass):
-    """onnxscript's default, FP32-exact rewrite rules (includes Conv+BatchNorm folding).
-
-    A rewrite replaces matched nodes with new, generically named ones; so that reports
-    and --exclude/--override keep naming the user's nodes, a new node takes the name of
-    the removed node of the same op type that read the same input (Conv+BN → the Conv).
-    """
+class DefaultRewrites(NamePreservingRewrite):
+    """onnxscript's default, FP32-exact rewrite rules (includes Conv+BatchNorm folding)."""
 
     def __init__(self) -> None:
         super().__init__(rewriter._DEFAULT_REWRITE_RULES)
-
-    def call(self, model: ir.Model) -> ir.passes.PassResult:
-        before = {
-            id(n): (n.name, n.op_type, tuple(v.name for v in n.inputs if v is not None))
-            for n in model.graph
-        }
-        result = super().call(model)
-        if result.modified:
-            restore_node_names(model.graph, before)
-        return result
-
-
-def restore_node_names(
-    graph: ir.Graph, before: dict[int, tuple[str | None, str, tuple[str, ...]]]
-) -> None:
-    current = {id(n) for n in graph}
-    used = {n.name for n in graph}
-    removed = [info for key, info in before.items() if key not in current]
-    for node in graph:
-        if id(node) in before:
-            continue
-        inputs = {v.name for v in node.inputs if v is not None}
-        for name, op_type, old_inputs in removed:
-            if name and op_type == node.op_type and name not in used and inputs & set(old_inputs):
-                used.discard(node.name)
-                node.name = name
-                used.add(name)
-                break
 
 
 class LiftConstants(common_passes.LiftConstantsToInitializersPass):

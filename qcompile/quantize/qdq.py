@@ -26,6 +26,8 @@ logger = logging.getLogger(__name__)
 
 QDQ_OPS = frozenset({"QuantizeLinear", "DequantizeLinear"})
 INT32_MAX = np.iinfo(np.int32).max
+# Keep quantized biases below 2^30 so accumulator + bias has headroom.
+BIAS_LIMIT = float(2**30)
 
 
 class _Names:
@@ -136,26 +138,30 @@ class InsertQDQ(ir.passes.InPlacePass):
                     use.node.replace_input_with(use.idx, dq_out)
             modified = True
 
-        weight_qp: dict[tuple[str, int | None], tuple[ir.Value, QParams]] = {}
+        biases = {b.node: b for b in self.plan.biases}
+        quantized_weights: dict[tuple[str, int | None, bytes], tuple[ir.Value, QParams]] = {}
         for w in self.plan.weights:
             node = nodes[w.node]
-            key = (w.tensor, w.axis)
-            if key not in weight_qp:
-                weight_qp[key] = self._quantize_weight(
-                    graph, names, node.inputs[w.input_index], w.axis
+            value = node.inputs[w.input_index]
+            array = value.const_value.numpy().astype(np.float32)
+            qp = weight_qparams(array, self.weight_spec, w.axis)
+            bias = biases.get(w.node)
+            x_qp = self.qparams[self.plan.tensors[bias.activation]] if bias else None
+            if bias is not None:
+                qp = _fit_bias(
+                    qp, node.inputs[bias.input_index].const_value.numpy(), x_qp, node.name
                 )
-            node.replace_input_with(w.input_index, weight_qp[key][0])
+            key = (w.tensor, w.axis, qp.scale.tobytes())
+            if key not in quantized_weights:
+                quantized_weights[key] = (self._quantize_weight(graph, names, value, array, qp), qp)
+            node.replace_input_with(w.input_index, quantized_weights[key][0])
+            if bias is not None:
+                bias_value = node.inputs[bias.input_index]
+                node.replace_input_with(
+                    bias.input_index,
+                    self._quantize_bias(graph, names, bias_value, x_qp, qp, node.name),
+                )
             modified = True
-
-        for b in self.plan.biases:
-            node = nodes[b.node]
-            w_use = next(w for w in self.plan.weights if w.node == b.node)
-            w_qp = weight_qp[(w_use.tensor, w_use.axis)][1]
-            x_qp = self.qparams[self.plan.tensors[b.activation]]
-            bias_value = node.inputs[b.input_index]
-            node.replace_input_with(
-                b.input_index, self._quantize_bias(graph, names, bias_value, x_qp, w_qp, node.name)
-            )
         graph.sort()
         return ir.passes.PassResult(model, modified)
 
@@ -223,16 +229,14 @@ class InsertQDQ(ir.passes.InPlacePass):
         return dq_out
 
     def _quantize_weight(
-        self, graph: ir.Graph, names: _Names, value: ir.Value, axis: int | None
-    ) -> tuple[ir.Value, QParams]:
-        w = value.const_value.numpy().astype(np.float32)
-        qp = weight_qparams(w, self.weight_spec, axis)
+        self, graph: ir.Graph, names: _Names, value: ir.Value, w: np.ndarray, qp: QParams
+    ) -> ir.Value:
         q = quantize(w, qp)
         base = value.name
         q_init = self._initializer(graph, names, f"{base}_quantized", q)
         scale = self._initializer(graph, names, f"{base}_scale", qp.scale)
         zp = self._initializer(graph, names, f"{base}_zero_point", qp.zero_point)
-        attrs = {"axis": axis} if axis is not None else {}
+        attrs = {"axis": qp.axis} if qp.axis is not None else {}
         dq = ir.node(
             "DequantizeLinear",
             [q_init, scale, zp],
@@ -243,7 +247,7 @@ class InsertQDQ(ir.passes.InPlacePass):
         dq.outputs[0].dtype = ir.DataType.FLOAT
         dq.outputs[0].shape = ir.Shape(w.shape)
         graph.insert_before(next(iter(graph)), dq)
-        return dq.outputs[0], qp
+        return dq.outputs[0]
 
     def _quantize_bias(
         self,
@@ -256,12 +260,7 @@ class InsertQDQ(ir.passes.InPlacePass):
     ) -> ir.Value:
         b = value.const_value.numpy().astype(np.float64)
         scale = (np.float64(x_qp.scale) * w_qp.scale.astype(np.float64)).astype(np.float32)
-        q = np.rint(b / scale.astype(np.float64))
-        if np.any(np.abs(q) > INT32_MAX):
-            logger.warning(
-                "bias of node %s saturates int32; clipping (scale %.3g)", node, float(scale.min())
-            )
-        q = np.clip(q, -INT32_MAX, INT32_MAX).astype(np.int32)
+        q = np.clip(np.rint(b / scale.astype(np.float64)), -INT32_MAX, INT32_MAX).astype(np.int32)
         base = value.name
         q_init = self._initializer(graph, names, f"{base}_quantized", q)
         s_init = self._initializer(graph, names, f"{base}_scale", scale)
@@ -280,6 +279,29 @@ class InsertQDQ(ir.passes.InPlacePass):
         dq.outputs[0].shape = ir.Shape(b.shape)
         graph.insert_before(next(iter(graph)), dq)
         return dq.outputs[0]
+
+
+def _fit_bias(w_qp: QParams, bias: np.ndarray, x_qp: QParams, node: str) -> QParams:
+    """Widen weight scales where s_x·s_w is too fine for the int32 bias (ORT does the same).
+
+    A near-dead input activation (tiny s_x) would otherwise saturate the bias. Only the
+    channels that need it get coarser weights, and the node is named in the log.
+    """
+    s_x = float(x_qp.scale)
+    needed = np.abs(bias.astype(np.float64)) / (s_x * BIAS_LIMIT)
+    scale = w_qp.scale.astype(np.float64)
+    if not np.any(needed > scale):
+        return w_qp
+    logger.info(
+        "node %s: widening %d weight scale(s) so the int32 bias fits",
+        node,
+        int(np.sum(needed > scale)),
+    )
+    if scale.ndim == 0:  # per-tensor weights: one scale must cover every channel's bias
+        widened = np.asarray(max(float(scale), float(needed.max())), np.float32)
+    else:
+        widened = np.maximum(scale, needed).astype(np.float32)
+    return QParams(widened, w_qp.zero_point, w_qp.spec, w_qp.axis)
 
 
 def _values_by_name(graph: ir.Graph) -> dict[str, ir.Value]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from qcompile.options import CompileOptions
 from qcompile.passes.canonicalize import canonicalize
+from qcompile.passes.fusion import FuseForQuantization
 from qcompile.pipeline import Calibration, Pipeline
 from qcompile.quantize.qdq import InsertQDQ
 from qcompile.quantize.qparams import QuantSpec
@@ -35,7 +36,7 @@ PROFILE = TargetProfile(
 def pipeline(options: CompileOptions, profile: TargetProfile = PROFILE) -> Pipeline:
     return Pipeline(
         profile=profile,
-        rewrite=canonicalize(),
+        rewrite=[*canonicalize(), FuseForQuantization()],
         calibrate=Calibration(options.calib_method, options.percentile),
         quantize=lambda plan, qparams: [InsertQDQ(plan, qparams, profile)],
         lower=finalize(),  # the CPU clean-up phase serves unchanged

@@ -1,0 +1,141 @@
+"""Fusions that put quantizers where integer kernels exist (onnxscript rewrite rules).
+
+Exporters decompose activations (Paddle writes HardSwish as x·clip(x+3,0,6)/6) and split
+biases out of convolutions (Conv then Add of a per-channel constant). Each decomposition
+costs an extra quantize/dequantize pair or a float op between integer kernels, so we fold
+them back into the single ONNX op. Every rule is FP32-exact up to float rounding.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx_ir as ir
+from onnxscript import rewriter
+from onnxscript.rewriter import pattern
+
+from qcompile.passes.naming import NamePreservingRewrite
+
+
+def _scalar(value: ir.Value | None) -> float | None:
+    if value is None or value.const_value is None:
+        return None
+    array = value.const_value.numpy()
+    if array.size != 1:
+        return None
+    return float(array.reshape(()))
+
+
+def _close(value: ir.Value | None, expected: float) -> bool:
+    got = _scalar(value)
+    return got is not None and abs(got - expected) <= 1e-6 * max(1.0, abs(expected))
+
+
+def _opset(context) -> int:
+    model = context.model if hasattr(context, "model") else None
+    return model.opset_imports.get("", 0) if model is not None else 0
+
+
+# -- HardSwish: x * clip(x + 3, 0, 6) / 6 ------------------------------------------------
+
+
+def _hswish_div_after(op, x, three, zero, six, six_b):
+    return op.Div(op.Mul(x, op.Clip(op.Add(x, three), zero, six)), six_b)
+
+
+def _hswish_div_inside(op, x, three, zero, six, six_b):
+    return op.Mul(x, op.Div(op.Clip(op.Add(x, three), zero, six), six_b))
+
+
+def _hswish_check(context, x, three, zero, six, six_b, **_):
+    return (
+        _opset(context) >= 14
+        and _close(three, 3.0)
+        and _close(zero, 0.0)
+        and _close(six, 6.0)
+        and _close(six_b, 6.0)
+    )
+
+
+def _hswish_from_hsigmoid(op, x):
+    return op.Mul(x, op.HardSigmoid(x, _outputs=["hs"]))
+
+
+def _hswish_from_hsigmoid_check(context, x, hs=None, **_):
+    node = hs.producer() if hs is not None else None
+    if node is None or _opset(context) < 14:
+        return False
+    alpha = node.attributes.get_float("alpha", 0.2)
+    beta = node.attributes.get_float("beta", 0.5)
+    return abs(alpha - 1 / 6) < 1e-6 and abs(beta - 0.5) < 1e-6
+
+
+def _hswish(op, x, **_):
+    return op.HardSwish(x)
+
+
+# -- Conv followed by a per-channel constant Add: fold into the Conv's bias -----------
+
+
+def _conv_add(op, x, w, b):
+    return op.Add(op.Conv(x, w, _allow_other_attributes=True, _outputs=["conv_out"]), b)
+
+
+def _conv_add_check(context, x, w, b, conv_out=None, **_):
+    if w.const_value is None or b.const_value is None or len(conv_out.uses()) != 1:
+        return False
+    cout = w.const_value.shape[0]
+    bias = b.const_value.numpy()
+    rank = len(w.const_value.shape)
+    if bias.ndim > rank:
+        return False
+    # broadcastable as (1, C, 1, ...): one value per output channel
+    squeezed = bias.reshape(-1)
+    if bias.ndim == rank:
+        return bias.shape[0] == 1 and bias.shape[1] == cout and int(np.prod(bias.shape)) == cout
+    if bias.ndim == rank - 1:
+        return bias.shape[0] == cout and int(np.prod(bias.shape)) == cout
+    return squeezed.size == 1
+
+
+def _conv_add_replace(op, x, w, b, conv_out=None, **_):
+    conv = conv_out.producer()
+    cout = w.const_value.shape[0]
+    bias = np.broadcast_to(b.const_value.numpy().reshape(-1), (cout,)).astype(np.float32)
+    if len(conv.inputs) > 2 and conv.inputs[2] is not None:
+        bias = bias + conv.inputs[2].const_value.numpy().astype(np.float32)
+    new_b = op.initializer(ir.tensor(bias, name=f"{w.name}_fused_bias"))
+    return op.Conv(x, w, new_b, **{k: v for k, v in conv.attributes.items()})
+
+
+def _conv_no_bias_or_const_bias(context, x, w, b, conv_out=None, **_):
+    conv = conv_out.producer() if conv_out is not None else None
+    if conv is None:
+        return False
+    if len(conv.inputs) > 2 and conv.inputs[2] is not None and conv.inputs[2].const_value is None:
+        return False
+    return _conv_add_check(context, x, w, b, conv_out=conv_out)
+
+
+RULES = rewriter.RewriteRuleSet(
+    [
+        pattern.RewriteRule(_hswish_div_after, _hswish, _hswish_check, name="HardSwishDivAfter"),
+        pattern.RewriteRule(_hswish_div_inside, _hswish, _hswish_check, name="HardSwishDivInside"),
+        pattern.RewriteRule(
+            _hswish_from_hsigmoid,
+            _hswish,
+            _hswish_from_hsigmoid_check,
+            name="HardSwishFromHardSigmoid",
+        ),
+        pattern.RewriteRule(
+            _conv_add, _conv_add_replace, _conv_no_bias_or_const_bias, name="ConvBiasAdd"
+        ),
+    ],
+    commute=True,
+)
+
+
+class FuseForQuantization(NamePreservingRewrite):
+    """Fold decomposed HardSwish and split-out Conv biases back into single ops."""
+
+    def __init__(self) -> None:
+        super().__init__(RULES)

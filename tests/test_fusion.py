@@ -1,0 +1,69 @@
+"""Fusion rules: op types after the rewrite, FP32-equal outputs, checker, idempotence."""
+
+import collections
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+import onnxruntime as ort
+import pytest
+
+import qcompile
+from models import builders
+from qcompile.ir import load_model
+from qcompile.passes.canonicalize import canonicalize
+from qcompile.passes.fusion import FuseForQuantization
+from qcompile.passes.manager import run_phase
+from tests.conftest import FAST
+
+
+def _run(model, feed):
+    proto = ir.to_proto(model) if isinstance(model, ir.Model) else model
+    return ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"]).run(
+        None, feed
+    )
+
+
+def _fused(proto):
+    model, _ = run_phase(load_model(proto), "rewrite", [*canonicalize(), FuseForQuantization()])
+    return model
+
+
+def test_hardswish_and_conv_bias_fusion():
+    proto = builders.mobile_block()
+    model = _fused(proto)
+    ops = collections.Counter(n.op_type for n in model.graph)
+    assert ops["HardSwish"] == 2 and ops["Div"] == 0 and ops["Clip"] == 0
+    # every Conv absorbed its bias Add; the SE scale Mul and residual Add remain
+    assert ops["Conv"] == 5 and ops["Add"] == 1 and ops["Mul"] == 1
+    assert all(len(n.inputs) == 3 for n in model.graph if n.op_type == "Conv")
+    onnx.checker.check_model(ir.to_proto(model), full_check=True)
+    feed = {"input": builders.images(2, size=24, seed=3)}
+    for a, b in zip(_run(proto, feed), _run(model, feed), strict=True):
+        np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-5)
+    names = {n.name for n in model.graph if n.op_type == "Conv"}
+    assert {"stem", "dw", "se_reduce", "se_expand", "project"} == names
+
+
+def test_fusion_is_idempotent():
+    model = _fused(builders.mobile_block())
+    _, records = run_phase(model, "again", [FuseForQuantization()])
+    assert records[0].modified is False
+
+
+def test_hardswish_fusion_needs_opset_14():
+    proto = builders.mobile_block()
+    model = load_model(proto)
+    model.opset_imports[""] = 13
+    for node in model.graph:
+        node.version = None
+    model, _ = run_phase(model, "rewrite", [FuseForQuantization()])
+    assert not any(n.op_type == "HardSwish" for n in model.graph)
+
+
+@pytest.mark.parametrize("target", ["cpu", "gpu"])
+def test_mobile_block_quantizes_accurately(target):
+    data = {"input": builders.images(30, size=24, seed=4)}
+    result = qcompile.compile(builders.mobile_block(), target=target, calibration=data, **FAST)
+    assert result.report.quantized_ops["Conv"] == 5
+    assert result.report.min_output_sqnr_db > 25
