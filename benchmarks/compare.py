@@ -13,6 +13,7 @@ compile time. A quantizer that fails becomes a row saying why, not a crash.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import importlib.metadata
 import logging
@@ -230,10 +231,8 @@ def write_results(
         pass
     libs = []
     for lib in ("onnx", "onnxruntime", "onnxscript", "onnx-ir", "numpy", "torch", "transformers"):
-        try:
+        with contextlib.suppress(importlib.metadata.PackageNotFoundError):
             libs.append(f"{lib} {importlib.metadata.version(lib)}")
-        except importlib.metadata.PackageNotFoundError:
-            pass
     lines = [
         "# qcompile benchmark results",
         "",
