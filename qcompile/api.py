@@ -124,6 +124,7 @@ def compile(  # noqa: A001 - the public name users expect
         max_batches=options.max_calib_batches,
         progress=options.progress,
         total=data.count,
+        token_mask=_token_mask_input(specs, options.token_mask),
     )
     record_observed_shapes(graph_model, stats.observed)
     unbounded = {t for t, obs in stats.observers.items() if obs.unbounded}
@@ -207,6 +208,19 @@ def _tensors_of(model: ir.Model, node_name: str) -> set[str]:
         if node.name == node_name:
             return {v.name for v in node.inputs if v is not None} | {v.name for v in node.outputs}
     return set()
+
+
+def _token_mask_input(specs, choice: str | None) -> str | None:
+    if choice is None:
+        return None
+    if choice != "auto":
+        if choice not in {s.name for s in specs}:
+            raise QCompileError("token_mask names no model input", tensor=choice)
+        return choice
+    for spec in specs:
+        if "attention_mask" in spec.name.lower() and spec.dtype.kind in "iub" and spec.rank == 2:
+            return spec.name
+    return None
 
 
 def _first_feeds(data: Iterable[Feed], n: int) -> list[Feed]:

@@ -106,6 +106,9 @@ class CompileOptions:
     overrides: tuple[NodeOverride, ...] = ()
     input_shapes: tuple[tuple[str, tuple[int, ...]], ...] = ()
     # Samples per feed when a calibration array is stacked along a dynamic batch axis.
+    # Input marking real tokens ([batch, seq], 1 = token); "auto" picks an integer input
+    # named like attention_mask; None observes every position, padding included.
+    token_mask: str | None = "auto"
     calib_batch_size: int = 8
     max_calib_batches: int | None = None
     # Every n-th calibration feed is held out for the report (and not calibrated on).

@@ -1,6 +1,7 @@
 """Fusions that put quantizers where integer kernels exist (onnxscript rewrite rules).
 
-Exporters decompose activations (Paddle writes HardSwish as x·clip(x+3,0,6)/6) and split
+Exporters decompose activations (Paddle writes HardSwish as x·clip(x+3,0,6)/6, torch
+writes GELU with Erf) and split
 biases out of convolutions (Conv then Add of a per-channel constant). Each decomposition
 costs an extra quantize/dequantize pair or a float op between integer kernels, so we fold
 them back into the single ONNX op. Every rule is FP32-exact up to float rounding.
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 import numpy as np
 import onnx_ir as ir
+import onnx_ir.passes.common as common_passes
 from onnxscript import rewriter
 from onnxscript.rewriter import pattern
 
@@ -73,6 +75,37 @@ def _hswish(op, x, **_):
     return op.HardSwish(x)
 
 
+# -- GELU written out with Erf: 0.5 * x * (1 + erf(x / sqrt(2))) ---------------------------
+
+def _gelu_erf(op, x, sqrt2, one, half):
+    return op.Mul(op.Mul(x, op.Add(op.Erf(op.Div(x, sqrt2)), one)), half)
+
+
+def _gelu_erf_half_first(op, x, sqrt2, one, half):
+    return op.Mul(op.Mul(x, half), op.Add(op.Erf(op.Div(x, sqrt2)), one))
+
+
+def _gelu_constants(sqrt2, one, half) -> bool:
+    return _close(sqrt2, float(np.sqrt(2.0))) and _close(one, 1.0) and _close(half, 0.5)
+
+
+def _gelu_onnx_check(context, x, sqrt2, one, half, **_):
+    return _opset(context) >= 20 and _gelu_constants(sqrt2, one, half)
+
+
+def _gelu_contrib_check(context, x, sqrt2, one, half, **_):
+    return _opset(context) < 20 and _gelu_constants(sqrt2, one, half)
+
+
+def _gelu_onnx(op, x, **_):
+    return op.Gelu(x)
+
+
+def _gelu_contrib(op, x, **_):
+    # ONNX Gelu exists from opset 20; before that, ORT's contrib Gelu (CPU and CUDA EPs).
+    return op.Gelu(x, _domain="com.microsoft")
+
+
 # -- Conv followed by a per-channel constant Add: fold into the Conv's bias -----------
 
 
@@ -129,13 +162,25 @@ RULES = rewriter.RewriteRuleSet(
         pattern.RewriteRule(
             _conv_add, _conv_add_replace, _conv_no_bias_or_const_bias, name="ConvBiasAdd"
         ),
+        pattern.RewriteRule(_gelu_erf, _gelu_onnx, _gelu_onnx_check, name="GeluErf"),
+        pattern.RewriteRule(_gelu_erf_half_first, _gelu_onnx, _gelu_onnx_check, name="GeluErfHalfFirst"),
+        pattern.RewriteRule(_gelu_erf, _gelu_contrib, _gelu_contrib_check, name="GeluErfContrib"),
+        pattern.RewriteRule(
+            _gelu_erf_half_first, _gelu_contrib, _gelu_contrib_check, name="GeluErfHalfFirstContrib"
+        ),
     ],
     commute=True,
 )
 
 
 class FuseForQuantization(NamePreservingRewrite):
-    """Fold decomposed HardSwish and split-out Conv biases back into single ops."""
+    """Fold decomposed HardSwish/GELU and split-out Conv biases back into single ops."""
 
     def __init__(self) -> None:
         super().__init__(RULES)
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        result = super().call(model)
+        if result.modified:  # the replaced subgraphs leave their constants behind
+            common_passes.RemoveUnusedNodesPass()(model)
+        return result

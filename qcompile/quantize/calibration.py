@@ -87,7 +87,15 @@ def calibrate(
     max_batches: int | None = None,
     progress: bool = False,
     total: int | None = None,
+    token_mask: str | None = None,
 ) -> CalibrationStats:
+    """Observe `tensors` over `data`.
+
+    token_mask names an input like BERT's attention_mask ([batch, seq], 1 = real token):
+    tensors laid out [batch, seq, ...] are then observed on real tokens only. Padding
+    positions never reach a real token's output, and with fixed-length padding they
+    would dominate the statistics.
+    """
     start = time.perf_counter()
     graph = model.graph
     observers = {t: observer_for(t) for t in tensors}
@@ -128,9 +136,10 @@ def calibrate(
                     hint="check the calibration data's shapes and dtypes against the model inputs",
                 ) from exc
             t1 = time.perf_counter()
+            mask = _token_mask(feed, token_mask)
             for name in run_names:
                 array = outputs[name]
-                observers[name].observe(array)
+                observers[name].observe(_real_tokens(array, mask))
                 stats.observed[name] = (array.dtype, array.shape)
             for name in observed_inputs:
                 observers[name].observe(feed[name])
@@ -155,6 +164,21 @@ def calibrate(
         stats.observe_seconds,
     )
     return stats
+
+
+def _token_mask(feed: Feed, name: str | None) -> np.ndarray | None:
+    if name is None or name not in feed:
+        return None
+    mask = np.asarray(feed[name])
+    if mask.ndim != 2 or not mask.any():
+        return None
+    return mask.astype(bool)
+
+
+def _real_tokens(array: np.ndarray, mask: np.ndarray | None) -> np.ndarray:
+    if mask is None or array.ndim < 2 or array.shape[:2] != mask.shape:
+        return array
+    return array[mask]
 
 
 @contextlib.contextmanager

@@ -171,6 +171,46 @@ def build_plan(
                 continue
         kinds[name] = kind
 
+    # 1b. An arithmetic op is worth an integer kernel only inside an integer chain: when
+    # its output reaches a quantized op (through data movement or a foldable activation).
+    # Otherwise its result is dequantized at once, and the rounding costs accuracy for
+    # nothing: in transformers, residual Adds feeding LayerNorm would clip the famous
+    # outlier channels; a bias Add after a MatMul would stop ORT from using
+    # MatMulIntegerToFloat.
+    reaches: dict[str, bool] = {}
+    through = profile.passthrough_ops | profile.fusible_activations
+
+    def reaches_int(value: ir.Value) -> bool:
+        if value.name in reaches:
+            return reaches[value.name]
+        reaches[value.name] = False  # cycle guard
+        result = False
+        for use in value.uses():
+            n = use.node
+            k = kinds.get(n.name or "")
+            if k == "compute" or (k == "arith" and keep_arith(n)):
+                result = True
+            elif n.op_type in through and not options.is_excluded(n.name or "", n.op_type):
+                result = any(reaches_int(out) for out in n.outputs)
+            if result:
+                break
+        reaches[value.name] = result
+        return result
+
+    kept: dict[str, bool] = {}
+
+    def keep_arith(node: ir.Node) -> bool:
+        if node.name not in kept:
+            kept[node.name] = False
+            kept[node.name] = any(reaches_int(out) for out in node.outputs)
+        return kept[node.name]
+
+    for node in reversed(nodes):
+        name = node.name or ""
+        if kinds.get(name) == "arith" and not keep_arith(node):
+            del kinds[name]
+            plan.skipped[name] = "its result feeds no integer op (an integer kernel would gain nothing)"
+
     # 2. Fold Relu/Clip into their producer's output quantizer.
     fused_output: dict[str, ir.Value] = {}  # producer node -> value to quantize instead
     for node in nodes:
