@@ -24,6 +24,7 @@ from qcompile.ir.io import ModelSource, check_output_path, load_model, save_mode
 from qcompile.ir.shapes import infer_shapes, pin_input_shapes, record_observed_shapes
 from qcompile.options import CompileOptions, NodeMatcher, NodeOverride
 from qcompile.passes.manager import run_phase
+from qcompile.passes.smoothing import ChannelObserver, find_smooth_groups
 from qcompile.quantize.calibration import calibrate, extra_outputs
 from qcompile.quantize.data import Feed, ImageSpec, input_specs, open_calibration
 from qcompile.quantize.plan import QuantPlan, build_plan, nodes_touching
@@ -107,6 +108,21 @@ def compile(  # noqa: A001 - the public name users expect
     graph_model, records = run_phase(graph_model, "rewrite", pipe.rewrite, verify=verify)
     infer_shapes(graph_model)
 
+    # Smooth: migrate activation outliers into weights (needs its own statistics).
+    smooth_records = []
+    token_mask = _token_mask_input(specs, options.token_mask)
+    if pipe.smooth is not None and options.smoothquant:
+        groups = find_smooth_groups(graph_model, explicit=options.smooth_explicit)
+        if groups:
+            channel_stats = calibrate(
+                graph_model, data, [g.activation for g in groups], ChannelObserver,
+                ort_backend.runner_factory(threads=options.threads),
+                holdout_every=options.holdout_every, max_batches=options.max_calib_batches,
+                token_mask=token_mask,
+            )
+            graph_model, smooth_records = run_phase(graph_model, "smooth", pipe.smooth(groups, channel_stats.observers), verify=verify)
+            infer_shapes(graph_model)
+
     # Plan and calibrate.
     plan = build_plan(graph_model, profile, options)
     if not plan.nodes:
@@ -124,7 +140,7 @@ def compile(  # noqa: A001 - the public name users expect
         max_batches=options.max_calib_batches,
         progress=options.progress,
         total=data.count,
-        token_mask=_token_mask_input(specs, options.token_mask),
+        token_mask=token_mask,
     )
     record_observed_shapes(graph_model, stats.observed)
     unbounded = {t for t, obs in stats.observers.items() if obs.unbounded}
@@ -159,7 +175,7 @@ def compile(  # noqa: A001 - the public name users expect
         calib_model_seconds=stats.run_seconds,
         passes=[
             {"phase": r.phase, "name": r.name, "seconds": r.seconds, "modified": r.modified}
-            for r in (*records, *q_records, *l_records)
+            for r in (*records, *smooth_records, *q_records, *l_records)
         ],
         quantized_ops=dict(collections.Counter(op_types[n] for n in plan.nodes)),
         skipped_nodes=dict(plan.skipped),

@@ -102,6 +102,11 @@ class CompileOptions:
     percentile: float = 99.99
     per_channel: bool = True
     quantize_softmax: bool = False
+    # SmoothQuant on linear layers fed by a LayerNorm (α searched per group when None);
+    # smooth_explicit also smooths inputs with no foldable producer via an inserted Mul.
+    smoothquant: bool = True
+    smooth_alpha: float | None = None
+    smooth_explicit: bool = False
     exclude: tuple[NodeMatcher, ...] = ()
     overrides: tuple[NodeOverride, ...] = ()
     input_shapes: tuple[tuple[str, tuple[int, ...]], ...] = ()
@@ -128,6 +133,8 @@ class CompileOptions:
             raise QCompileError("max_calib_batches must be >= 1")
         if self.holdout_every < 2:
             raise QCompileError("holdout_every must be >= 2 (at least every other feed calibrates)")
+        if self.smooth_alpha is not None and not 0.0 <= self.smooth_alpha <= 1.0:
+            raise QCompileError(f"smooth_alpha must be in [0, 1], got {self.smooth_alpha}")
         if self.bench_runs < 0:
             raise QCompileError("bench_runs must be >= 0")
         if self.threads is not None and self.threads < 1:

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 from dataclasses import dataclass
 
 import onnx_ir as ir
@@ -13,6 +14,8 @@ from qcompile.quantize.qparams import QParams
 from qcompile.targets.profile import TargetProfile
 
 QuantizePhase = Callable[[QuantPlan, Mapping[str, QParams]], list[ir.passes.PassBase]]
+# smooth(groups, channel statistics) -> passes; statistics come from a calibration run
+SmoothPhase = Callable[[Sequence[Any], Mapping[str, Any]], list[ir.passes.PassBase]]
 
 
 @dataclass(frozen=True)
@@ -37,3 +40,4 @@ class Pipeline:
     calibrate: Calibration
     quantize: QuantizePhase
     lower: list[ir.passes.PassBase]
+    smooth: SmoothPhase | None = None  # runs between rewrite and calibration

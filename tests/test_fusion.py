@@ -33,9 +33,10 @@ def test_hardswish_and_conv_bias_fusion():
     proto = builders.mobile_block()
     model = _fused(proto)
     ops = collections.Counter(n.op_type for n in model.graph)
-    assert ops["HardSwish"] == 2 and ops["Div"] == 0 and ops["Clip"] == 0
+    # x·clip(x+3,0,6)/6 became x·HardSigmoid(x) (2 of them, plus the SE's own HardSigmoid)
+    assert ops["HardSigmoid"] == 3 and ops["Div"] == 0 and ops["Clip"] == 0
     # every Conv absorbed its bias Add; the SE scale Mul and residual Add remain
-    assert ops["Conv"] == 5 and ops["Add"] == 1 and ops["Mul"] == 1
+    assert ops["Conv"] == 5 and ops["Add"] == 1 and ops["Mul"] == 3
     assert all(len(n.inputs) == 3 for n in model.graph if n.op_type == "Conv")
     onnx.checker.check_model(ir.to_proto(model), full_check=True)
     feed = {"input": builders.images(2, size=24, seed=3)}
@@ -51,14 +52,18 @@ def test_fusion_is_idempotent():
     assert records[0].modified is False
 
 
-def test_hardswish_fusion_needs_opset_14():
-    proto = builders.mobile_block()
-    model = load_model(proto)
-    model.opset_imports[""] = 13
-    for node in model.graph:
-        node.version = None
-    model, _ = run_phase(model, "rewrite", [FuseForQuantization()])
-    assert not any(n.op_type == "HardSwish" for n in model.graph)
+def test_hardswish_op_is_expanded_to_hardsigmoid_mul():
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph(
+        [helper.make_node("HardSwish", ["x"], ["y"], name="hs")], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [4, 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [4, 8])])
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model = _fused(proto)
+    assert sorted(n.op_type for n in model.graph) == ["HardSigmoid", "Mul"]
+    feed = {"x": np.linspace(-5, 5, 32, dtype=np.float32).reshape(4, 8)}
+    np.testing.assert_allclose(_run(model, feed)[0], _run(proto, feed)[0], rtol=1e-6, atol=1e-6)
 
 
 @pytest.mark.parametrize("target", ["cpu", "gpu"])

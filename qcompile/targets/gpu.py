@@ -10,6 +10,7 @@ from __future__ import annotations
 from qcompile.options import CompileOptions
 from qcompile.passes.canonicalize import canonicalize
 from qcompile.passes.fusion import FuseForQuantization
+from qcompile.passes.smoothing import SmoothQuant
 from qcompile.pipeline import Calibration, Pipeline
 from qcompile.quantize.qdq import InsertQDQ
 from qcompile.quantize.qparams import QuantSpec
@@ -37,6 +38,9 @@ def pipeline(options: CompileOptions, profile: TargetProfile = PROFILE) -> Pipel
     return Pipeline(
         profile=profile,
         rewrite=[*canonicalize(), FuseForQuantization()],
+        smooth=lambda groups, stats: [
+            SmoothQuant(groups, stats, profile.activation, profile.weight, options.smooth_alpha)
+        ],
         calibrate=Calibration(options.calib_method, options.percentile),
         quantize=lambda plan, qparams: [InsertQDQ(plan, qparams, profile)],
         lower=finalize(),  # the CPU clean-up phase serves unchanged

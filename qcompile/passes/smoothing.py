@@ -1,0 +1,248 @@
+"""SmoothQuant: migrate activation outliers into the weights, FP32 outputs unchanged.
+
+Y = X·W = (X·diag(s)⁻¹)·(diag(s)·W), per input channel j: s_j = max|X_j|^α / max|W_j|^(1−α).
+diag(s)⁻¹ is folded into the producer of X — a LayerNormalization's γ and β — and
+diag(s) into the rows of every consumer's weight; consumers sharing X (Q/K/V, or the
+two FFN inputs) share one s computed from their concatenated weights. When X also feeds
+something else (BERT's post-LN residual), the LayerNorm is duplicated: the residual
+keeps the original, the linear layers read the smoothed copy. Without a foldable
+producer an explicit Mul is inserted, only when asked (it costs an elementwise op).
+
+α is searched per group on calibration rows by the output error of the quantized
+product (SmoothQuant's own recipe), unless fixed. Statistics come from the calibration
+stage as a constructor argument, so the pass stays model → model.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import onnx_ir as ir
+
+from qcompile.quantize.observers import Observer
+from qcompile.quantize.qparams import QuantSpec, fake_quantize, range_to_qparams
+
+logger = logging.getLogger(__name__)
+
+ALPHA_GRID = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
+
+
+@dataclass(frozen=True)
+class SmoothGroup:
+    activation: str  # the tensor X
+    producer: str | None  # LayerNormalization to fold into; None: explicit Mul
+    consumers: tuple[str, ...]  # MatMul/Gemm nodes reading X (input 0) with constant weights
+
+
+class ChannelObserver(Observer):
+    """Per-channel max|x| over the last axis, plus a bounded random sample of rows."""
+
+    def __init__(self, name: str = "", max_rows: int = 2048, seed: int = 0) -> None:
+        super().__init__(name)
+        self.absmax: np.ndarray | None = None
+        self.rows: np.ndarray | None = None
+        self.max_rows = max_rows
+        self.seen_rows = 0
+        self.rng = np.random.default_rng(seed)
+
+    def observe(self, x: np.ndarray) -> None:
+        super().observe(x)
+        if self.unbounded or x.size == 0:
+            return
+        rows = np.asarray(x, np.float32).reshape(-1, x.shape[-1])
+        m = np.abs(rows).max(axis=0)
+        self.absmax = m if self.absmax is None else np.maximum(self.absmax, m)
+        if self.rows is None:
+            self.rows = np.empty((self.max_rows, rows.shape[1]), np.float32)
+        # reservoir sampling: a uniform sample of every row seen, in fixed memory
+        for row in rows:
+            if self.seen_rows < self.max_rows:
+                self.rows[self.seen_rows] = row
+            else:
+                j = int(self.rng.integers(0, self.seen_rows + 1))
+                if j < self.max_rows:
+                    self.rows[j] = row
+            self.seen_rows += 1
+
+    @property
+    def sample(self) -> np.ndarray:
+        assert self.rows is not None
+        return self.rows[: min(self.seen_rows, self.max_rows)]
+
+
+def _const(value: ir.Value | None) -> np.ndarray | None:
+    if value is None or value.const_value is None:
+        return None
+    return value.const_value.numpy()
+
+
+def _weight_rows(node: ir.Node) -> np.ndarray | None:
+    """The consumer's weight as [K_in, N_out] (rows = input channels)."""
+    w = _const(node.inputs[1]) if len(node.inputs) > 1 else None
+    if w is None or w.ndim != 2:
+        return None
+    if node.op_type == "Gemm":
+        if node.attributes.get_int("transA", 0):
+            return None
+        return w.T if node.attributes.get_int("transB", 0) else w
+    return w
+
+
+def find_smooth_groups(model: ir.Model, *, explicit: bool = False) -> list[SmoothGroup]:
+    groups = []
+    for node in model.graph:
+        for out in node.outputs:
+            consumers = [
+                u.node for u in out.uses()
+                if u.node.op_type in ("MatMul", "Gemm") and u.idx == 0 and _weight_rows(u.node) is not None
+            ]
+            if not consumers:
+                continue
+            foldable = (
+                node.op_type == "LayerNormalization"
+                and node.attributes.get_int("axis", -1) in (-1, len(out.shape or ()) - 1)
+                and _const(node.inputs[1]) is not None
+                and (len(node.inputs) < 3 or node.inputs[2] is None or _const(node.inputs[2]) is not None)
+                and len(node.outputs) >= 1 and out is node.outputs[0]
+            )
+            if foldable or explicit:
+                groups.append(SmoothGroup(out.name, node.name if foldable else None, tuple(c.name for c in consumers)))
+    return groups
+
+
+def smoothing_scales(
+    absmax: np.ndarray, weights: Sequence[np.ndarray], alpha: float
+) -> np.ndarray:
+    w_max = np.max(np.abs(np.concatenate(weights, axis=1)), axis=1)
+    a = np.maximum(absmax.astype(np.float64), 1e-5)
+    w = np.maximum(w_max.astype(np.float64), 1e-5)
+    s = a**alpha / w ** (1.0 - alpha)
+    return np.clip(s, 1e-4, 1e4).astype(np.float32)
+
+
+def quantized_product_error(rows: np.ndarray, weights: Sequence[np.ndarray], s: np.ndarray,
+                            act_spec: QuantSpec, weight_spec: QuantSpec) -> float:
+    """‖X·W − Q(X/s)·Q(s·W)‖² on sample rows (per-tensor activations, per-column weights)."""
+    w = np.concatenate(weights, axis=1).astype(np.float32)
+    xs = rows / s
+    qx = fake_quantize(xs, range_to_qparams(float(xs.min()), float(xs.max()), act_spec))
+    ws = w * s[:, None]
+    bound = np.abs(ws).max(axis=0)
+    qw = fake_quantize(ws, range_to_qparams(-bound, bound, weight_spec, axis=1))
+    ref = rows @ w
+    return float(np.sum((ref - qx @ qw) ** 2))
+
+
+class SmoothQuant(ir.passes.InPlacePass):
+    """Fold per-channel smoothing scales into LayerNorm (or an explicit Mul) and weights.
+
+    Requires: channel statistics for every group's activation.
+    Ensures: FP32 outputs unchanged up to float rounding.
+    """
+
+    def __init__(
+        self,
+        groups: Sequence[SmoothGroup],
+        stats: Mapping[str, ChannelObserver],
+        act_spec: QuantSpec,
+        weight_spec: QuantSpec,
+        alpha: float | None = None,
+    ) -> None:
+        super().__init__()
+        self.groups = list(groups)
+        self.stats = stats
+        self.act_spec = act_spec
+        self.weight_spec = weight_spec
+        self.alpha = alpha
+        self.chosen: dict[str, float] = {}  # activation -> alpha used
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        graph = model.graph
+        nodes = {n.name: n for n in graph}
+        modified = False
+        for group in self.groups:
+            obs = self.stats.get(group.activation)
+            if obs is None or obs.absmax is None or obs.unbounded:
+                continue
+            consumers = [nodes[c] for c in group.consumers]
+            weights = [_weight_rows(c) for c in consumers]
+            alpha, s = self._choose(obs, weights)
+            self.chosen[group.activation] = alpha
+            smoothed = self._smoothed_input(graph, nodes, group, s)
+            for consumer in consumers:
+                self._scale_weight(graph, consumer, s)
+                consumer.replace_input_with(0, smoothed)
+            modified = True
+        if modified:
+            graph.sort()
+        return ir.passes.PassResult(model, modified)
+
+    def _choose(self, obs: ChannelObserver, weights: list[np.ndarray]) -> tuple[float, np.ndarray]:
+        if self.alpha is not None:
+            return self.alpha, smoothing_scales(obs.absmax, weights, self.alpha)
+        best = None
+        for alpha in ALPHA_GRID:
+            s = smoothing_scales(obs.absmax, weights, alpha)
+            err = quantized_product_error(obs.sample, weights, s, self.act_spec, self.weight_spec)
+            if best is None or err < best[0]:
+                best = (err, alpha, s)
+        # never worse than not smoothing at all
+        none = quantized_product_error(obs.sample, weights, np.ones_like(best[2]), self.act_spec, self.weight_spec)
+        if none <= best[0]:
+            return 0.0, np.ones_like(best[2])
+        return best[1], best[2]
+
+    def _smoothed_input(self, graph: ir.Graph, nodes: dict[str, ir.Node], group: SmoothGroup, s: np.ndarray) -> ir.Value:
+        x = next(out for n in graph for out in n.outputs if out.name == group.activation)
+        inv = (1.0 / s).astype(np.float32)
+        if group.producer is None:
+            scale = _initializer(graph, f"{x.name}_smooth_inv_scale", inv)
+            mul = ir.node("Mul", [x, scale], name=f"{x.name}_smooth")
+            mul.outputs[0].name = f"{x.name}_smoothed"
+            mul.outputs[0].dtype, mul.outputs[0].shape = x.dtype, x.shape
+            graph.insert_after(x.producer(), mul)
+            return mul.outputs[0]
+        ln = nodes[group.producer]
+        gamma = _const(ln.inputs[1]).astype(np.float32) * inv
+        beta = (_const(ln.inputs[2]).astype(np.float32) if len(ln.inputs) > 2 and ln.inputs[2] is not None
+                else np.zeros_like(gamma)) * inv
+        g = _initializer(graph, f"{ln.name}_smooth_gamma", gamma)
+        b = _initializer(graph, f"{ln.name}_smooth_beta", beta)
+        others = [u for u in x.uses() if u.node.name not in group.consumers]
+        if not others and x not in graph.outputs:
+            ln.replace_input_with(1, g)
+            if len(ln.inputs) > 2:
+                ln.replace_input_with(2, b)
+            else:
+                ln.resize_inputs(3)
+                ln.replace_input_with(2, b)
+            return x
+        # X also feeds a residual: a smoothed twin of the LayerNorm feeds the linear layers.
+        twin = ir.node("LayerNormalization", [ln.inputs[0], g, b], attributes=dict(ln.attributes),
+                       name=f"{ln.name}_smoothed")
+        twin.outputs[0].name = f"{x.name}_smoothed"
+        twin.outputs[0].dtype, twin.outputs[0].shape = x.dtype, x.shape
+        graph.insert_after(ln, twin)
+        return twin.outputs[0]
+
+    def _scale_weight(self, graph: ir.Graph, node: ir.Node, s: np.ndarray) -> None:
+        w = _const(node.inputs[1]).astype(np.float32)
+        if node.op_type == "Gemm" and node.attributes.get_int("transB", 0):
+            scaled = w * s[None, :]
+        else:
+            scaled = w * s[:, None]
+        node.replace_input_with(1, _initializer(graph, f"{node.inputs[1].name}_smoothed", scaled))
+
+
+def _initializer(graph: ir.Graph, base: str, array: np.ndarray) -> ir.Value:
+    name, i = base, 1
+    while name in graph.initializers:
+        name = f"{base}_{i}"
+        i += 1
+    value = ir.Value(name=name, type=ir.TensorType(ir.DataType.from_numpy(array.dtype)), shape=ir.Shape(array.shape))
+    value.const_value = ir.tensor(array, name=name)
+    graph.register_initializer(value)
+    return value
