@@ -98,7 +98,7 @@ def _ort_static_best(src: Path, dst: Path, task) -> None:
     )
 
 
-def _qcompile(target: str, method: str) -> Callable:
+def _qcompile(target: str, method: str, **options) -> Callable:
     def run(src: Path, dst: Path, task) -> None:
         import qcompile
 
@@ -110,6 +110,7 @@ def _qcompile(target: str, method: str) -> Callable:
             bench_runs=0,
             progress=False,
             output=dst,
+            **options,
         )
 
     return run
@@ -124,6 +125,7 @@ def configs(quick: bool) -> dict[str, Callable]:
     methods = ("percentile",) if quick else ("percentile", "minmax", "entropy", "mse")
     for m in methods:
         out[f"qcompile cpu ({m})"] = _qcompile("cpu", m)
+    out["qcompile cpu (mse, explicit smoothing)"] = _qcompile("cpu", "mse", smooth_explicit=True)
     if not quick:
         out["qcompile gpu (percentile; CPU EP here)"] = _qcompile("gpu", "percentile")
         out["qcompile fpga (percentile; pow2 scales)"] = _qcompile("fpga", "percentile")

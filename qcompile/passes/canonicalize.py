@@ -3,7 +3,8 @@
 Built from onnx-ir's common passes and onnxscript's optimizer pieces rather than by hand:
 function inlining, Constant nodes lifted to initializers, constant folding, onnxscript's
 default rewrite rules (no-op/identity removal, Conv+BatchNorm and Pad+Conv folding,
-Relu/Clip merging, slice collapsing), dead-code elimination and a topological sort.
+Relu/Clip merging, slice collapsing), common-subexpression elimination, dead-code
+elimination and a topological sort.
 Every pass here keeps FP32 outputs identical up to float rounding.
 """
 
@@ -63,5 +64,8 @@ def canonicalize() -> list[ir.passes.PassBase]:
         common_passes.RemoveUnusedFunctionsPass(),
         LiftConstants(),
         common_passes.DeduplicateInitializersPass(),
+        # e.g. BERT exports recompute the same attention-mask Where in every layer
+        common_passes.CommonSubexpressionEliminationPass(),
+        common_passes.RemoveUnusedNodesPass(),
         common_passes.TopologicalSortPass(),
     ]

@@ -94,6 +94,34 @@ def _gelu_contrib(op, x, **_):
     return op.Gelu(x, _domain="com.microsoft")
 
 
+# -- a scalar Mul after a linear layer and data movement: fold it into W and b -------------
+# BERT exports scale queries and keys by d^-1/4 after splitting heads; folded into the
+# projection, the float Mul between integer kernels disappears.
+
+def _scaled_linear(op, x, w, b, shape, c):
+    y = op.Add(op.MatMul(x, w), b)
+    t = op.Transpose(op.Reshape(y, shape, _allow_other_attributes=True), _allow_other_attributes=True, _outputs=["t"])
+    return op.Mul(t, c)
+
+
+def _scaled_linear_check(context, x, w, b, shape, c, t=None, **_):
+    scale = _scalar(c)
+    if scale is None or w.const_value is None or b.const_value is None or w.const_value.numpy().ndim != 2:
+        return False
+    return b.const_value.numpy().ndim == 1
+
+
+def _scaled_linear_replace(op, x, w, b, shape, c, t=None, **_):
+    scale = np.float32(_scalar(c))
+    transpose = t.producer()
+    reshape = transpose.inputs[0].producer()
+    new_w = op.initializer(ir.tensor((w.const_value.numpy() * scale).astype(np.float32), name=f"{w.name}_scaled"))
+    new_b = op.initializer(ir.tensor((b.const_value.numpy() * scale).astype(np.float32), name=f"{b.name}_scaled"))
+    y = op.Add(op.MatMul(x, new_w), new_b)
+    r = op.Reshape(y, shape, **dict(reshape.attributes.items()))
+    return op.Transpose(r, **dict(transpose.attributes.items()))
+
+
 # -- Conv followed by a per-channel constant Add: fold into the Conv's bias -----------
 
 
@@ -145,6 +173,7 @@ RULES = rewriter.RewriteRuleSet(
         pattern.RewriteRule(
             _conv_add, _conv_add_replace, _conv_no_bias_or_const_bias, name="ConvBiasAdd"
         ),
+        pattern.RewriteRule(_scaled_linear, _scaled_linear_replace, _scaled_linear_check, name="ScaleIntoLinear"),
         pattern.RewriteRule(_gelu_erf, _gelu_onnx, _gelu_onnx_check, name="GeluErf"),
         pattern.RewriteRule(_gelu_erf_half_first, _gelu_onnx, _gelu_onnx_check, name="GeluErfHalfFirst"),
         pattern.RewriteRule(_gelu_erf, _gelu_contrib, _gelu_contrib_check, name="GeluErfContrib"),

@@ -188,7 +188,7 @@ def build_plan(
         for use in value.uses():
             n = use.node
             k = kinds.get(n.name or "")
-            if k == "compute" or (k == "arith" and keep_arith(n)):
+            if (k == "compute" and not _chain_only(n)) or (k is not None and _chain_only(n) and keep_arith(n)):
                 result = True
             elif n.op_type in through and not options.is_excluded(n.name or "", n.op_type):
                 result = any(reaches_int(out) for out in n.outputs)
@@ -207,9 +207,13 @@ def build_plan(
 
     for node in reversed(nodes):
         name = node.name or ""
-        if kinds.get(name) == "arith" and not keep_arith(node):
+        if kinds.get(name) in ("arith", "compute") and _chain_only(node) and not keep_arith(node):
             del kinds[name]
-            plan.skipped[name] = "its result feeds no integer op (an integer kernel would gain nothing)"
+            plan.skipped[name] = (
+                "MatMul of two activations whose result stays float: ORT has no integer kernel for it"
+                if node.op_type == "MatMul"
+                else "its result feeds no integer op (an integer kernel would gain nothing)"
+            )
 
     # 1c. A Mul/Add of a float tensor by a constant (input normalization, SmoothQuant's
     # explicit scale) gains nothing from an integer kernel unless its input already is
@@ -335,6 +339,15 @@ def nodes_touching(model: ir.Model, plan: QuantPlan, tensors: set[str]) -> set[s
         if names & tensors:
             found.add(node.name)
     return found
+
+
+def _chain_only(node: ir.Node) -> bool:
+    """Ops worth integer kernels only inside an integer chain: elementwise/pool ops, and
+    a MatMul of two activations (QLinearMatMul needs a quantized output; there is no
+    integer-to-float kernel for two dynamic inputs)."""
+    if node.op_type == "MatMul":
+        return len(node.inputs) > 1 and _const(node.inputs[1]) is None
+    return node.op_type not in ("Conv", "ConvTranspose", "Gemm")
 
 
 def _add_tensor(plan: QuantPlan, tensor: str, consumer: str) -> None:

@@ -25,6 +25,7 @@ from qcompile.targets.profile import TargetProfile
 logger = logging.getLogger(__name__)
 
 QDQ_OPS = frozenset({"QuantizeLinear", "DequantizeLinear"})
+SHAPE_ONLY = frozenset({"Shape", "Size"})
 INT32_MAX = np.iinfo(np.int32).max
 # Keep quantized biases below 2^30 so accumulator + bias has headroom.
 BIAS_LIMIT = float(2**30)
@@ -129,12 +130,21 @@ class InsertQDQ(ir.passes.InPlacePass):
             consumers = self.plan.consumers.get(tensor, [])
             rewire_all = tensor in self.plan.rewire_all
             qp = self.qparams[source]
-            dq_out = self._qdq_pair(graph, names, value, qp)
+            if value.const_value is not None:
+                # a constant operand (e.g. of an Add): quantized once, here, not at run time
+                array = value.const_value.numpy().astype(np.float32)
+                dq_out = self._quantize_weight(graph, names, value, array, qp)
+                q_out = None
+            else:
+                q_out, dq_out = self._qdq_pair(graph, names, value, qp)
             self.dq_outputs[tensor] = dq_out.name
             for use in list(value.uses()):
                 if use.node.op_type in QDQ_OPS and use.node.inputs[0] is value:
                     continue  # our own QuantizeLinear
-                if rewire_all or use.node.name in consumers:
+                if use.node.op_type in SHAPE_ONLY and q_out is not None:
+                    # Shape needs no values: reading the int tensor keeps the DQ fusable
+                    use.node.replace_input_with(use.idx, q_out)
+                elif rewire_all or use.node.name in consumers:
                     use.node.replace_input_with(use.idx, dq_out)
             modified = True
 
@@ -204,7 +214,9 @@ class InsertQDQ(ir.passes.InPlacePass):
         graph.register_initializer(value)
         return value
 
-    def _qdq_pair(self, graph: ir.Graph, names: _Names, value: ir.Value, qp: QParams) -> ir.Value:
+    def _qdq_pair(
+        self, graph: ir.Graph, names: _Names, value: ir.Value, qp: QParams
+    ) -> tuple[ir.Value, ir.Value]:
         base = value.name
         scale = self._initializer(graph, names, f"{base}_scale", np.asarray(qp.scale, np.float32))
         zp = self._initializer(graph, names, f"{base}_zero_point", np.asarray(qp.zero_point))
@@ -226,7 +238,7 @@ class InsertQDQ(ir.passes.InPlacePass):
             graph.insert_after(producer, [q_node, dq_node])
         else:
             graph.insert_before(next(iter(graph)), [q_node, dq_node])
-        return dq_out
+        return q_node.outputs[0], dq_out
 
     def _quantize_weight(
         self, graph: ir.Graph, names: _Names, value: ir.Value, w: np.ndarray, qp: QParams
