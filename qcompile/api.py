@@ -115,12 +115,18 @@ def compile(  # noqa: A001 - the public name users expect
         groups = find_smooth_groups(graph_model, explicit=options.smooth_explicit)
         if groups:
             channel_stats = calibrate(
-                graph_model, data, [g.activation for g in groups], ChannelObserver,
+                graph_model,
+                data,
+                [g.activation for g in groups],
+                ChannelObserver,
                 ort_backend.runner_factory(threads=options.threads),
-                holdout_every=options.holdout_every, max_batches=options.max_calib_batches,
+                holdout_every=options.holdout_every,
+                max_batches=options.max_calib_batches,
                 token_mask=token_mask,
             )
-            graph_model, smooth_records = run_phase(graph_model, "smooth", pipe.smooth(groups, channel_stats.observers), verify=verify)
+            graph_model, smooth_records = run_phase(
+                graph_model, "smooth", pipe.smooth(groups, channel_stats.observers), verify=verify
+            )
             infer_shapes(graph_model)
 
     # Plan and calibrate.

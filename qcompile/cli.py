@@ -47,6 +47,28 @@ def _add_model_options(p: argparse.ArgumentParser) -> None:
         "--per-tensor", action="store_true", help="per-tensor weights instead of per-channel"
     )
     p.add_argument("--quantize-softmax", action="store_true", help="also quantize Softmax")
+    p.add_argument(
+        "--no-smoothquant",
+        action="store_true",
+        help="disable SmoothQuant on LayerNorm-fed linear layers",
+    )
+    p.add_argument(
+        "--smooth-alpha",
+        type=float,
+        default=None,
+        help="fix SmoothQuant's alpha (default: searched per layer)",
+    )
+    p.add_argument(
+        "--smooth-explicit",
+        action="store_true",
+        help="also smooth inputs without a foldable producer, inserting a Mul",
+    )
+    p.add_argument(
+        "--token-mask",
+        default="auto",
+        metavar="INPUT|auto|none",
+        help="input marking real tokens; padding is not calibrated on (default: auto)",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -122,6 +144,10 @@ def _options(args: argparse.Namespace, **extra):
         overrides=tuple(args.override),
         per_channel=not args.per_tensor,
         quantize_softmax=args.quantize_softmax,
+        smoothquant=not args.no_smoothquant,
+        smooth_alpha=args.smooth_alpha,
+        smooth_explicit=args.smooth_explicit,
+        token_mask=None if args.token_mask == "none" else args.token_mask,
         **extra,
     )
 

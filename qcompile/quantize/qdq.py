@@ -17,6 +17,7 @@ import numpy as np
 import onnx_ir as ir
 
 from qcompile.errors import QCompileError
+from qcompile.ir.graph import add_initializer
 from qcompile.quantize.observers import weight_qparams
 from qcompile.quantize.plan import QuantPlan
 from qcompile.quantize.qparams import QParams, quantize
@@ -204,15 +205,7 @@ class InsertQDQ(ir.passes.InPlacePass):
     def _initializer(
         self, graph: ir.Graph, names: _Names, base: str, array: np.ndarray
     ) -> ir.Value:
-        name = names.make(base)
-        value = ir.Value(
-            name=name,
-            type=ir.TensorType(ir.DataType.from_numpy(array.dtype)),
-            shape=ir.Shape(array.shape),
-        )
-        value.const_value = ir.tensor(array, name=name)
-        graph.register_initializer(value)
-        return value
+        return add_initializer(graph, base, array, names.used)
 
     def _qdq_pair(
         self, graph: ir.Graph, names: _Names, value: ir.Value, qp: QParams

@@ -12,6 +12,7 @@ from qcompile.passes.canonicalize import canonicalize
 from qcompile.passes.fusion import FuseForQuantization
 from qcompile.passes.smoothing import SmoothQuant
 from qcompile.pipeline import Calibration, Pipeline
+from qcompile.quantize.embeddings import QuantizeEmbeddings
 from qcompile.quantize.qdq import InsertQDQ
 from qcompile.quantize.qparams import QuantSpec
 from qcompile.targets.cpu import finalize
@@ -42,6 +43,6 @@ def pipeline(options: CompileOptions, profile: TargetProfile = PROFILE) -> Pipel
             SmoothQuant(groups, stats, profile.activation, profile.weight, options.smooth_alpha)
         ],
         calibrate=Calibration(options.calib_method, options.percentile),
-        quantize=lambda plan, qparams: [InsertQDQ(plan, qparams, profile)],
+        quantize=lambda plan, qparams: [InsertQDQ(plan, qparams, profile), QuantizeEmbeddings()],
         lower=finalize(),  # the CPU clean-up phase serves unchanged
     )

@@ -1,0 +1,26 @@
+"""Small graph helpers shared by passes."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx_ir as ir
+
+
+def add_initializer(
+    graph: ir.Graph, base: str, array: np.ndarray, taken: set[str] | None = None
+) -> ir.Value:
+    """Register `array` as an initializer named `base` (suffixed until unique)."""
+    name, i = base, 1
+    while name in graph.initializers or (taken is not None and name in taken):
+        name = f"{base}_{i}"
+        i += 1
+    if taken is not None:
+        taken.add(name)
+    value = ir.Value(
+        name=name,
+        type=ir.TensorType(ir.DataType.from_numpy(array.dtype)),
+        shape=ir.Shape(array.shape),
+    )
+    value.const_value = ir.tensor(array, name=name)
+    graph.register_initializer(value)
+    return value
