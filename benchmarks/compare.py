@@ -122,13 +122,13 @@ def configs(quick: bool) -> dict[str, Callable]:
         "ORT quantize_static (defaults)": _ort_static_default,
         "ORT quantize_static (QDQ, per-channel, U8/S8, pre-process)": _ort_static_best,
     }
-    methods = ("percentile",) if quick else ("percentile", "minmax", "entropy", "mse")
+    methods = ("mse",) if quick else ("mse", "percentile", "minmax", "entropy")
     for m in methods:
         out[f"qcompile cpu ({m})"] = _qcompile("cpu", m)
     out["qcompile cpu (mse, explicit smoothing)"] = _qcompile("cpu", "mse", smooth_explicit=True)
     if not quick:
-        out["qcompile gpu (percentile; CPU EP here)"] = _qcompile("gpu", "percentile")
-        out["qcompile fpga (percentile; pow2 scales)"] = _qcompile("fpga", "percentile")
+        out["qcompile gpu (mse; CPU EP here, no GPU)"] = _qcompile("gpu", "mse")
+        out["qcompile fpga (mse; pow2 scales)"] = _qcompile("fpga", "mse")
     return out
 
 

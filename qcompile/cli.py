@@ -87,7 +87,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="DATA",
         help=".npz (one array per input), .npy, a folder of images, or 'random' (explicit)",
     )
-    c.add_argument("--calib-method", choices=CALIB_METHODS, default="percentile")
+    c.add_argument("--calib-method", choices=CALIB_METHODS, default="mse")
     c.add_argument("--percentile", type=float, default=99.99)
     c.add_argument(
         "--image-spec",
