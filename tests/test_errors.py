@@ -179,35 +179,16 @@ def test_cli_user_error_exit_2_without_traceback(cnn_path, tmp_path, capsys):
     assert not (tmp_path / "q.onnx").exists()
 
 
+def _compile_cli(model, calib, out, *extra):
+    return main(["compile", str(model), "-o", str(out), "--calib", str(calib), "--quiet", *extra])
+
+
 def test_cli_bad_option_values_exit_2(cnn_path, cnn_calib, tmp_path, capsys):
-    code = main(
-        [
-            "compile",
-            str(cnn_path),
-            "-o",
-            str(tmp_path / "q.onnx"),
-            "--calib",
-            str(cnn_calib),
-            "--input-shape",
-            "nosuch=1,3,32,32",
-            "--quiet",
-        ]
-    )
-    assert code == 2 and "nosuch" in capsys.readouterr().err
-    code = main(
-        [
-            "compile",
-            str(cnn_path),
-            "-o",
-            str(tmp_path / "q.onnx"),
-            "--calib",
-            str(cnn_calib),
-            "--override",
-            "stem_conv:colour=blue",
-            "--quiet",
-        ]
-    )
-    assert code == 2 and "colour" in capsys.readouterr().err
+    out = tmp_path / "q.onnx"
+    assert _compile_cli(cnn_path, cnn_calib, out, "--input-shape", "nosuch=1,3,32,32") == 2
+    assert "nosuch" in capsys.readouterr().err
+    assert _compile_cli(cnn_path, cnn_calib, out, "--override", "stem_conv:colour=blue") == 2
+    assert "colour" in capsys.readouterr().err
 
 
 def test_cli_internal_error_exit_1(cnn_path, cnn_calib, tmp_path, monkeypatch, capsys):

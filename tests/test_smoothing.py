@@ -13,7 +13,12 @@ from qcompile.backends.ort import runner_factory
 from qcompile.ir import load_model
 from qcompile.passes.canonicalize import canonicalize
 from qcompile.passes.manager import run_phase
-from qcompile.passes.smoothing import ChannelObserver, SmoothQuant, find_smooth_groups, smoothing_scales
+from qcompile.passes.smoothing import (
+    ChannelObserver,
+    SmoothQuant,
+    find_smooth_groups,
+    smoothing_scales,
+)
 from qcompile.quantize.calibration import calibrate
 from qcompile.targets import cpu
 from tests.conftest import FAST
@@ -21,7 +26,9 @@ from tests.conftest import FAST
 
 def _run(model, feed):
     proto = ir.to_proto(model) if isinstance(model, ir.Model) else model
-    return ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, feed)
+    return ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"]).run(
+        None, feed
+    )
 
 
 def post_ln_block(seed=0, dim=32):
@@ -32,22 +39,32 @@ def post_ln_block(seed=0, dim=32):
     gamma = np.ones(dim, np.float32)
     gamma[:2] = 12.0  # outlier channels, as in real BERTs
     graph = helper.make_graph(
-        [helper.make_node("LayerNormalization", ["x", "g", "b"], ["h"], axis=-1, name="ln"),
-         helper.make_node("MatMul", ["h", "w1"], ["a"], name="fc_a"),
-         helper.make_node("MatMul", ["h", "w2"], ["c"], name="fc_b"),
-         helper.make_node("Add", ["a", "c"], ["ac"], name="sum"),
-         helper.make_node("Add", ["ac", "h"], ["y"], name="residual")],
-        "post_ln", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", dim])],
+        [
+            helper.make_node("LayerNormalization", ["x", "g", "b"], ["h"], axis=-1, name="ln"),
+            helper.make_node("MatMul", ["h", "w1"], ["a"], name="fc_a"),
+            helper.make_node("MatMul", ["h", "w2"], ["c"], name="fc_b"),
+            helper.make_node("Add", ["a", "c"], ["ac"], name="sum"),
+            helper.make_node("Add", ["ac", "h"], ["y"], name="residual"),
+        ],
+        "post_ln",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", dim])],
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", dim])],
-        [numpy_helper.from_array(gamma, "g"), numpy_helper.from_array(np.full(dim, 0.1, np.float32), "b"),
-         numpy_helper.from_array(w1, "w1"), numpy_helper.from_array(w2, "w2")])
+        [
+            numpy_helper.from_array(gamma, "g"),
+            numpy_helper.from_array(np.full(dim, 0.1, np.float32), "b"),
+            numpy_helper.from_array(w1, "w1"),
+            numpy_helper.from_array(w2, "w2"),
+        ],
+    )
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
 
 
 def _smooth(proto, feeds, explicit=False, alpha=None):
     model, _ = run_phase(load_model(proto), "rewrite", canonicalize())
     groups = find_smooth_groups(model, explicit=explicit)
-    stats = calibrate(model, feeds, [g.activation for g in groups], ChannelObserver, runner_factory(threads=1))
+    stats = calibrate(
+        model, feeds, [g.activation for g in groups], ChannelObserver, runner_factory(threads=1)
+    )
     p = SmoothQuant(groups, stats.observers, cpu.PROFILE.activation, cpu.PROFILE.weight, alpha)
     before = ir.from_proto(ir.to_proto(model))
     model, records = run_phase(model, "smooth", [p])
@@ -57,7 +74,10 @@ def _smooth(proto, feeds, explicit=False, alpha=None):
 @pytest.mark.parametrize("alpha", [None, 0.5, 0.85])
 def test_post_ln_smoothing_keeps_outputs_and_twins_the_layernorm(alpha):
     proto = post_ln_block()
-    feeds = [{"x": np.random.default_rng(i).standard_normal((16, 32)).astype(np.float32)} for i in range(4)]
+    feeds = [
+        {"x": np.random.default_rng(i).standard_normal((16, 32)).astype(np.float32)}
+        for i in range(4)
+    ]
     before, after, groups, p, records = _smooth(proto, feeds, alpha=alpha)
     assert [g.consumers for g in groups] == [("fc_a", "fc_b")]
     assert records[0].modified
@@ -66,7 +86,9 @@ def test_post_ln_smoothing_keeps_outputs_and_twins_the_layernorm(alpha):
     assert len(lns) == 2
     onnx.checker.check_model(ir.to_proto(after), full_check=True)
     for feed in feeds:
-        np.testing.assert_allclose(_run(after, feed)[0], _run(before, feed)[0], rtol=1e-4, atol=1e-4)
+        np.testing.assert_allclose(
+            _run(after, feed)[0], _run(before, feed)[0], rtol=1e-4, atol=1e-4
+        )
 
 
 def test_pre_ln_smoothing_folds_into_gamma_and_beta():
@@ -76,7 +98,9 @@ def test_pre_ln_smoothing_folds_into_gamma_and_beta():
     assert len(groups) == 2  # ln1 -> q/k/v, ln2 -> ffn1
     assert sum(n.op_type == "LayerNormalization" for n in after.graph) == 2  # folded, no twin
     for feed in feeds:
-        np.testing.assert_allclose(_run(after, feed)[0], _run(before, feed)[0], rtol=1e-4, atol=1e-4)
+        np.testing.assert_allclose(
+            _run(after, feed)[0], _run(before, feed)[0], rtol=1e-4, atol=1e-4
+        )
 
 
 def test_explicit_smoothing_inserts_mul_and_keeps_outputs():
@@ -86,7 +110,9 @@ def test_explicit_smoothing_inserts_mul_and_keeps_outputs():
     assert groups and all(g.producer is None for g in groups)
     assert any(n.op_type == "Mul" and n.name.endswith("_smooth") for n in after.graph)
     for feed in feeds:
-        np.testing.assert_allclose(_run(after, feed)[0], _run(before, feed)[0], rtol=1e-4, atol=1e-4)
+        np.testing.assert_allclose(
+            _run(after, feed)[0], _run(before, feed)[0], rtol=1e-4, atol=1e-4
+        )
 
 
 def test_smoothing_scales_formula():
@@ -98,8 +124,13 @@ def test_smoothing_scales_formula():
 
 def test_smoothquant_improves_outlier_model_accuracy():
     proto = post_ln_block()
-    feeds = [{"x": np.random.default_rng(i).standard_normal((32, 32)).astype(np.float32)} for i in range(10)]
-    off = qcompile.compile(proto, calibration=feeds, smoothquant=False, calib_method="minmax", **FAST)
+    feeds = [
+        {"x": np.random.default_rng(i).standard_normal((32, 32)).astype(np.float32)}
+        for i in range(10)
+    ]
+    off = qcompile.compile(
+        proto, calibration=feeds, smoothquant=False, calib_method="minmax", **FAST
+    )
     on = qcompile.compile(proto, calibration=feeds, smoothquant=True, calib_method="minmax", **FAST)
     assert on.report.min_output_sqnr_db > off.report.min_output_sqnr_db + 1.0
     assert any(p["name"] == "SmoothQuant" and p["modified"] for p in on.report.passes)

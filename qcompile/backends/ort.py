@@ -40,6 +40,9 @@ def session_options(
     if threads:
         opts.intra_op_num_threads = threads
         opts.inter_op_num_threads = 1
+        # Idle worker threads must not spin: with several sessions timed interleaved, one
+        # session's spinning threads would steal the cores from the next one's run.
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     if optimized_model_path:
         opts.optimized_model_filepath = optimized_model_path
     return opts

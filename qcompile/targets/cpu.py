@@ -7,13 +7,14 @@ QLinearAdd, QLinearConcat and the pooling kernels.
 
 from __future__ import annotations
 
+import onnx_ir as ir
 import onnx_ir.passes.common as common_passes
 
 from qcompile.options import CompileOptions
 from qcompile.passes.canonicalize import canonicalize
 from qcompile.passes.fusion import FuseForQuantization
 from qcompile.passes.smoothing import SmoothQuant
-from qcompile.pipeline import Calibration, Pipeline
+from qcompile.pipeline import Calibration, Pipeline, QuantizePhase, SmoothPhase
 from qcompile.quantize.embeddings import QuantizeEmbeddings
 from qcompile.quantize.qdq import InsertQDQ
 from qcompile.quantize.qparams import QuantSpec
@@ -32,7 +33,22 @@ PROFILE = TargetProfile(
 )
 
 
-def finalize() -> list:
+def rewrite() -> list[ir.passes.PassBase]:
+    """FP32 clean-up, then fusions that put quantizers where integer kernels exist."""
+    return [*canonicalize(), FuseForQuantization()]
+
+
+def smooth(profile: TargetProfile, options: CompileOptions) -> SmoothPhase:
+    return lambda groups, stats: [
+        SmoothQuant(groups, stats, profile.activation, profile.weight, options.smooth_alpha)
+    ]
+
+
+def quantize(profile: TargetProfile) -> QuantizePhase:
+    return lambda plan, qparams: [InsertQDQ(plan, qparams, profile), QuantizeEmbeddings()]
+
+
+def finalize() -> list[ir.passes.PassBase]:
     """Clean-up after quantization: dead float weights go, order is topological."""
     return [common_passes.RemoveUnusedNodesPass(), common_passes.TopologicalSortPass()]
 
@@ -40,11 +56,9 @@ def finalize() -> list:
 def pipeline(options: CompileOptions, profile: TargetProfile = PROFILE) -> Pipeline:
     return Pipeline(
         profile=profile,
-        rewrite=[*canonicalize(), FuseForQuantization()],
-        smooth=lambda groups, stats: [
-            SmoothQuant(groups, stats, profile.activation, profile.weight, options.smooth_alpha)
-        ],
+        rewrite=rewrite(),
+        smooth=smooth(profile, options),
         calibrate=Calibration(options.calib_method, options.percentile),
-        quantize=lambda plan, qparams: [InsertQDQ(plan, qparams, profile), QuantizeEmbeddings()],
+        quantize=quantize(profile),
         lower=finalize(),
     )

@@ -8,12 +8,10 @@ then this target produces a QDQ model with power-of-two scales that ORT runs.
 from __future__ import annotations
 
 from qcompile.options import CompileOptions
-from qcompile.passes.canonicalize import canonicalize
-from qcompile.passes.fusion import FuseForQuantization
 from qcompile.pipeline import Calibration, Pipeline
 from qcompile.quantize.qdq import InsertQDQ
 from qcompile.quantize.qparams import QuantSpec
-from qcompile.targets.cpu import finalize
+from qcompile.targets import cpu
 from qcompile.targets.profile import COMPUTE_OPS, TargetProfile
 
 PROFILE = TargetProfile(
@@ -30,10 +28,11 @@ PROFILE = TargetProfile(
 
 
 def pipeline(options: CompileOptions, profile: TargetProfile = PROFILE) -> Pipeline:
+    # No SmoothQuant and no int8 embedding side path: integer-only lowering comes later.
     return Pipeline(
         profile=profile,
-        rewrite=[*canonicalize(), FuseForQuantization()],
+        rewrite=cpu.rewrite(),
         calibrate=Calibration(options.calib_method, options.percentile),
         quantize=lambda plan, qparams: [InsertQDQ(plan, qparams, profile)],
-        lower=finalize(),
+        lower=cpu.finalize(),
     )

@@ -8,14 +8,9 @@ activations stay in the graph (a symmetric zero point cannot clamp them away).
 from __future__ import annotations
 
 from qcompile.options import CompileOptions
-from qcompile.passes.canonicalize import canonicalize
-from qcompile.passes.fusion import FuseForQuantization
-from qcompile.passes.smoothing import SmoothQuant
 from qcompile.pipeline import Calibration, Pipeline
-from qcompile.quantize.embeddings import QuantizeEmbeddings
-from qcompile.quantize.qdq import InsertQDQ
 from qcompile.quantize.qparams import QuantSpec
-from qcompile.targets.cpu import finalize
+from qcompile.targets import cpu
 from qcompile.targets.profile import COMPUTE_OPS, TargetProfile
 
 PROFILE = TargetProfile(
@@ -36,13 +31,12 @@ PROFILE = TargetProfile(
 
 
 def pipeline(options: CompileOptions, profile: TargetProfile = PROFILE) -> Pipeline:
+    # The CPU target's phases serve unchanged; the profile is what differs.
     return Pipeline(
         profile=profile,
-        rewrite=[*canonicalize(), FuseForQuantization()],
-        smooth=lambda groups, stats: [
-            SmoothQuant(groups, stats, profile.activation, profile.weight, options.smooth_alpha)
-        ],
+        rewrite=cpu.rewrite(),
+        smooth=cpu.smooth(profile, options),
         calibrate=Calibration(options.calib_method, options.percentile),
-        quantize=lambda plan, qparams: [InsertQDQ(plan, qparams, profile), QuantizeEmbeddings()],
-        lower=finalize(),  # the CPU clean-up phase serves unchanged
+        quantize=cpu.quantize(profile),
+        lower=cpu.finalize(),
     )
