@@ -23,7 +23,7 @@ from qcompile.errors import QCompileError
 from qcompile.ir.io import ModelSource, check_output_path, load_model, save_model
 from qcompile.ir.shapes import infer_shapes, pin_input_shapes, record_observed_shapes
 from qcompile.options import CompileOptions, NodeMatcher, NodeOverride
-from qcompile.passes.manager import run_phase
+from qcompile.passes.manager import pass_name, run_phase
 from qcompile.passes.smoothing import ChannelObserver, find_smooth_groups
 from qcompile.quantize.calibration import calibrate, extra_outputs
 from qcompile.quantize.data import Feed, ImageSpec, input_specs, open_calibration
@@ -105,13 +105,14 @@ def compile(  # noqa: A001 - the public name users expect
     verify = None
     if options.verify_passes:
         verify = ort_backend.equivalence_verifier(_first_feeds(data, 2))
-    graph_model, records = run_phase(graph_model, "rewrite", pipe.rewrite, verify=verify)
+    skip = _disabled_passes(pipe, options)
+    graph_model, records = run_phase(graph_model, "rewrite", pipe.rewrite, verify=verify, skip=skip)
     infer_shapes(graph_model)
 
     # Smooth: migrate activation outliers into weights (needs its own statistics).
     smooth_records = []
     token_mask = _token_mask_input(specs, options.token_mask)
-    if pipe.smooth is not None and options.smoothquant:
+    if pipe.smooth is not None and options.smoothquant and "SmoothQuant" not in skip:
         groups = find_smooth_groups(graph_model, explicit=options.smooth_explicit)
         if groups:
             channel_stats = calibrate(
@@ -158,8 +159,8 @@ def compile(  # noqa: A001 - the public name users expect
 
     # Quantize and lower.
     quantize_passes = pipe.quantize(plan, qparams)
-    graph_model, q_records = run_phase(graph_model, "quantize", quantize_passes)
-    graph_model, l_records = run_phase(graph_model, "lower", pipe.lower)
+    graph_model, q_records = run_phase(graph_model, "quantize", quantize_passes, skip=skip)
+    graph_model, l_records = run_phase(graph_model, "lower", pipe.lower, skip=skip)
     proto = ir.to_proto(graph_model)
     try:
         onnx.checker.check_model(proto, full_check=True)
@@ -180,7 +181,13 @@ def compile(  # noqa: A001 - the public name users expect
         calib_seconds=stats.total_seconds,
         calib_model_seconds=stats.run_seconds,
         passes=[
-            {"phase": r.phase, "name": r.name, "seconds": r.seconds, "modified": r.modified}
+            {
+                "phase": r.phase,
+                "name": r.name,
+                "seconds": r.seconds,
+                "modified": r.modified,
+                "skipped": r.skipped,
+            }
             for r in (*records, *smooth_records, *q_records, *l_records)
         ],
         quantized_ops=dict(collections.Counter(op_types[n] for n in plan.nodes)),
@@ -230,6 +237,21 @@ def _tensors_of(model: ir.Model, node_name: str) -> set[str]:
         if node.name == node_name:
             return {v.name for v in node.inputs if v is not None} | {v.name for v in node.outputs}
     return set()
+
+
+OPTIONAL_QUANTIZE_PASSES = frozenset({"SmoothQuant", "QuantizeEmbeddings"})
+
+
+def _disabled_passes(pipe, options: CompileOptions) -> frozenset[str]:
+    """Validate --disable-pass names against the target's pipeline."""
+    known = {pass_name(p) for p in (*pipe.rewrite, *pipe.lower)} | OPTIONAL_QUANTIZE_PASSES
+    for name in options.disabled_passes:
+        if name not in known:
+            raise QCompileError(
+                f"no pass named '{name}' in the {pipe.profile.name} pipeline",
+                hint=f"passes that can be disabled: {', '.join(sorted(known))}",
+            )
+    return frozenset(options.disabled_passes)
 
 
 def _token_mask_input(specs, choice: str | None) -> str | None:

@@ -64,6 +64,13 @@ def _add_model_options(p: argparse.ArgumentParser) -> None:
         help="also smooth inputs without a foldable producer, inserting a Mul",
     )
     p.add_argument(
+        "--disable-pass",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="leave a pass out (names from `qcompile passes`; repeatable)",
+    )
+    p.add_argument(
         "--token-mask",
         default="auto",
         metavar="INPUT|auto|none",
@@ -148,6 +155,7 @@ def _options(args: argparse.Namespace, **extra):
         smooth_alpha=args.smooth_alpha,
         smooth_explicit=args.smooth_explicit,
         token_mask=None if args.token_mask == "none" else args.token_mask,
+        disabled_passes=tuple(args.disable_pass),
         **extra,
     )
 
@@ -261,6 +269,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 def cmd_passes(args: argparse.Namespace) -> int:
     from qcompile.options import CompileOptions
     from qcompile.passes.manager import pass_name
+    from qcompile.quantize.plan import QuantPlan
     from qcompile.targets import get_target
 
     options = CompileOptions(progress=False)
@@ -269,7 +278,9 @@ def cmd_passes(args: argparse.Namespace) -> int:
         print(f"{name}:")
         print("  rewrite:  " + " → ".join(pass_name(p) for p in pipe.rewrite))
         print(f"  calibrate: {pipe.calibrate.method}")
-        print("  quantize: InsertQDQ")
+        print(f"  smooth:   {'SmoothQuant' if pipe.smooth else '(none)'}")
+        quantize = pipe.quantize(QuantPlan(), {})  # constructed only, to read the names
+        print("  quantize: " + " → ".join(pass_name(p) for p in quantize))
         print("  lower:    " + " → ".join(pass_name(p) for p in pipe.lower))
     return 0
 

@@ -107,6 +107,8 @@ class CompileOptions:
     smoothquant: bool = True
     smooth_alpha: float | None = None
     smooth_explicit: bool = False
+    # pass names (as `qcompile passes` lists them) to leave out of the pipeline
+    disabled_passes: tuple[str, ...] = ()
     exclude: tuple[NodeMatcher, ...] = ()
     overrides: tuple[NodeOverride, ...] = ()
     input_shapes: tuple[tuple[str, tuple[int, ...]], ...] = ()

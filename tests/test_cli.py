@@ -74,3 +74,46 @@ def test_bench_and_passes(cnn_path, cnn_calib, tmp_path, capsys):
     assert "median latency" in capsys.readouterr().out
     assert main(["passes"]) == 0
     assert "InsertQDQ" in capsys.readouterr().out
+
+
+def test_disable_pass(cnn_path, cnn_calib, tmp_path, capsys):
+    import qcompile
+    from qcompile.errors import QCompileError
+
+    result = qcompile.compile(
+        cnn_path,
+        calibration=cnn_calib,
+        disabled_passes=("DefaultRewrites",),
+        progress=False,
+        bench_runs=0,
+    )
+    # without onnxscript's rewrites BatchNorm is not folded, so it stays (float) in the graph
+    assert any(n.op_type == "BatchNormalization" for n in result.model.graph)
+    assert any(p["name"] == "DefaultRewrites" and p["skipped"] for p in result.report.passes)
+    try:
+        qcompile.compile(
+            cnn_path, calibration=cnn_calib, disabled_passes=("NoSuchPass",), progress=False
+        )
+    except QCompileError as err:
+        assert "NoSuchPass" in str(err) and "FuseForQuantization" in str(err)
+    else:
+        raise AssertionError("unknown pass name accepted")
+    out = tmp_path / "q.onnx"
+    assert (
+        main(
+            [
+                "compile",
+                str(cnn_path),
+                "-o",
+                str(out),
+                "--calib",
+                str(cnn_calib),
+                "--quiet",
+                "--bench-runs",
+                "0",
+                "--disable-pass",
+                "FuseForQuantization",
+            ]
+        )
+        == 0
+    )

@@ -134,3 +134,21 @@ def test_smoothquant_improves_outlier_model_accuracy():
     on = qcompile.compile(proto, calibration=feeds, smoothquant=True, calib_method="minmax", **FAST)
     assert on.report.min_output_sqnr_db > off.report.min_output_sqnr_db + 1.0
     assert any(p["name"] == "SmoothQuant" and p["modified"] for p in on.report.passes)
+
+
+def test_explicit_smoothing_compiles_with_a_float_mul_before_the_quantizer():
+    proto = builders.mlp()
+    feeds = [{"input": builders.features(32, seed=i)} for i in range(10)]
+    result = qcompile.compile(
+        proto, calibration=feeds, smooth_explicit=True, smooth_alpha=0.5, **FAST
+    )
+    model = ir.to_proto(result.model)
+    muls = [n for n in model.graph.node if n.op_type == "Mul" and n.name.endswith("_smooth")]
+    assert muls
+    # the Mul reads the float tensor and feeds a QuantizeLinear: one rounding, not two
+    consumers = {n.op_type for n in model.graph.node for m in muls if m.output[0] in n.input}
+    assert consumers == {"QuantizeLinear"}
+    assert "constant scaling" in result.report.skipped_nodes[muls[0].name]
+    onnx.checker.check_model(model, full_check=True)
+    plain = qcompile.compile(proto, calibration=feeds, smoothquant=False, **FAST)
+    assert result.report.min_output_sqnr_db > plain.report.min_output_sqnr_db - 1.0

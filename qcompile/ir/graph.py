@@ -5,9 +5,6 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 
-# Node metadata marking SmoothQuant's explicit Mul, which InsertQDQ folds into a quantizer.
-SMOOTH_MUL = "qcompile.smooth_mul"
-
 
 def add_initializer(
     graph: ir.Graph, base: str, array: np.ndarray, taken: set[str] | None = None

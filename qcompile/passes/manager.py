@@ -28,6 +28,7 @@ class PassRecord:
     name: str
     seconds: float
     modified: bool
+    skipped: bool = False  # disabled by the user
 
 
 def pass_name(p: ir.passes.PassBase) -> str:
@@ -40,11 +41,15 @@ def run_phase(
     passes: Sequence[ir.passes.PassBase],
     *,
     verify: Verifier | None = None,
+    skip: frozenset[str] = frozenset(),
 ) -> tuple[ir.Model, list[PassRecord]]:
-    """Run `passes` in order; return the (possibly new) model and one record per pass."""
+    """Run `passes` in order (except those named in `skip`); one record per pass."""
     records: list[PassRecord] = []
     for p in passes:
         name = pass_name(p)
+        if name in skip:
+            records.append(PassRecord(phase, name, 0.0, False, skipped=True))
+            continue
         before = ir.from_proto(ir.to_proto(model)) if verify else None
         start = time.perf_counter()
         try:

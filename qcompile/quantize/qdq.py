@@ -17,7 +17,7 @@ import numpy as np
 import onnx_ir as ir
 
 from qcompile.errors import QCompileError
-from qcompile.ir.graph import SMOOTH_MUL, add_initializer
+from qcompile.ir.graph import add_initializer
 from qcompile.quantize.observers import weight_qparams
 from qcompile.quantize.plan import QuantPlan
 from qcompile.quantize.qparams import QParams, quantize
@@ -131,12 +131,6 @@ class InsertQDQ(ir.passes.InPlacePass):
             consumers = self.plan.consumers.get(tensor, [])
             rewire_all = tensor in self.plan.rewire_all
             qp = self.qparams[source]
-            smooth = self._foldable_smooth_mul(value, consumers, rewire_all)
-            if smooth is not None:
-                dq_out = self._fold_smooth_mul(graph, names, smooth, qp)
-                self.dq_outputs[tensor] = dq_out.name
-                modified = True
-                continue
             if value.const_value is not None:
                 # a constant operand (e.g. of an Add): quantized once, here, not at run time
                 array = value.const_value.numpy().astype(np.float32)
@@ -183,60 +177,6 @@ class InsertQDQ(ir.passes.InPlacePass):
         return ir.passes.PassResult(model, modified)
 
     # -- pieces ---------------------------------------------------------------------------
-
-    def _foldable_smooth_mul(
-        self, value: ir.Value, consumers: list[str], rewire_all: bool
-    ) -> ir.Node | None:
-        node = value.producer()
-        if node is None or node.op_type != "Mul" or node.metadata_props.get(SMOOTH_MUL) != "1":
-            return None
-        uses = list(value.uses())
-        if rewire_all or not uses or any(u.node.name not in consumers for u in uses):
-            return None  # someone reads the float value: keep the Mul
-        if self.qparams_per_channel(value) or node.inputs[1].const_value is None:
-            return None
-        return node
-
-    def qparams_per_channel(self, value: ir.Value) -> bool:
-        return self.qparams[self.plan.tensors[value.name]].per_channel
-
-    def _fold_smooth_mul(
-        self, graph: ir.Graph, names: _Names, mul: ir.Node, qp: QParams
-    ) -> ir.Value:
-        """Q(X·inv; σ, z) == Q(X; σ/inv per channel, z): the Mul becomes the quantizer's scale."""
-        x, smoothed = mul.inputs[0], mul.outputs[0]
-        inv = mul.inputs[1].const_value.numpy().astype(np.float64).reshape(-1)
-        base = smoothed.name
-        q_scale = self._initializer(
-            graph, names, f"{base}_scale_per_channel", (float(qp.scale) / inv).astype(np.float32)
-        )
-        q_zp = self._initializer(
-            graph,
-            names,
-            f"{base}_zero_point_per_channel",
-            np.full(inv.shape, qp.zero_point, qp.spec.numpy_dtype),
-        )
-        scale = self._initializer(graph, names, f"{base}_scale", np.asarray(qp.scale, np.float32))
-        zp = self._initializer(graph, names, f"{base}_zero_point", np.asarray(qp.zero_point))
-        q_node = ir.node(
-            "QuantizeLinear",
-            [x, q_scale, q_zp],
-            attributes={"axis": -1},
-            name=names.make(f"{base}_QuantizeLinear"),
-        )
-        q_node.outputs[0].name = names.make(f"{base}_quantized")
-        dq_node = ir.node(
-            "DequantizeLinear",
-            [q_node.outputs[0], scale, zp],
-            name=names.make(f"{base}_DequantizeLinear"),
-        )
-        dq_out = dq_node.outputs[0]
-        dq_out.name = names.make(f"{base}_dequantized")
-        dq_out.dtype, dq_out.shape = ir.DataType.FLOAT, smoothed.shape
-        graph.insert_after(mul, [q_node, dq_node])
-        smoothed.replace_all_uses_with(dq_out)
-        graph.remove(mul, safe=True)
-        return dq_out
 
     def _gets_qdq(self, tensor: str) -> bool:
         return bool(self.plan.consumers.get(tensor)) or tensor in self.plan.rewire_all
