@@ -44,7 +44,7 @@ class SmoothGroup:
 class ChannelObserver(Observer):
     """Per-channel max|x| over the last axis, plus a bounded random sample of rows."""
 
-    def __init__(self, name: str = "", max_rows: int = 2048, seed: int = 0) -> None:
+    def __init__(self, name: str = "", max_rows: int = 512, seed: int = 0) -> None:
         super().__init__(name)
         self.absmax: np.ndarray | None = None
         self.rows: np.ndarray | None = None
