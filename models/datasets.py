@@ -318,16 +318,23 @@ def orientation(batch: int = 8) -> TaskData:
     calib = [{"x": cx[i : i + batch]} for i in range(0, len(cx), batch)]
     evaluation = [{"x": ex[i : i + batch]} for i in range(0, len(ex), batch)]
 
+    metric = _classification_metric(ey, "top1_agreement")
+    return TaskData(calib, evaluation, metric, "top1_agreement", evaluation[0])
+
+
+def _classification_metric(labels: np.ndarray, agreement_key: str) -> Metric:
+    """Top-1 agreement with FP32, and accuracy against known labels for both models."""
+
     def metric(fp32, quant):
         pa = np.concatenate([o[0] for o in fp32]).argmax(axis=1)
         pb = np.concatenate([o[0] for o in quant]).argmax(axis=1)
         return {
-            "top1_agreement": float(np.mean(pa == pb)),
-            "accuracy": float(np.mean(pb == ey)),
-            "accuracy_fp32": float(np.mean(pa == ey)),
+            agreement_key: float(np.mean(pa == pb)),
+            "accuracy": float(np.mean(pb == labels)),
+            "accuracy_fp32": float(np.mean(pa == labels)),
         }
 
-    return TaskData(calib, evaluation, metric, "top1_agreement", evaluation[0])
+    return metric
 
 
 # -- text rendering for PP-OCR ----------------------------------------------------------
@@ -458,16 +465,9 @@ def ocr_cls(batch: int = 8, n_calib: int = 64, n_eval: int = 128) -> TaskData:
     _, calib = feeds(3, n_calib)
     labels, evaluation = feeds(4, n_eval)
 
-    def metric(fp32, quant):
-        pa = np.concatenate([o[0] for o in fp32]).argmax(axis=1)
-        pb = np.concatenate([o[0] for o in quant]).argmax(axis=1)
-        return {
-            "agreement": float(np.mean(pa == pb)),
-            "accuracy": float(np.mean(pb == labels)),
-            "accuracy_fp32": float(np.mean(pa == labels)),
-        }
-
-    return TaskData(calib, evaluation, metric, "agreement", evaluation[0])
+    return TaskData(
+        calib, evaluation, _classification_metric(labels, "agreement"), "agreement", evaluation[0]
+    )
 
 
 def _document(seed: int, size: tuple[int, int] = (480, 640)) -> np.ndarray:
