@@ -109,35 +109,39 @@ class _Builder:
         return model
 
 
-def cnn(seed: int = 0, size: int = 32, classes: int = 10) -> onnx.ModelProto:
-    """Conv/BN/ReLU stem, MaxPool, residual block, concat branch, GAP, Gemm head."""
+def cnn(seed: int = 0, size: int = 32, classes: int = 10, width: int = 1) -> onnx.ModelProto:
+    """Conv/BN/ReLU stem, MaxPool, residual block, concat branch, GAP, Gemm head.
+
+    `width` multiplies the channel counts (16/32 at width 1).
+    """
     b = _Builder("cnn", seed)
-    x = b.op("Relu", [b.conv("input", 3, 16, name="stem_conv")])
+    c, c2 = 16 * width, 32 * width
+    x = b.op("Relu", [b.conv("input", 3, c, name="stem_conv")])
     x = b.op("MaxPool", [x], kernel_shape=[2, 2], strides=[2, 2])
     # Residual block.
-    r = b.op("Relu", [b.conv(x, 16, 16, name="res_conv1")])
-    r = b.conv(r, 16, 16, name="res_conv2")
+    r = b.op("Relu", [b.conv(x, c, c, name="res_conv1")])
+    r = b.conv(r, c, c, name="res_conv2")
     x = b.op("Relu", [b.op("Add", [x, r], name="res_add")])
     # Two branches concatenated (one depthwise).
-    a = b.op("Relu", [b.conv(x, 16, 16, stride=2, name="branch_a")])
+    a = b.op("Relu", [b.conv(x, c, c, stride=2, name="branch_a")])
     d = b.op(
         "Clip",
         [
-            b.conv(x, 16, 16, stride=2, group=16, name="branch_dw"),
+            b.conv(x, c, c, stride=2, group=c, name="branch_dw"),
             b.const("lo", np.float32(0)),
             b.const("hi", np.float32(6)),
         ],
     )
-    d = b.op("Relu", [b.conv(d, 16, 16, k=1, name="branch_pw")])
+    d = b.op("Relu", [b.conv(d, c, c, k=1, name="branch_pw")])
     x = b.op("Concat", [a, d], axis=1, name="concat")
-    x = b.op("Relu", [b.conv(x, 32, 32, bn=False, name="head_conv")])
+    x = b.op("Relu", [b.conv(x, c2, c2, bn=False, name="head_conv")])
     x = b.op("GlobalAveragePool", [x], name="gap")
     x = b.op("Flatten", [x], axis=1)
     logits = b.op(
         "Gemm",
         [
             x,
-            b.const("fc_w", (b.rng.standard_normal((classes, 32)) * 0.3).astype(np.float32)),
+            b.const("fc_w", (b.rng.standard_normal((classes, c2)) * 0.3).astype(np.float32)),
             b.const("fc_b", np.zeros(classes, np.float32)),
         ],
         name="fc",
@@ -297,9 +301,13 @@ def token_embeddings(count: int, seq: int = 16, dim: int = 64, seed: int = 0) ->
 
 
 def write_examples(folder: Path) -> None:
+    """The bundled example: big enough (96x96, 64-128 channels) that INT8 pays off on a CPU,
+    small enough to commit; calibration images stored as float16 to keep the file small."""
     folder.mkdir(parents=True, exist_ok=True)
-    onnx.save(cnn(), folder / "cnn.onnx")
-    np.savez_compressed(folder / "cnn_calib.npz", input=images(40, seed=1))
+    onnx.save(cnn(size=96, width=4), folder / "cnn.onnx")
+    np.savez_compressed(
+        folder / "cnn_calib.npz", input=images(20, size=96, seed=1).astype(np.float16)
+    )
 
 
 def main() -> None:

@@ -327,6 +327,10 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        # output piped into e.g. `head`, which stopped reading: not an error
+        sys.stderr.close()
+        return 0
     except Exception as exc:
         user_error = find_qcompile_error(exc)
         if user_error is not None:

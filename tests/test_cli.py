@@ -117,3 +117,35 @@ def test_disable_pass(cnn_path, cnn_calib, tmp_path, capsys):
         )
         == 0
     )
+
+
+def test_bundled_example_compiles_as_the_readme_says(tmp_path):
+    """README's first command, minus the install: the bundled model and data work."""
+    from pathlib import Path
+
+    examples = Path(__file__).resolve().parent.parent / "models" / "examples"
+    out, report = tmp_path / "cnn.int8.onnx", tmp_path / "cnn.report.json"
+    code = main(
+        [
+            "compile",
+            str(examples / "cnn.onnx"),
+            "-o",
+            str(out),
+            "--calib",
+            str(examples / "cnn_calib.npz"),
+            "--calib-batch-size",
+            "4",
+            "--report",
+            str(report),
+            "--quiet",
+            "--bench-runs",
+            "0",
+        ]
+    )
+    assert code == 0
+    data = json.loads(report.read_text())
+    assert data["holdout_batches"] >= 1 and not data["holdout_is_calibration"]
+    assert (
+        data["outputs"][0]["sqnr_db"] > 30
+        and data["size_quantized_bytes"] < 0.35 * data["size_fp32_bytes"]
+    )
