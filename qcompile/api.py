@@ -29,7 +29,7 @@ from qcompile.quantize.calibration import calibrate, extra_outputs
 from qcompile.quantize.data import Feed, ImageSpec, input_specs, open_calibration
 from qcompile.quantize.plan import QuantPlan, build_plan, nodes_touching
 from qcompile.quantize.qdq import InsertQDQ
-from qcompile.quantize.qparams import QParams, cosine, fake_quantize
+from qcompile.quantize.qparams import QParams, fake_quantize
 from qcompile.report import CompileReport, OutputReport, TensorReport
 from qcompile.targets import get_target
 
@@ -289,6 +289,12 @@ def measure(
 ) -> None:
     """Fill the report's accuracy, size and latency from held-out feeds."""
     make = ort_backend.make_session
+    available = ort_backend.available_providers()
+    if providers and providers[0] not in available:
+        used = next((p for p in providers if p in available), "CPUExecutionProvider")
+        report.notes.append(
+            f"{providers[0]} is not available here: accuracy and latency were measured on {used}"
+        )
     fp32_sess = make(fp32_model, providers=providers, threads=options.threads)
     q_sess = make(q_model, providers=providers, threads=options.threads)
     out_names = [o.name for o in fp32_sess.get_outputs()]
@@ -385,4 +391,4 @@ def _cos(s: Sequence[float]) -> float:
     return 1.0 if denom == 0.0 else s[2] / denom
 
 
-__all__ = ["CompileResult", "compile", "cosine", "make_options"]
+__all__ = ["CompileResult", "compile", "make_options"]

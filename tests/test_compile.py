@@ -275,3 +275,14 @@ def test_embedding_tables_become_int8_rows():
         inits["table_quantized"][ids].astype(np.float32) * inits["table_row_scale"][ids][..., None]
     )
     np.testing.assert_array_equal(got, expect)
+
+
+def test_gpu_target_says_where_it_was_measured():
+    import onnxruntime as ort
+
+    result = qcompile.compile(
+        builders.mlp(), target="gpu", calibration={"input": builders.features(32)}, **FAST
+    )
+    if "TensorrtExecutionProvider" in ort.get_available_providers():
+        pytest.skip("TensorRT EP present: measured on it")
+    assert any("TensorrtExecutionProvider is not available" in n for n in result.report.notes)

@@ -168,16 +168,6 @@ def float_islands(model: ir.Model | onnx.ModelProto) -> dict[str, int]:
     return dict(counts)
 
 
-def check_runs(
-    model: ir.Model, feed: Feed, providers: Sequence[str] = ("CPUExecutionProvider",)
-) -> None:
-    """Raise a clear error if ORT cannot load or run the model."""
-    try:
-        make_session(model, providers=providers).run(None, dict(feed))
-    except Exception as exc:
-        raise RuntimeError(f"ONNX Runtime rejected the compiled model: {exc}") from exc
-
-
 def equivalence_verifier(feeds: Sequence[Feed], *, rtol: float = 1e-4, atol: float = 1e-5):
     """A pass verifier: outputs before and after a pass must match on `feeds`."""
 
