@@ -202,6 +202,32 @@ def mobile_block(seed: int = 0, size: int = 24) -> onnx.ModelProto:
     return b.model([inp], [out])
 
 
+def decomposed_layernorm(seed: int = 0, dim: int = 32) -> onnx.ModelProto:
+    """LayerNorm written out (ReduceMean/Sub/Pow/Sqrt/Div/Mul/Add), as older exporters emit
+    it, feeding a 2-D MatMul + bias Add (which fuses to Gemm)."""
+    b = _Builder("decomposed_layernorm", seed)
+    mean = b.op("ReduceMean", ["input"], axes=[-1], keepdims=1)
+    d = b.op("Sub", ["input", mean])
+    var = b.op(
+        "ReduceMean", [b.op("Pow", [d, b.const("two", np.float32(2.0))])], axes=[-1], keepdims=1
+    )
+    std = b.op("Sqrt", [b.op("Add", [var, b.const("eps", np.float32(1e-5))])])
+    y = b.op("Div", [d, std])
+    gamma = (1 + 0.1 * b.rng.standard_normal(dim)).astype(np.float32)
+    y = b.op(
+        "Add",
+        [
+            b.op("Mul", [y, b.const("gamma", gamma)]),
+            b.const("beta", np.full(dim, 0.05, np.float32)),
+        ],
+    )
+    b.linear(y, dim, dim, name="proj")
+    b.nodes[-1].output[0] = "output"
+    inp = helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", dim])
+    out = helper.make_tensor_value_info("output", TensorProto.FLOAT, ["N", dim])
+    return b.model([inp], [out])
+
+
 def mlp(seed: int = 0, din: int = 64, hidden: int = 128, dout: int = 16) -> onnx.ModelProto:
     b = _Builder("mlp", seed)
     x = b.op("Relu", [b.linear("input", din, hidden, name="fc1")])

@@ -140,7 +140,7 @@ def test_gemm_bias_is_int32_at_product_scale():
     result = qcompile.compile(model, calibration=feeds, **FAST)
     out = qcompile.ir.to_proto(result.model)
     inits = _inits(out)
-    gemm = next(n for n in out.graph.node if n.op_type == "Gemm")
+    gemm = next(n for n in out.graph.node if n.name == "fc2")
     dq = {n.output[0]: n for n in out.graph.node if n.op_type == "DequantizeLinear"}
     bias_dq, w_dq, x_dq = dq[gemm.input[2]], dq[gemm.input[1]], dq[gemm.input[0]]
     q_bias = inits[bias_dq.input[0]]

@@ -74,3 +74,16 @@ def test_mobile_block_quantizes_accurately(target):
     result = qcompile.compile(builders.mobile_block(), target=target, calibration=data, **FAST)
     assert result.report.quantized_ops["Conv"] == 5
     assert result.report.min_output_sqnr_db > 25
+
+
+def test_decomposed_layernorm_and_matmul_add_fuse():
+    proto = builders.decomposed_layernorm()
+    model = _fused(proto)
+    ops = collections.Counter(n.op_type for n in model.graph)
+    assert ops == {"LayerNormalization": 1, "Gemm": 1}, ops
+    onnx.checker.check_model(ir.to_proto(model), full_check=True)
+    feed = {"input": builders.features(8, dim=32, seed=2)}
+    np.testing.assert_allclose(_run(model, feed)[0], _run(proto, feed)[0], rtol=1e-4, atol=1e-4)
+    result = qcompile.compile(proto, calibration={"input": builders.features(40, dim=32)}, **FAST)
+    assert result.report.quantized_ops == {"Gemm": 1}
+    assert result.report.min_output_sqnr_db > 18  # measured 21.6 dB

@@ -14,6 +14,8 @@ import onnx_ir as ir
 import onnx_ir.passes.common as common_passes
 from onnxscript import rewriter
 from onnxscript.rewriter import pattern
+from onnxscript.rewriter.rules.common import _matmul_add_to_gemm
+from onnxscript.rewriter.rules.fusion import _layer_norm
 
 from qcompile.passes.naming import NamePreservingRewrite
 
@@ -181,8 +183,42 @@ def _conv_no_bias_or_const_bias(context, x, w, b, conv_out=None, **_):
     return _conv_add_check(context, x, w, b, conv_out=conv_out)
 
 
+class LayerNormAxesAttributeFusion(_layer_norm.LayerNormFusion):
+    """onnxscript's LayerNorm fusion matches ReduceMean's opset-18 `axes` input only; opset-17
+    exports (what we upgrade to) carry `axes` as an attribute."""
+
+    def pattern(self, op, x, scale, epsilon):
+        mean = op.ReduceMean(x, axes=[-1], keepdims=1)
+        deviation = op.Sub(x, mean)
+        squared = pattern.OrValue([op.Mul(deviation, deviation), op.Pow(deviation, 2)])
+        variance = op.ReduceMean(squared, axes=[-1], keepdims=1)
+        std_dev = op.Sqrt(op.Add(variance, epsilon))
+        normalized = pattern.OrValue(
+            [op.Mul(deviation, op.Reciprocal(std_dev)), op.Div(deviation, std_dev)]
+        )
+        return op.Mul(normalized, scale)
+
+
+class MatMulBiasToGemm(_matmul_add_to_gemm.MatMulAddToGemm):
+    """onnxscript's MatMul+Add -> Gemm, only for a constant 1-D bias: a dynamic addend (an
+    attention mask, a residual) must stay an Add, or the bias quantization breaks."""
+
+    def check(self, context, input_a, input_b, input_c=None, **kwargs):
+        result = super().check(context, input_a, input_b, **kwargs)
+        if not result:
+            return result
+        if input_c is None or input_c.const_value is None or len(input_c.const_value.shape) != 1:
+            return result.fail("the addend is not a constant 1-D bias", input_c)
+        return result
+
+
 RULES = rewriter.RewriteRuleSet(
     [
+        # onnxscript's own rules, adapted below: decomposed LayerNorm -> LayerNormalization,
+        # rank-2 MatMul + constant bias -> Gemm (one QGemm kernel with its int32 bias).
+        LayerNormAxesAttributeFusion.rule(),
+        *_layer_norm.layer_normalization_rules,
+        MatMulBiasToGemm.rule(),
         pattern.RewriteRule(
             _hswish_div_after, _hswish_as_mul, _hswish_check, name="HardSwishDivAfter"
         ),
@@ -210,7 +246,7 @@ RULES = rewriter.RewriteRuleSet(
 
 
 class FuseForQuantization(NamePreservingRewrite):
-    """Fold decomposed HardSwish/GELU and split-out Conv biases back into single ops."""
+    """Fold decomposed LayerNorm/HardSwish/GELU, split-out biases and scales into single ops."""
 
     def __init__(self) -> None:
         super().__init__(RULES)
