@@ -228,6 +228,37 @@ def decomposed_layernorm(seed: int = 0, dim: int = 32) -> onnx.ModelProto:
     return b.model([inp], [out])
 
 
+def decoder(seed: int = 0, size: int = 16, width: int = 8) -> onnx.ModelProto:
+    """Detector-style decoder: strided Conv, ConvTranspose upsampling, Resize, AveragePool,
+    Sigmoid head; covers the ops the CNN does not."""
+    b = _Builder("decoder", seed)
+    x = b.op("Relu", [b.conv("input", 3, width, stride=2, name="down")])
+    w = (b.rng.standard_normal((width, width, 2, 2)) * np.sqrt(2.0 / (width * 4))).astype(
+        np.float32
+    )
+    up = b.op(
+        "ConvTranspose",
+        [x, b.const("Wt", w), b.const("bt", np.zeros(width, np.float32))],
+        name="up",
+        kernel_shape=[2, 2],
+        strides=[2, 2],
+    )
+    up = b.op("Relu", [up])
+    small = b.op("AveragePool", [x], name="pool", kernel_shape=[2, 2], strides=[2, 2])
+    big = b.op(
+        "Resize",
+        [small, "", b.const("scales", np.array([1, 1, 4, 4], np.float32))],
+        name="resize",
+        mode="nearest",
+    )
+    y = b.op("Add", [up, big], name="merge")
+    y = b.op("Sigmoid", [b.conv(y, width, 1, k=1, bn=False, name="head")], name="prob")
+    b.nodes[-1].output[0] = "output"
+    inp = helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", 3, size, size])
+    out = helper.make_tensor_value_info("output", TensorProto.FLOAT, ["N", 1, size, size])
+    return b.model([inp], [out])
+
+
 def mlp(seed: int = 0, din: int = 64, hidden: int = 128, dout: int = 16) -> onnx.ModelProto:
     b = _Builder("mlp", seed)
     x = b.op("Relu", [b.linear("input", din, hidden, name="fc1")])

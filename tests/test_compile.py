@@ -286,3 +286,31 @@ def test_gpu_target_says_where_it_was_measured():
     if "TensorrtExecutionProvider" in ort.get_available_providers():
         pytest.skip("TensorRT EP present: measured on it")
     assert any("TensorrtExecutionProvider is not available" in n for n in result.report.notes)
+
+
+@pytest.mark.parametrize("target", ["cpu", "gpu"])
+def test_decoder_ops_quantize_and_run(target):
+    """ConvTranspose, Resize (shares its input's scale), AveragePool and Add quantize; ORT runs it."""
+    data = {"input": builders.images(24, size=16, seed=7)}
+    result = qcompile.compile(builders.decoder(), target=target, calibration=data, **FAST)
+    ops = result.report.quantized_ops
+    assert ops["ConvTranspose"] == 1 and ops["Conv"] == 2 and ops["Add"] == 1
+    assert ops.get("Resize") == 1 and ops.get("AveragePool") == 1
+    proto = qcompile.ir.to_proto(result.model)
+    onnx.checker.check_model(proto, full_check=True)
+    assert result.report.min_output_sqnr_db > 25
+    if target == "cpu":
+        inits = _inits(proto)
+        scales = {
+            n.input[0]: inits[n.input[1]] for n in proto.graph.node if n.op_type == "QuantizeLinear"
+        }
+        resize = next(n for n in proto.graph.node if n.op_type == "Resize")
+        resize_in = next(n for n in proto.graph.node if n.output[0] == resize.input[0]).input[0]
+        pool_out = next(n for n in proto.graph.node if n.name == "pool").output[0]
+        # data movement shares its input's parameters, so ORT can drop the Q/DQ pair
+        assert (
+            scales[resize.output[0]]
+            == scales[pool_out]
+            == inits[next(n for n in proto.graph.node if n.output[0] == resize.input[0]).input[1]]
+        )
+        assert resize_in
