@@ -5,6 +5,8 @@ import onnx
 import onnx_ir as ir
 import onnxruntime as ort
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from onnx import TensorProto, helper, numpy_helper
 
 import qcompile
@@ -152,3 +154,64 @@ def test_explicit_smoothing_compiles_with_a_float_mul_before_the_quantizer():
     onnx.checker.check_model(model, full_check=True)
     plain = qcompile.compile(proto, calibration=feeds, smoothquant=False, **FAST)
     assert result.report.min_output_sqnr_db > plain.report.min_output_sqnr_db - 1.0
+
+
+# -- hypothesis: random LayerNorm -> linear groups, with and without a residual reader ------
+
+
+@st.composite
+def ln_groups(draw):
+    rng = np.random.default_rng(draw(st.integers(0, 2**16)))
+    dim = draw(st.sampled_from([8, 16]))
+    consumers = draw(st.integers(1, 3))
+    residual = draw(st.booleans())
+    gamma = rng.uniform(0.2, 3.0, dim).astype(np.float32)
+    gamma[rng.integers(0, dim)] *= draw(st.sampled_from([1.0, 10.0, 40.0]))  # an outlier channel
+    inits = [
+        numpy_helper.from_array(gamma, "g"),
+        numpy_helper.from_array(rng.normal(0, 0.3, dim).astype(np.float32), "b"),
+    ]
+    nodes = [helper.make_node("LayerNormalization", ["x", "g", "b"], ["h"], axis=-1, name="ln")]
+    outs = []
+    for i in range(consumers):
+        inits.append(
+            numpy_helper.from_array(
+                (rng.standard_normal((dim, dim)) / np.sqrt(dim)).astype(np.float32), f"w{i}"
+            )
+        )
+        nodes.append(helper.make_node("MatMul", ["h", f"w{i}"], [f"y{i}"], name=f"fc{i}"))
+        outs.append(f"y{i}")
+    if residual:
+        nodes.append(helper.make_node("Add", ["h", outs[0]], ["r"], name="residual"))
+        outs[0] = "r"
+    graph = helper.make_graph(
+        nodes,
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", dim])],
+        [helper.make_tensor_value_info(o, TensorProto.FLOAT, ["N", dim]) for o in outs],
+        inits,
+    )
+    return (
+        helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]),
+        dim,
+        draw(st.sampled_from([None, 0.5])),
+    )
+
+
+@settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(ln_groups())
+def test_random_smoothing_groups_keep_fp32_outputs(case):
+    proto, dim, alpha = case
+    feeds = [
+        {"x": np.random.default_rng(i).standard_normal((12, dim)).astype(np.float32) * 3}
+        for i in range(3)
+    ]
+    before, after, groups, _, records = _smooth(proto, feeds, alpha=alpha)
+    assert len(groups) == 1
+    for feed in feeds:
+        for a, b in zip(_run(before, feed), _run(after, feed), strict=True):
+            np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-4)
+    _, again = run_phase(
+        after, "again", [SmoothQuant([], {}, cpu.PROFILE.activation, cpu.PROFILE.weight)]
+    )
+    assert again[0].modified is False
