@@ -17,6 +17,7 @@ import contextlib
 import datetime
 import importlib.metadata
 import logging
+import os
 import platform
 import statistics
 import tempfile
@@ -82,11 +83,16 @@ def _ort_static_best(src: Path, dst: Path, task) -> None:
 
     pre = dst.with_name(dst.stem + ".pre.onnx")
     source = src
+    cwd = os.getcwd()
     try:
+        # it writes temporaries (sym_shape_infer_temp.onnx, <uuid>.data) into the cwd
+        os.chdir(dst.parent)
         quant_pre_process(str(src), str(pre))
         source = pre
     except Exception as exc:  # recorded: ORT's pre-processing fails on some graphs
         logger.warning("quant_pre_process failed on %s: %s; quantizing without it", src.name, exc)
+    finally:
+        os.chdir(cwd)
     quantize_static(
         source,
         dst,
