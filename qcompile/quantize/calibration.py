@@ -9,8 +9,10 @@ with the number of batches. Every n-th feed is held out for the report.
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import logging
+import os
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -113,9 +115,12 @@ def calibrate(
     observed_inputs = [t for t in tensors if t in input_names]
     first_feed: Feed | None = None
 
-    with _progress(
-        progress, total if max_batches is None else min(total or max_batches, max_batches)
-    ) as advance:
+    bar_total = total if max_batches is None else min(total or max_batches, max_batches)
+    workers = min(8, os.cpu_count() or 1)
+    with (
+        _progress(progress, bar_total) as advance,
+        concurrent.futures.ThreadPoolExecutor(workers) as pool,
+    ):
         for held_out, feed in split_holdout(data, holdout_every):
             if first_feed is None:
                 first_feed = feed
@@ -137,10 +142,11 @@ def calibrate(
                 ) from exc
             t1 = time.perf_counter()
             mask = _token_mask(feed, token_mask)
+            # numpy releases the GIL in its kernels: observe tensors on all cores
+            arrays = [_real_tokens(outputs[n], mask) for n in run_names]
+            list(pool.map(_observe, [observers[n] for n in run_names], arrays))
             for name in run_names:
-                array = outputs[name]
-                observers[name].observe(_real_tokens(array, mask))
-                stats.observed[name] = (array.dtype, array.shape)
+                stats.observed[name] = (outputs[name].dtype, outputs[name].shape)
             for name in observed_inputs:
                 observers[name].observe(feed[name])
             stats.observe_seconds += time.perf_counter() - t1
@@ -164,6 +170,10 @@ def calibrate(
         stats.observe_seconds,
     )
     return stats
+
+
+def _observe(observer: Observer, array: np.ndarray) -> None:
+    observer.observe(array)  # dispatches to the subclass, unlike Observer.observe
 
 
 def _token_mask(feed: Feed, name: str | None) -> np.ndarray | None:

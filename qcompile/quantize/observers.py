@@ -114,14 +114,18 @@ class HistogramObserver(Observer):
             # Large feature maps: a strided sample of ~1M values keeps the histogram's
             # shape (min/max above still come from every value) at a fraction of the cost.
             flat = flat[:: -(-flat.size // HISTOGRAM_SAMPLE)]
-        nonzero = flat[flat != 0]
-        self.zeros += flat.size - nonzero.size
-        # np.histogram's uniform-bin path, without its checks: index arithmetic + bincount
-        idx = (
-            (nonzero + np.float32(self.radius)) * np.float32(self.bins / (2.0 * self.radius))
-        ).astype(np.intp)
+        # np.histogram's uniform-bin path, without its checks: index arithmetic + bincount;
+        # exact zeros are binned too and then moved out of the histogram (no masked copy)
+        scale = np.float32(self.bins / (2.0 * self.radius))
+        idx = ((flat + np.float32(self.radius)) * scale).astype(np.intp)
         np.clip(idx, 0, self.bins - 1, out=idx)
-        self.hist += np.bincount(idx, minlength=self.bins)
+        counts = np.bincount(idx, minlength=self.bins)
+        zeros = flat.size - int(np.count_nonzero(flat))
+        if zeros:
+            zero_bin = min(int(np.float32(self.radius) * scale), self.bins - 1)
+            counts[zero_bin] -= zeros
+            self.zeros += zeros
+        self.hist += counts
 
     def _double(self) -> None:
         # Old bins cover the middle half of the new range; adjacent pairs merge exactly.
