@@ -28,7 +28,7 @@ from qcompile.passes.smoothing import ChannelObserver, find_smooth_groups
 from qcompile.quantize.calibration import calibrate, extra_outputs
 from qcompile.quantize.data import Feed, ImageSpec, input_specs, open_calibration
 from qcompile.quantize.plan import QuantPlan, build_plan, nodes_touching
-from qcompile.quantize.qdq import InsertQDQ
+from qcompile.quantize.qdq import InsertQDQ, effective_qparams
 from qcompile.quantize.qparams import QParams, fake_quantize
 from qcompile.report import CompileReport, OutputReport, TensorReport
 from qcompile.targets import get_target
@@ -332,14 +332,14 @@ def measure(
             zip(tensors, q_inst.run([dq_outputs[t] for t in tensors], dict(feed)), strict=True)
         )
         for t in tensors:
-            qp = qparams[plan.tensors[t]]
+            qp = effective_qparams(plan, qparams, t)
             _accumulate(acc[t], fp_vals[t], q_vals[t])
             _accumulate(local[t], fp_vals[t], fake_quantize(fp_vals[t], qp))
     report.tensors = [
         TensorReport(
             t,
-            float(qparams[plan.tensors[t]].scale),
-            int(qparams[plan.tensors[t]].zero_point),
+            float(effective_qparams(plan, qparams, t).scale),
+            int(effective_qparams(plan, qparams, t).zero_point),
             _sqnr(local[t]),
             _sqnr(acc[t]),
         )

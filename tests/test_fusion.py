@@ -33,10 +33,10 @@ def test_hardswish_and_conv_bias_fusion():
     proto = builders.mobile_block()
     model = _fused(proto)
     ops = collections.Counter(n.op_type for n in model.graph)
-    # x·clip(x+3,0,6)/6 became x·HardSigmoid(x) (2 of them, plus the SE's own HardSigmoid)
-    assert ops["HardSigmoid"] == 3 and ops["Div"] == 0 and ops["Clip"] == 0
-    # every Conv absorbed its bias Add; the SE scale Mul and residual Add remain
-    assert ops["Conv"] == 5 and ops["Add"] == 1 and ops["Mul"] == 3
+    # x·clip(x+3,0,6)/6 became (x·clip(x+3,0,6))·(1/6): no Div; the SE keeps its HardSigmoid
+    assert ops["Div"] == 0 and ops["Clip"] == 2 and ops["HardSigmoid"] == 1
+    # every Conv absorbed its bias Add; 2 HardSwish Adds and the residual Add remain
+    assert ops["Conv"] == 5 and ops["Add"] == 3 and ops["Mul"] == 5
     assert all(len(n.inputs) == 3 for n in model.graph if n.op_type == "Conv")
     onnx.checker.check_model(ir.to_proto(model), full_check=True)
     feed = {"input": builders.images(2, size=24, seed=3)}
@@ -52,7 +52,7 @@ def test_fusion_is_idempotent():
     assert records[0].modified is False
 
 
-def test_hardswish_op_is_expanded_to_hardsigmoid_mul():
+def test_hardswish_op_is_expanded_to_integer_friendly_form():
     from onnx import TensorProto, helper
 
     graph = helper.make_graph(
@@ -63,7 +63,7 @@ def test_hardswish_op_is_expanded_to_hardsigmoid_mul():
     )
     proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     model = _fused(proto)
-    assert sorted(n.op_type for n in model.graph) == ["HardSigmoid", "Mul"]
+    assert sorted(n.op_type for n in model.graph) == ["Add", "Clip", "Mul", "Mul"]
     feed = {"x": np.linspace(-5, 5, 32, dtype=np.float32).reshape(4, 8)}
     np.testing.assert_allclose(_run(model, feed)[0], _run(proto, feed)[0], rtol=1e-6, atol=1e-6)
 

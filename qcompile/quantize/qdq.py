@@ -122,7 +122,10 @@ class InsertQDQ(ir.passes.InPlacePass):
         values = _values_by_name(graph)
         modified = bool(self.removed_activations)
 
+        q_outputs: dict[str, ir.Value] = {}
         for tensor, source in self.plan.tensors.items():
+            if tensor in self.plan.aliases:
+                continue  # after their sources, below
             value = values.get(tensor)
             if value is None:
                 raise QCompileError("planned tensor not found in the graph", tensor=tensor)
@@ -138,6 +141,7 @@ class InsertQDQ(ir.passes.InPlacePass):
                 q_out = None
             else:
                 q_out, dq_out = self._qdq_pair(graph, names, value, qp)
+                q_outputs[tensor] = q_out
             self.dq_outputs[tensor] = dq_out.name
             for use in list(value.uses()):
                 if use.node.op_type in QDQ_OPS and use.node.inputs[0] is value:
@@ -149,6 +153,17 @@ class InsertQDQ(ir.passes.InPlacePass):
                     use.node.replace_input_with(use.idx, dq_out)
             modified = True
 
+        for alias, (source, _k) in self.plan.aliases.items():
+            if source in q_outputs and alias in values:
+                self._alias(
+                    graph,
+                    names,
+                    values[alias],
+                    q_outputs[source],
+                    effective_qparams(self.plan, self.qparams, alias),
+                )
+                modified = True
+
         biases = {b.node: b for b in self.plan.biases}
         quantized_weights: dict[tuple[str, int | None, bytes], tuple[ir.Value, QParams]] = {}
         for w in self.plan.weights:
@@ -157,7 +172,7 @@ class InsertQDQ(ir.passes.InPlacePass):
             array = value.const_value.numpy().astype(np.float32)
             qp = weight_qparams(array, self.weight_spec, w.axis)
             bias = biases.get(w.node)
-            x_qp = self.qparams[self.plan.tensors[bias.activation]] if bias else None
+            x_qp = effective_qparams(self.plan, self.qparams, bias.activation) if bias else None
             if bias is not None:
                 qp = _fit_bias(
                     qp, node.inputs[bias.input_index].const_value.numpy(), x_qp, node.name
@@ -179,7 +194,29 @@ class InsertQDQ(ir.passes.InPlacePass):
     # -- pieces ---------------------------------------------------------------------------
 
     def _gets_qdq(self, tensor: str) -> bool:
-        return bool(self.plan.consumers.get(tensor)) or tensor in self.plan.rewire_all
+        return (
+            bool(self.plan.consumers.get(tensor))
+            or tensor in self.plan.rewire_all
+            or tensor in self.plan.alias_sources
+        )
+
+    def _alias(
+        self, graph: ir.Graph, names: _Names, alias: ir.Value, q_source: ir.Value, qp: QParams
+    ) -> None:
+        """Replace `alias = source · k` by a DequantizeLinear of the source's integers at k·s."""
+        mul = alias.producer()
+        base = alias.name
+        scale = self._initializer(graph, names, f"{base}_scale", np.asarray(qp.scale, np.float32))
+        zp = self._initializer(graph, names, f"{base}_zero_point", np.asarray(qp.zero_point))
+        dq = ir.node(
+            "DequantizeLinear", [q_source, scale, zp], name=names.make(f"{base}_DequantizeLinear")
+        )
+        dq.outputs[0].name = names.make(f"{base}_dequantized")
+        dq.outputs[0].dtype, dq.outputs[0].shape = ir.DataType.FLOAT, alias.shape
+        graph.insert_after(q_source.producer(), dq)
+        alias.replace_all_uses_with(dq.outputs[0])
+        graph.remove(mul, safe=True)
+        self.dq_outputs[alias.name] = dq.outputs[0].name
 
     def _remove_clamping_activations(self, graph: ir.Graph, nodes: dict[str, ir.Node]) -> None:
         graph_outputs = {v.name for v in graph.outputs}
@@ -282,6 +319,17 @@ class InsertQDQ(ir.passes.InPlacePass):
         dq.outputs[0].shape = ir.Shape(q.shape)
         graph.insert_before(next(iter(graph)), dq)
         return dq.outputs[0]
+
+
+def effective_qparams(plan: QuantPlan, qparams: Mapping[str, QParams], tensor: str) -> QParams:
+    """The parameters a tensor is dequantized with: a scale alias scales its source's."""
+    qp = qparams[plan.tensors[tensor]]
+    if tensor in plan.aliases:
+        k = plan.aliases[tensor][1]
+        return QParams(
+            (qp.scale * np.float32(k)).astype(np.float32), qp.zero_point, qp.spec, qp.axis
+        )
+    return qp
 
 
 def _fit_bias(w_qp: QParams, bias: np.ndarray, x_qp: QParams, node: str) -> QParams:
