@@ -7,6 +7,7 @@ import onnx
 import onnx_ir as ir
 import onnxruntime as ort
 import pytest
+from onnx import numpy_helper
 
 import qcompile
 from models import builders
@@ -87,3 +88,24 @@ def test_decomposed_layernorm_and_matmul_add_fuse():
     result = qcompile.compile(proto, calibration={"input": builders.features(40, dim=32)}, **FAST)
     assert result.report.quantized_ops == {"Gemm": 1}
     assert result.report.min_output_sqnr_db > 18  # measured 21.6 dB
+
+
+def test_hardswish_runs_on_integer_kernels_with_the_scale_folded():
+    """No float op is left for HardSwish: QLinearAdd (its quantizer clamps to [0, 6]) and
+    QLinearMul, and the 1/6 lives in the next dequantizer's scale."""
+    from qcompile.backends.ort import float_islands, optimized_op_counts
+
+    data = {"input": builders.images(30, size=24, seed=4)}
+    result = qcompile.compile(builders.mobile_block(), calibration=data, **FAST)
+    plan = result.plan
+    assert len(plan.aliases) == 2 and all(abs(k - 1 / 6) < 1e-7 for _, k in plan.aliases.values())
+    proto = ir.to_proto(result.model)
+    assert not any(n.op_type in ("Clip", "Div", "HardSwish") for n in proto.graph.node)
+    counts = optimized_op_counts(result.model)
+    assert counts.get("QLinearAdd", 0) >= 2 and counts.get("QLinearMul", 0) >= 2
+    assert "Mul" not in float_islands(result.model)
+    # an alias's dequantizer scale is exactly 1/6 of its source's
+    inits = {t.name: numpy_helper.to_array(t) for t in proto.graph.initializer}
+    for alias, (source, k) in plan.aliases.items():
+        assert inits[f"{alias}_scale"] == pytest.approx(inits[f"{source}_scale"] * k, rel=1e-6)
+    assert result.report.min_output_sqnr_db > 25
