@@ -208,11 +208,7 @@ class InsertQDQ(ir.passes.InPlacePass):
         base = alias.name
         scale = self._initializer(graph, names, f"{base}_scale", np.asarray(qp.scale, np.float32))
         zp = self._initializer(graph, names, f"{base}_zero_point", np.asarray(qp.zero_point))
-        dq = ir.node(
-            "DequantizeLinear", [q_source, scale, zp], name=names.make(f"{base}_DequantizeLinear")
-        )
-        dq.outputs[0].name = names.make(f"{base}_dequantized")
-        dq.outputs[0].dtype, dq.outputs[0].shape = ir.DataType.FLOAT, alias.shape
+        dq = _dequantize_node(names, base, [q_source, scale, zp], None, alias.shape)
         graph.insert_after(q_source.producer(), dq)
         alias.replace_all_uses_with(dq.outputs[0])
         graph.remove(mul, safe=True)
@@ -254,15 +250,8 @@ class InsertQDQ(ir.passes.InPlacePass):
             "QuantizeLinear", [value, scale, zp], name=names.make(f"{base}_QuantizeLinear")
         )
         q_node.outputs[0].name = names.make(f"{base}_quantized")
-        dq_node = ir.node(
-            "DequantizeLinear",
-            [q_node.outputs[0], scale, zp],
-            name=names.make(f"{base}_DequantizeLinear"),
-        )
+        dq_node = _dequantize_node(names, base, [q_node.outputs[0], scale, zp], None, value.shape)
         dq_out = dq_node.outputs[0]
-        dq_out.name = names.make(f"{base}_dequantized")
-        dq_out.dtype = ir.DataType.FLOAT
-        dq_out.shape = value.shape
         producer = value.producer()
         if producer is not None:
             graph.insert_after(producer, [q_node, dq_node])
@@ -308,17 +297,25 @@ class InsertQDQ(ir.passes.InPlacePass):
         q_init = self._initializer(graph, names, f"{base}_quantized", q)
         s_init = self._initializer(graph, names, f"{base}_scale", np.asarray(scale, np.float32))
         zp_init = self._initializer(graph, names, f"{base}_zero_point", np.asarray(zero_point))
-        dq = ir.node(
-            "DequantizeLinear",
-            [q_init, s_init, zp_init],
-            attributes={"axis": axis} if axis is not None else {},
-            name=names.make(f"{base}_DequantizeLinear"),
-        )
-        dq.outputs[0].name = names.make(f"{base}_dequantized")
-        dq.outputs[0].dtype = ir.DataType.FLOAT
-        dq.outputs[0].shape = ir.Shape(q.shape)
+        dq = _dequantize_node(names, base, [q_init, s_init, zp_init], axis, ir.Shape(q.shape))
         graph.insert_before(next(iter(graph)), dq)
         return dq.outputs[0]
+
+
+def _dequantize_node(
+    names: _Names, base: str, inputs: list[ir.Value], axis: int | None, shape: ir.Shape | None
+) -> ir.Node:
+    """A DequantizeLinear named after `base`, its float output typed and shaped."""
+    dq = ir.node(
+        "DequantizeLinear",
+        inputs,
+        attributes={"axis": axis} if axis is not None else {},
+        name=names.make(f"{base}_DequantizeLinear"),
+    )
+    out = dq.outputs[0]
+    out.name = names.make(f"{base}_dequantized")
+    out.dtype, out.shape = ir.DataType.FLOAT, shape
+    return dq
 
 
 def effective_qparams(plan: QuantPlan, qparams: Mapping[str, QParams], tensor: str) -> QParams:
