@@ -24,3 +24,14 @@ def add_initializer(
     value.const_value = ir.tensor(array, name=name)
     graph.register_initializer(value)
     return value
+
+
+def values_by_name(graph: ir.Graph) -> dict[str, ir.Value]:
+    """Every named value of the graph: inputs, initializers and node outputs."""
+    values: dict[str, ir.Value] = {v.name: v for v in graph.inputs}
+    values.update(graph.initializers)
+    for node in graph:
+        for out in node.outputs:
+            if out.name:
+                values[out.name] = out
+    return values

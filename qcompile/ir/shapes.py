@@ -15,6 +15,7 @@ import onnx_ir as ir
 import onnx_ir.passes.common as common_passes
 
 from qcompile.errors import QCompileError
+from qcompile.ir.graph import values_by_name
 
 logger = logging.getLogger(__name__)
 
@@ -84,19 +85,10 @@ def record_observed_shapes(
 
     Shapes are not pinned from observations: one batch's dims may be dynamic ones.
     """
-    values = _values_by_name(model.graph)
+    values = values_by_name(model.graph)
     for name, (dtype, _shape) in observed.items():
         value = values.get(name)
         if value is None:
             continue
         if value.dtype is None:
             value.dtype = ir.DataType.from_numpy(np.dtype(dtype))
-
-
-def _values_by_name(graph: ir.Graph) -> dict[str, ir.Value]:
-    values: dict[str, ir.Value] = {v.name: v for v in graph.inputs}
-    for node in graph:
-        for out in node.outputs:
-            if out.name:
-                values[out.name] = out
-    return values

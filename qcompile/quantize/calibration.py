@@ -21,6 +21,7 @@ import numpy as np
 import onnx_ir as ir
 
 from qcompile.errors import QCompileError
+from qcompile.ir.graph import values_by_name
 from qcompile.quantize.data import Feed
 from qcompile.quantize.observers import Observer
 from qcompile.quantize.qparams import QParams, QuantSpec
@@ -54,14 +55,11 @@ def extra_outputs(model: ir.Model, names: Sequence[str]) -> Iterator[list[str]]:
     """Temporarily expose the named values as graph outputs."""
     graph = model.graph
     existing = {v.name for v in graph.outputs}
-    by_name = {v.name: v for v in graph.inputs}
-    for node in graph:
-        for out in node.outputs:
-            by_name[out.name] = out
+    by_name = values_by_name(graph)
     added: list[ir.Value] = []
     for name in names:
         value = by_name.get(name)
-        if value is None or name in existing or value in graph.inputs:
+        if value is None or name in existing or value in graph.inputs or value.is_initializer():
             continue
         graph.outputs.append(value)
         added.append(value)

@@ -381,25 +381,17 @@ def _image_folder(
             hint=f"supported: {', '.join(IMAGE_SUFFIXES)}",
         )
     step = spec.batch or batch_size
-
-    def feeds() -> Iterator[Feed]:
-        for i in range(0, len(files), step):
-            batch = np.stack([load_image(f, image_spec) for f in files[i : i + step]])
-            yield {spec.name: batch}
-
-    class _Reiterable:
-        def __iter__(self) -> Iterator[Feed]:
-            return feeds()
-
-    n = (len(files) + step - 1) // step
-    if spec.batch is not None and len(files) % spec.batch:
-        n = len(files) // spec.batch
+    if spec.batch is not None:
+        n = len(files) // spec.batch  # fixed batch: a ragged tail is dropped
         if n == 0:
             raise QCompileError(
                 f"fewer images than the model's batch size {spec.batch}", path=str(path)
             )
+    else:
+        n = (len(files) + step - 1) // step
 
-        def feeds() -> Iterator[Feed]:  # noqa: F811 - fixed batch: drop the ragged tail
+    class _Reiterable:
+        def __iter__(self) -> Iterator[Feed]:
             for i in range(0, n * step, step):
                 yield {
                     spec.name: np.stack([load_image(f, image_spec) for f in files[i : i + step]])

@@ -17,7 +17,7 @@ import numpy as np
 import onnx_ir as ir
 
 from qcompile.errors import QCompileError
-from qcompile.ir.graph import add_initializer
+from qcompile.ir.graph import add_initializer, values_by_name
 from qcompile.quantize.observers import weight_qparams
 from qcompile.quantize.plan import QuantPlan
 from qcompile.quantize.qparams import QParams, quantize
@@ -119,7 +119,7 @@ class InsertQDQ(ir.passes.InPlacePass):
         nodes = {n.name: n for n in graph}
         if self.remove_activations:
             self._remove_clamping_activations(graph, nodes)
-        values = _values_by_name(graph)
+        values = values_by_name(graph)
         modified = bool(self.removed_activations)
 
         q_outputs: dict[str, ir.Value] = {}
@@ -350,13 +350,3 @@ def _fit_bias(w_qp: QParams, bias: np.ndarray, x_qp: QParams, node: str) -> QPar
     else:
         widened = np.maximum(scale, needed).astype(np.float32)
     return QParams(widened, w_qp.zero_point, w_qp.spec, w_qp.axis)
-
-
-def _values_by_name(graph: ir.Graph) -> dict[str, ir.Value]:
-    values: dict[str, ir.Value] = {v.name: v for v in graph.inputs}
-    values.update(graph.initializers)
-    for node in graph:
-        for out in node.outputs:
-            if out.name:
-                values[out.name] = out
-    return values
