@@ -46,3 +46,10 @@ def cnn_calib(tmp_path: Path) -> Path:
 
 
 FAST = {"progress": False, "bench_runs": 0}
+
+
+def compile_cli(model, calib, out, *extra) -> int:
+    """`qcompile compile MODEL -o OUT --calib CALIB [extra...]` through the CLI entry point."""
+    from qcompile.cli import main
+
+    return main(["compile", str(model), "-o", str(out), "--calib", str(calib), *extra])

@@ -6,27 +6,22 @@ import onnx
 import onnxruntime as ort
 
 from qcompile.cli import main
-from tests.conftest import sha256
+from tests.conftest import compile_cli, sha256
 
 
 def test_compile_writes_model_and_report(cnn_path, cnn_calib, tmp_path, capsys):
     out, report = tmp_path / "q.onnx", tmp_path / "r.json"
     before = sha256(cnn_path)
-    code = main(
-        [
-            "compile",
-            str(cnn_path),
-            "-o",
-            str(out),
-            "--calib",
-            str(cnn_calib),
-            "--report",
-            str(report),
-            "--bench-runs",
-            "3",
-            "--calib-method",
-            "mse",
-        ]
+    code = compile_cli(
+        cnn_path,
+        cnn_calib,
+        out,
+        "--report",
+        str(report),
+        "--bench-runs",
+        "3",
+        "--calib-method",
+        "mse",
     )
     assert code == 0
     assert sha256(cnn_path) == before
@@ -51,22 +46,7 @@ def test_inspect_explains_decisions(cnn_path, capsys):
 
 def test_bench_and_passes(cnn_path, cnn_calib, tmp_path, capsys):
     out = tmp_path / "q.onnx"
-    assert (
-        main(
-            [
-                "compile",
-                str(cnn_path),
-                "-o",
-                str(out),
-                "--calib",
-                str(cnn_calib),
-                "--quiet",
-                "--bench-runs",
-                "0",
-            ]
-        )
-        == 0
-    )
+    assert compile_cli(cnn_path, cnn_calib, out, "--quiet", "--bench-runs", "0") == 0
     assert (
         main(["bench", str(cnn_path), str(out), "--input-shape", "input=1,3,32,32", "--runs", "3"])
         == 0
@@ -100,20 +80,15 @@ def test_disable_pass(cnn_path, cnn_calib, tmp_path, capsys):
         raise AssertionError("unknown pass name accepted")
     out = tmp_path / "q.onnx"
     assert (
-        main(
-            [
-                "compile",
-                str(cnn_path),
-                "-o",
-                str(out),
-                "--calib",
-                str(cnn_calib),
-                "--quiet",
-                "--bench-runs",
-                "0",
-                "--disable-pass",
-                "FuseForQuantization",
-            ]
+        compile_cli(
+            cnn_path,
+            cnn_calib,
+            out,
+            "--quiet",
+            "--bench-runs",
+            "0",
+            "--disable-pass",
+            "FuseForQuantization",
         )
         == 0
     )
@@ -125,22 +100,17 @@ def test_bundled_example_compiles_as_the_readme_says(tmp_path):
 
     examples = Path(__file__).resolve().parent.parent / "models" / "examples"
     out, report = tmp_path / "cnn.int8.onnx", tmp_path / "cnn.report.json"
-    code = main(
-        [
-            "compile",
-            str(examples / "cnn.onnx"),
-            "-o",
-            str(out),
-            "--calib",
-            str(examples / "cnn_calib.npz"),
-            "--calib-batch-size",
-            "4",
-            "--report",
-            str(report),
-            "--quiet",
-            "--bench-runs",
-            "0",
-        ]
+    code = compile_cli(
+        examples / "cnn.onnx",
+        examples / "cnn_calib.npz",
+        out,
+        "--calib-batch-size",
+        "4",
+        "--report",
+        str(report),
+        "--quiet",
+        "--bench-runs",
+        "0",
     )
     assert code == 0
     data = json.loads(report.read_text())

@@ -11,9 +11,8 @@ from onnx import TensorProto, helper
 
 import qcompile
 from models import builders
-from qcompile.cli import main
 from qcompile.errors import QCompileError
-from tests.conftest import FAST, sha256
+from tests.conftest import FAST, compile_cli, sha256
 
 
 def _compile(model, calib, **kw):
@@ -169,9 +168,7 @@ def test_cli_user_error_exit_2_without_traceback(cnn_path, tmp_path, capsys):
     before = sha256(bad)
     calib = tmp_path / "c.npz"
     np.savez(calib, input=builders.images(4))
-    code = main(
-        ["compile", str(bad), "-o", str(tmp_path / "q.onnx"), "--calib", str(calib), "--quiet"]
-    )
+    code = compile_cli(bad, calib, tmp_path / "q.onnx", "--quiet")
     captured = capsys.readouterr()
     assert code == 2
     assert "Traceback" not in captured.err and "bad.onnx" in captured.err
@@ -179,15 +176,15 @@ def test_cli_user_error_exit_2_without_traceback(cnn_path, tmp_path, capsys):
     assert not (tmp_path / "q.onnx").exists()
 
 
-def _compile_cli(model, calib, out, *extra):
-    return main(["compile", str(model), "-o", str(out), "--calib", str(calib), "--quiet", *extra])
-
-
 def test_cli_bad_option_values_exit_2(cnn_path, cnn_calib, tmp_path, capsys):
     out = tmp_path / "q.onnx"
-    assert _compile_cli(cnn_path, cnn_calib, out, "--input-shape", "nosuch=1,3,32,32") == 2
+    assert (
+        compile_cli(cnn_path, cnn_calib, out, "--quiet", "--input-shape", "nosuch=1,3,32,32") == 2
+    )
     assert "nosuch" in capsys.readouterr().err
-    assert _compile_cli(cnn_path, cnn_calib, out, "--override", "stem_conv:colour=blue") == 2
+    assert (
+        compile_cli(cnn_path, cnn_calib, out, "--quiet", "--override", "stem_conv:colour=blue") == 2
+    )
     assert "colour" in capsys.readouterr().err
 
 
@@ -196,17 +193,7 @@ def test_cli_internal_error_exit_1(cnn_path, cnn_calib, tmp_path, monkeypatch, c
         raise ZeroDivisionError("simulated bug")
 
     monkeypatch.setattr("qcompile.api.build_plan", boom)
-    code = main(
-        [
-            "compile",
-            str(cnn_path),
-            "-o",
-            str(tmp_path / "q.onnx"),
-            "--calib",
-            str(cnn_calib),
-            "--quiet",
-        ]
-    )
+    code = compile_cli(cnn_path, cnn_calib, tmp_path / "q.onnx", "--quiet")
     err = capsys.readouterr().err
     assert code == 1 and "Traceback" in err and "simulated bug" in err
 

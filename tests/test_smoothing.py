@@ -61,6 +61,13 @@ def post_ln_block(seed=0, dim=32):
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
 
 
+def _assert_same_outputs(before, after, feeds):
+    """Every output of `after` equals `before`'s on every feed (FP32 equivalence)."""
+    for feed in feeds:
+        for a, b in zip(_run(before, feed), _run(after, feed), strict=True):
+            np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-4)
+
+
 def _smooth(proto, feeds, explicit=False, alpha=None):
     model, _ = run_phase(load_model(proto), "rewrite", canonicalize())
     groups = find_smooth_groups(model, explicit=explicit)
@@ -87,10 +94,7 @@ def test_post_ln_smoothing_keeps_outputs_and_twins_the_layernorm(alpha):
     lns = [n for n in after.graph if n.op_type == "LayerNormalization"]
     assert len(lns) == 2
     onnx.checker.check_model(ir.to_proto(after), full_check=True)
-    for feed in feeds:
-        np.testing.assert_allclose(
-            _run(after, feed)[0], _run(before, feed)[0], rtol=1e-4, atol=1e-4
-        )
+    _assert_same_outputs(before, after, feeds)
 
 
 def test_pre_ln_smoothing_folds_into_gamma_and_beta():
@@ -99,10 +103,7 @@ def test_pre_ln_smoothing_folds_into_gamma_and_beta():
     before, after, groups, p, _ = _smooth(proto, feeds, alpha=0.5)
     assert len(groups) == 2  # ln1 -> q/k/v, ln2 -> ffn1
     assert sum(n.op_type == "LayerNormalization" for n in after.graph) == 2  # folded, no twin
-    for feed in feeds:
-        np.testing.assert_allclose(
-            _run(after, feed)[0], _run(before, feed)[0], rtol=1e-4, atol=1e-4
-        )
+    _assert_same_outputs(before, after, feeds)
 
 
 def test_explicit_smoothing_inserts_mul_and_keeps_outputs():
@@ -111,10 +112,7 @@ def test_explicit_smoothing_inserts_mul_and_keeps_outputs():
     before, after, groups, _, _ = _smooth(proto, feeds, explicit=True, alpha=0.5)
     assert groups and all(g.producer is None for g in groups)
     assert any(n.op_type == "Mul" and n.name.endswith("_smooth") for n in after.graph)
-    for feed in feeds:
-        np.testing.assert_allclose(
-            _run(after, feed)[0], _run(before, feed)[0], rtol=1e-4, atol=1e-4
-        )
+    _assert_same_outputs(before, after, feeds)
 
 
 def test_smoothing_scales_formula():
@@ -208,9 +206,7 @@ def test_random_smoothing_groups_keep_fp32_outputs(case):
     ]
     before, after, groups, _, records = _smooth(proto, feeds, alpha=alpha)
     assert len(groups) == 1
-    for feed in feeds:
-        for a, b in zip(_run(before, feed), _run(after, feed), strict=True):
-            np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-4)
+    _assert_same_outputs(before, after, feeds)
     _, again = run_phase(
         after, "again", [SmoothQuant([], {}, cpu.PROFILE.activation, cpu.PROFILE.weight)]
     )
