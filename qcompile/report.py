@@ -42,6 +42,8 @@ class CompileReport:
     calib_seconds: float = 0.0
     calib_model_seconds: float = 0.0
     compile_seconds: float = 0.0
+    ort_run_seconds: float = 0.0  # inside ONNX Runtime running a model (calibration, measuring)
+    ort_session_seconds: float = 0.0  # inside ONNX Runtime building sessions
     passes: list[dict[str, Any]] = field(default_factory=list)
     quantized_ops: dict[str, int] = field(default_factory=dict)
     skipped_nodes: dict[str, str] = field(default_factory=dict)
@@ -55,6 +57,9 @@ class CompileReport:
     latency_quantized_ms: float | None = None
     bench_threads: int | None = None
     notes: list[str] = field(default_factory=list)
+    integer_only: bool = False
+    integer_ops: dict[str, int] = field(default_factory=dict)  # op type -> nodes lowered
+    float_islands: list[dict[str, str]] = field(default_factory=list)  # node, op_type, reason
 
     @property
     def speedup(self) -> float | None:
@@ -107,7 +112,22 @@ class CompileReport:
                 f"{self.latency_fp32_ms:.2f} ms → {self.latency_quantized_ms:.2f} ms "
                 f"({self.speedup:.2f}×, {self.bench_threads} threads)",
             )
-        summary.add_row("compile time", f"{self.compile_seconds:.2f}s")
+        summary.add_row(
+            "compile time",
+            f"{self.compile_seconds:.2f}s: {self.ort_run_seconds:.2f}s running the model and "
+            f"{self.ort_session_seconds:.2f}s building sessions in ONNX Runtime, "
+            f"{self.compile_seconds - self.ort_run_seconds - self.ort_session_seconds:.2f}s "
+            "in qcompile",
+        )
+        if self.integer_only:
+            summary.add_row(
+                "integer-only",
+                ", ".join(f"{k}×{v}" for k, v in sorted(self.integer_ops.items())) or "nothing",
+            )
+            summary.add_row(
+                "float islands",
+                ", ".join(f"{i['node']} ({i['op_type']})" for i in self.float_islands) or "none",
+            )
         for note in self.notes:
             summary.add_row("note", note)
         console.print(summary)

@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import collections
+import contextlib
+import contextvars
+import dataclasses
 import logging
 import os
 import statistics
 import tempfile
 import time
 from collections.abc import Mapping, Sequence
-from pathlib import Path
 
 import numpy as np
 import onnx
@@ -17,12 +19,65 @@ import onnx_ir as ir
 import onnxruntime as ort
 
 from qcompile.errors import QCompileError
-from qcompile.ir.io import EXTERNAL_DATA_THRESHOLD, model_nbytes
 
 logger = logging.getLogger(__name__)
 
 Feed = Mapping[str, np.ndarray]
 OptLevel = ort.GraphOptimizationLevel
+
+
+@dataclasses.dataclass
+class OrtClock:
+    """Wall time spent inside ONNX Runtime: building sessions and running the model.
+
+    Compile reports split their time with it, so "is compile time model execution or our
+    own Python?" is a measured number rather than a guess.
+    """
+
+    session_seconds: float = 0.0
+    run_seconds: float = 0.0
+    sessions: int = 0
+    runs: int = 0
+
+
+_CLOCK: contextvars.ContextVar[OrtClock | None] = contextvars.ContextVar("ort_clock", default=None)
+
+
+@contextlib.contextmanager
+def clocked():
+    """Account every session built and run in this context (threads started inside included)."""
+    clock = OrtClock()
+    token = _CLOCK.set(clock)
+    try:
+        yield clock
+    finally:
+        _CLOCK.reset(token)
+
+
+class TimedSession(ort.InferenceSession):
+    """An InferenceSession whose run() time is added to the active OrtClock."""
+
+    clock: OrtClock | None = None
+
+    def run(self, output_names, input_feed, run_options=None):
+        t0 = time.perf_counter()
+        try:
+            return super().run(output_names, input_feed, run_options)
+        finally:
+            if self.clock is not None:
+                self.clock.run_seconds += time.perf_counter() - t0
+                self.clock.runs += 1
+
+
+def _new_session(model: str | bytes, opts: ort.SessionOptions, usable: list[str]) -> TimedSession:
+    clock = _CLOCK.get()
+    t0 = time.perf_counter()
+    sess = TimedSession(model, opts, providers=usable)
+    sess.clock = clock
+    if clock is not None:
+        clock.session_seconds += time.perf_counter() - t0
+        clock.sessions += 1
+    return sess
 
 
 def available_providers() -> list[str]:
@@ -56,19 +111,72 @@ def make_session(
     opt_level: OptLevel = OptLevel.ORT_ENABLE_ALL,
     optimized_model_path: str | None = None,
 ) -> ort.InferenceSession:
-    """An InferenceSession for an in-memory or on-disk model; large models go through a file."""
+    """An InferenceSession for an in-memory or on-disk model.
+
+    In-memory models hand their weights to ORT as OrtValues over the arrays we already hold
+    (`add_external_initializers`), so building a session neither copies the weights into a
+    protobuf nor hits protobuf's 2 GB limit.
+    """
     opts = session_options(threads, opt_level, optimized_model_path)
     usable = [p for p in providers if p in available_providers()] or ["CPUExecutionProvider"]
     if isinstance(model, (str, os.PathLike)):
-        return ort.InferenceSession(str(model), opts, providers=usable)
-    ir_model = model if isinstance(model, ir.Model) else None
-    if ir_model is not None and model_nbytes(ir_model) > EXTERNAL_DATA_THRESHOLD:
-        with tempfile.TemporaryDirectory(prefix="qcompile-ort-") as tmp:
-            path = Path(tmp) / "model.onnx"
-            ir.save(ir_model, path, external_data="model.onnx.data")
-            return ort.InferenceSession(str(path), opts, providers=usable)
-    proto = ir.to_proto(model) if isinstance(model, ir.Model) else model
-    return ort.InferenceSession(proto.SerializeToString(), opts, providers=usable)
+        return _new_session(str(model), opts, usable)
+    if isinstance(model, onnx.ModelProto):
+        return _new_session(model.SerializeToString(), opts, usable)
+    with _weights_by_reference(model, opts) as keep_alive:
+        sess = _new_session(ir.to_proto(model).SerializeToString(), opts, usable)
+    sess.keep_alive = keep_alive  # ORT reads the weights from these arrays
+    return sess
+
+
+# numpy dtypes that an OrtValue can wrap without conversion.
+_WRAPPABLE = frozenset(
+    np.dtype(t)
+    for t in (np.float32, np.float64, np.float16, np.int8, np.uint8, np.int16, np.uint16)
+    + (np.int32, np.uint32, np.int64, np.uint64, np.bool_)
+)
+_BY_REFERENCE_MIN_BYTES = 1024
+
+
+@contextlib.contextmanager
+def _weights_by_reference(model: ir.Model, opts: ort.SessionOptions):
+    """Swap large main-graph initializers for external-data placeholders while serializing,
+    and register their arrays with the session options."""
+    swapped: list[tuple[ir.Value, ir.TensorProtocol]] = []
+    names, values, arrays = [], [], []
+    graph_inputs = set(model.graph.inputs)
+    try:
+        for name, value in model.graph.initializers.items():
+            tensor = value.const_value
+            if tensor is None or tensor.nbytes < _BY_REFERENCE_MIN_BYTES:
+                continue
+            if value in graph_inputs or not value.uses():
+                continue  # ORT drops unused initializers before it could replace them
+            if isinstance(tensor, ir.ExternalTensor) and not tensor.valid():
+                continue  # let ORT report the missing file as usual
+            array = tensor.numpy()
+            if array.dtype not in _WRAPPABLE or array.shape != tuple(tensor.shape.numpy()):
+                continue  # packed types (int4, float8, bfloat16): serialize them as usual
+            array = np.ascontiguousarray(array)
+            placeholder = ir.ExternalTensor(
+                "qcompile-in-memory",
+                offset=0,
+                length=array.nbytes,
+                dtype=tensor.dtype,
+                shape=tensor.shape,
+                name=name,
+            )
+            swapped.append((value, tensor))
+            value.const_value = placeholder
+            names.append(name)
+            arrays.append(array)
+            values.append(ort.OrtValue.ortvalue_from_numpy(array))
+        if names:
+            opts.add_external_initializers(names, values)
+        yield (arrays, values)
+    finally:
+        for value, tensor in swapped:
+            value.const_value = tensor
 
 
 def runner_factory(
@@ -134,15 +242,29 @@ def optimized_model(
     threads: int | None = 1,
 ) -> onnx.ModelProto:
     """The graph ORT actually runs after its optimizations (fusions included), weights omitted."""
+    return session_and_optimized_graph(model, providers=providers, threads=threads)[1]
+
+
+def session_and_optimized_graph(
+    model: ir.Model | onnx.ModelProto,
+    *,
+    providers: Sequence[str] = ("CPUExecutionProvider",),
+    threads: int | None = None,
+) -> tuple[TimedSession, onnx.ModelProto]:
+    """One session, plus the graph it runs: measuring and fusion checks share one build."""
     with tempfile.TemporaryDirectory(prefix="qcompile-opt-") as tmp:
         path = os.path.join(tmp, "optimized.onnx")
-        make_session(model, providers=providers, threads=threads, optimized_model_path=path)
-        return onnx.load(path, load_external_data=False)
+        sess = make_session(model, providers=providers, threads=threads, optimized_model_path=path)
+        return sess, onnx.load(path, load_external_data=False)
 
 
 def optimized_op_counts(model: ir.Model | onnx.ModelProto, **kwargs) -> dict[str, int]:
     """Op types in the graph ORT actually runs (QLinearConv etc. show what it fused)."""
-    return dict(collections.Counter(n.op_type for n in optimized_model(model, **kwargs).graph.node))
+    return op_counts(optimized_model(model, **kwargs))
+
+
+def op_counts(model: onnx.ModelProto) -> dict[str, int]:
+    return dict(collections.Counter(n.op_type for n in model.graph.node))
 
 
 def float_islands(model: ir.Model | onnx.ModelProto) -> dict[str, int]:
@@ -151,7 +273,12 @@ def float_islands(model: ir.Model | onnx.ModelProto) -> dict[str, int]:
     Each pays a dequantize and a quantize around float compute; many of them make an INT8
     model slower than FP32 (e.g. HardSwish in MobileNetV3: ORT has no integer kernel).
     """
-    graph = optimized_model(model).graph
+    return float_islands_in(optimized_model(model))
+
+
+def float_islands_in(optimized: onnx.ModelProto) -> dict[str, int]:
+    """float_islands() of a graph ORT already optimized."""
+    graph = optimized.graph
     producers = {out: n for n in graph.node for out in n.output}
     consumers: dict[str, list] = collections.defaultdict(list)
     for n in graph.node:

@@ -139,19 +139,22 @@ def smoothing_scales(absmax: np.ndarray, weights: Sequence[np.ndarray], alpha: f
 
 def quantized_product_error(
     rows: np.ndarray,
-    weights: Sequence[np.ndarray],
+    w: np.ndarray,
+    ref: np.ndarray,
     s: np.ndarray,
     act_spec: QuantSpec,
     weight_spec: QuantSpec,
 ) -> float:
-    """‖X·W − Q(X/s)·Q(s·W)‖² on sample rows (per-tensor activations, per-column weights)."""
-    w = np.concatenate(weights, axis=1).astype(np.float32)
+    """‖X·W − Q(X/s)·Q(s·W)‖² on sample rows (per-tensor activations, per-column weights).
+
+    `w` holds the consumers' weights side by side and `ref` = X·W, both computed once per
+    group rather than once per candidate alpha.
+    """
     xs = rows / s
     qx = fake_quantize(xs, range_to_qparams(float(xs.min()), float(xs.max()), act_spec))
     ws = w * s[:, None]
     bound = np.abs(ws).max(axis=0)
     qw = fake_quantize(ws, range_to_qparams(-bound, bound, weight_spec, axis=1))
-    ref = rows @ w
     return float(np.sum((ref - qx @ qw) ** 2))
 
 
@@ -202,16 +205,19 @@ class SmoothQuant(ir.passes.InPlacePass):
     def _choose(self, obs: ChannelObserver, weights: list[np.ndarray]) -> tuple[float, np.ndarray]:
         if self.alpha is not None:
             return self.alpha, smoothing_scales(obs.absmax, weights, self.alpha)
+        w = np.concatenate(weights, axis=1).astype(np.float32)
+        ref = obs.sample @ w
+
+        def error(s: np.ndarray) -> float:
+            return quantized_product_error(obs.sample, w, ref, s, self.act_spec, self.weight_spec)
+
         best = None
         for alpha in ALPHA_GRID:
             s = smoothing_scales(obs.absmax, weights, alpha)
-            err = quantized_product_error(obs.sample, weights, s, self.act_spec, self.weight_spec)
+            err = error(s)
             if best is None or err < best[0]:
                 best = (err, alpha, s)
-        # never worse than not smoothing at all
-        none = quantized_product_error(
-            obs.sample, weights, np.ones_like(best[2]), self.act_spec, self.weight_spec
-        )
+        none = error(np.ones_like(best[2]))  # never worse than not smoothing at all
         if none <= best[0]:
             return 0.0, np.ones_like(best[2])
         return best[1], best[2]

@@ -112,9 +112,14 @@ def _broadcast(p: np.ndarray, x: np.ndarray, axis: int | None) -> np.ndarray:
 def quantize(x: np.ndarray, qp: QParams) -> np.ndarray:
     """ONNX QuantizeLinear: saturate(round_half_even(x / scale) + zero_point)."""
     scale = _broadcast(qp.scale, x, qp.axis).astype(np.float32)
-    zp = _broadcast(qp.zero_point, x, qp.axis).astype(np.int32)
-    q = np.rint(x.astype(np.float32) / scale) + zp
-    return np.clip(q, qp.spec.qmin, qp.spec.qmax).astype(qp.spec.numpy_dtype)
+    zp = _broadcast(qp.zero_point, x, qp.axis).astype(np.float32)
+    # In place on one float32 buffer (embedding tables have tens of millions of values).
+    # Adding the zero point in float32 is exact below 2**24 and saturates above it anyway.
+    q = np.asarray(np.divide(np.asarray(x, np.float32), scale, dtype=np.float32))
+    np.rint(q, out=q)
+    q += zp
+    np.clip(q, qp.spec.qmin, qp.spec.qmax, out=q)
+    return q.astype(qp.spec.numpy_dtype)
 
 
 def dequantize(q: np.ndarray, qp: QParams) -> np.ndarray:

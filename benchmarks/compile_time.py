@@ -1,0 +1,118 @@
+"""Where compile time goes: model execution in ONNX Runtime vs qcompile's own work.
+
+    python -m benchmarks.compile_time --models all --repeat 1,4   # writes COMPILE_TIME.md
+
+Each zoo model is compiled for the CPU target twice: on its benchmark calibration set, and
+on that set repeated `k` times (same feeds; only the amount of work changes). The report's
+clock (qcompile.backends.ort.OrtClock) splits the wall time into
+- ORT run: inside InferenceSession.run (calibration, SmoothQuant statistics, measuring),
+- ORT sessions: building InferenceSessions,
+- observers: histogram/statistics work on the activations (numpy kernels, thread pool),
+- the rest: import, rewrite passes, parameter search, QDQ insertion, checker, report.
+The marginal rows (difference between the two sizes) show what each extra feed costs.
+Latency benchmarking is off (bench_runs=0): it is model execution but not compile work.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import platform
+import statistics
+from pathlib import Path
+
+import qcompile
+from models import datasets, zoo
+
+HERE = Path(__file__).parent
+
+
+def _split(report) -> dict[str, float]:
+    observers = report.calib_seconds - report.calib_model_seconds
+    ort_total = report.ort_run_seconds + report.ort_session_seconds
+    return {
+        "total": report.compile_seconds,
+        "ORT run": report.ort_run_seconds,
+        "ORT sessions": report.ort_session_seconds,
+        "observers": observers,
+        "rest": report.compile_seconds - ort_total - observers,
+        "feeds": report.calib_batches + report.holdout_batches,
+    }
+
+
+def measure(name: str, repeats: list[int], trials: int) -> list[tuple[int, dict[str, float]]]:
+    path = zoo.fetch(name)
+    task = datasets.task_data(name, path)
+    rows = []
+    for k in repeats:
+        runs = []
+        for _ in range(trials):
+            res = qcompile.compile(
+                path, target="cpu", calibration=task.calibration * k, progress=False, bench_runs=0
+            )
+            runs.append(_split(res.report))
+        rows.append((k, {key: statistics.median(r[key] for r in runs) for key in runs[0]}))
+    return rows
+
+
+def _table(results: dict[str, list[tuple[int, dict[str, float]]]]) -> list[str]:
+    cols = ("total", "ORT run", "ORT sessions", "observers", "rest")
+    lines = [
+        "| model | calibration | feeds | "
+        + " | ".join(f"{c} (s)" for c in cols)
+        + " | ORT share |",
+        "|---|---|---|" + "---|" * len(cols) + "---|",
+    ]
+    for name, rows in results.items():
+        for k, s in rows:
+            share = (s["ORT run"] + s["ORT sessions"]) / s["total"]
+            lines.append(
+                f"| {name} | ×{k} | {s['feeds']:.0f} | "
+                + " | ".join(f"{s[c]:.2f}" for c in cols)
+                + f" | {share:.0%} |"
+            )
+        (k0, a), (k1, b) = rows[0], rows[-1]
+        if k1 != k0:
+            d = {c: b[c] - a[c] for c in (*cols, "feeds")}
+            share = (d["ORT run"] + d["ORT sessions"]) / d["total"]
+            lines.append(
+                f"| {name} | marginal ×{k0}→×{k1} | +{d['feeds']:.0f} | "
+                + " | ".join(f"{d[c]:+.2f}" for c in cols)
+                + f" | {share:.0%} |"
+            )
+    return lines
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", default="all", help="comma-separated zoo names or 'all'")
+    parser.add_argument("--repeat", default="1,4", help="calibration-set multiples")
+    parser.add_argument("--trials", type=int, default=3, help="compiles per size (median)")
+    parser.add_argument("--out", default=str(HERE / "COMPILE_TIME.md"))
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.ERROR)
+    names = list(zoo.ZOO) if args.models == "all" else args.models.split(",")
+    repeats = [int(k) for k in args.repeat.split(",")]
+    results = {}
+    for name in names:
+        results[name] = measure(name, repeats, args.trials)
+        print("\n".join(_table({name: results[name]})[2:]), flush=True)
+    text = [
+        "# Where qcompile's compile time goes",
+        "",
+        f"`python -m benchmarks.compile_time --models {args.models} --repeat {args.repeat} "
+        f"--trials {args.trials}` on {platform.processor() or platform.machine()}, "
+        f"Python {platform.python_version()}; medians of {args.trials} compiles, CPU target, "
+        "default (MSE) calibration, no latency benchmark. See the module docstring for the "
+        "columns.",
+        "",
+        *_table(results),
+        "",
+    ]
+    Path(args.out).write_text("\n".join(text))
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
