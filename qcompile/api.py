@@ -7,6 +7,7 @@ import → rewrite → plan → calibrate → quantize → lower → check → m
 from __future__ import annotations
 
 import collections
+import dataclasses
 import logging
 import os
 import time
@@ -27,6 +28,7 @@ from qcompile.passes.manager import pass_name, run_phase
 from qcompile.passes.smoothing import ChannelObserver, find_smooth_groups
 from qcompile.quantize.calibration import calibrate, extra_outputs
 from qcompile.quantize.data import Feed, ImageSpec, input_specs, open_calibration
+from qcompile.quantize.integer import LowerToIntegerOnly
 from qcompile.quantize.plan import QuantPlan, build_plan, nodes_touching
 from qcompile.quantize.qdq import InsertQDQ, effective_qparams
 from qcompile.quantize.qparams import QParams, fake_quantize
@@ -53,10 +55,13 @@ def make_options(**kwargs: Any) -> CompileOptions:
         raise QCompileError(
             f"unknown option '{unknown[0]}'", hint=f"options are: {', '.join(sorted(known))}"
         )
-    if "exclude" in kwargs:
-        kwargs["exclude"] = tuple(
-            m if isinstance(m, NodeMatcher) else NodeMatcher(m) for m in kwargs["exclude"]
-        )
+    for key in ("exclude", "allow_float"):
+        if key in kwargs:
+            if isinstance(kwargs[key], (str, NodeMatcher)):
+                kwargs[key] = (kwargs[key],)
+            kwargs[key] = tuple(
+                m if isinstance(m, NodeMatcher) else NodeMatcher(m) for m in kwargs[key]
+            )
     if "overrides" in kwargs:
         kwargs["overrides"] = tuple(
             o if isinstance(o, NodeOverride) else NodeOverride.parse(o) for o in kwargs["overrides"]
@@ -78,6 +83,24 @@ def compile(  # noqa: A001 - the public name users expect
 ) -> CompileResult:
     """Quantize `model` for `target`; optionally write it to `output` (atomically)."""
     start = time.perf_counter()
+    with ort_backend.clocked() as clock:
+        result = _compile(model, target, calibration, image_spec, options, output, option_kwargs)
+    report = result.report
+    report.compile_seconds = time.perf_counter() - start
+    report.ort_session_seconds = clock.session_seconds
+    report.ort_run_seconds = clock.run_seconds
+    return result
+
+
+def _compile(
+    model: ModelSource,
+    target: str,
+    calibration: CalibrationInput,
+    image_spec: ImageSpec | None,
+    options: CompileOptions | None,
+    output: str | os.PathLike | None,
+    option_kwargs: dict[str, Any],
+) -> CompileResult:
     if options is None:
         options = make_options(**option_kwargs)
     elif option_kwargs:
@@ -88,6 +111,7 @@ def compile(  # noqa: A001 - the public name users expect
     target_module = get_target(target)
     pipe = target_module.pipeline(options)
     profile = pipe.profile
+    _check_bit_widths(profile, options)
 
     # Import and canonicalize.
     graph_model = load_model(model)
@@ -154,13 +178,18 @@ def compile(  # noqa: A001 - the public name users expect
     if unbounded:
         # e.g. attention masks filled with -inf/finfo.min: keep their nodes FP32.
         plan = _demote(graph_model, plan, unbounded, profile, options)
-    qparams = {t: stats.qparams(t, profile.activation) for t in plan.calibrated_tensors}
-    fp32_model = ir.from_proto(ir.to_proto(graph_model))
+    qparams = {
+        t: stats.qparams(t, _activation_spec(profile, plan, t)) for t in plan.calibrated_tensors
+    }
+    fp32_proto = ir.to_proto(graph_model)
+    fp32_model = ir.from_proto(fp32_proto)
 
     # Quantize and lower.
     quantize_passes = pipe.quantize(plan, qparams)
     graph_model, q_records = run_phase(graph_model, "quantize", quantize_passes, skip=skip)
     graph_model, l_records = run_phase(graph_model, "lower", pipe.lower, skip=skip)
+    lowering = next((p for p in pipe.lower if isinstance(p, LowerToIntegerOnly)), None)
+    _check_islands(lowering, options)
     proto = ir.to_proto(graph_model)
     try:
         onnx.checker.check_model(proto, full_check=True)
@@ -193,9 +222,12 @@ def compile(  # noqa: A001 - the public name users expect
         quantized_ops=dict(collections.Counter(op_types[n] for n in plan.nodes)),
         skipped_nodes=dict(plan.skipped),
         removed_activations=list(insert.removed_activations) if insert else [],
-        size_fp32_bytes=ir.to_proto(fp32_model).ByteSize(),
+        size_fp32_bytes=fp32_proto.ByteSize(),
         size_quantized_bytes=proto.ByteSize(),
         notes=list(profile.notes),
+        integer_only=lowering is not None,
+        integer_ops=dict(lowering.lowered) if lowering else {},
+        float_islands=[dataclasses.asdict(i) for i in lowering.islands] if lowering else [],
     )
     measure(
         report,
@@ -211,8 +243,46 @@ def compile(  # noqa: A001 - the public name users expect
     if output is not None:
         save_model(graph_model, output)
         report.output_model = str(output)
-    report.compile_seconds = time.perf_counter() - start
     return CompileResult(graph_model, report, plan)
+
+
+def _check_bit_widths(profile, options: CompileOptions) -> None:
+    if profile.name == "fpga":
+        return
+    asked = options.weight_bits != 8 or options.activation_bits != 8
+    asked |= any(o.weight_bits or o.activation_bits for o in options.overrides)
+    if asked:
+        raise QCompileError(
+            f"bit widths other than 8 are for the FPGA-like target, not '{profile.name}'",
+            hint="compile with --target fpga (ONNX Runtime's CPU/GPU kernels are 8-bit)",
+        )
+
+
+def _activation_spec(profile, plan: QuantPlan, tensor: str):
+    bits = plan.tensor_bits.get(tensor)
+    return (
+        profile.activation if bits is None else dataclasses.replace(profile.activation, bits=bits)
+    )
+
+
+def _check_islands(lowering: LowerToIntegerOnly | None, options: CompileOptions) -> None:
+    """Float islands in an integer-only graph must be ones the user allowed."""
+    if lowering is None:
+        return
+    # an island is allowed as a whole when the user allowed any of its ops (the Relu right
+    # after an allowed ConvTranspose stays float with it)
+    allowed = {i.group for i in lowering.islands if options.float_allowed(i.node, i.op_type)}
+    refused = [i for i in lowering.islands if i.group not in allowed]
+    if refused:
+        listed = "; ".join(f"{i.node} ({i.op_type}: {i.reason})" for i in refused[:8])
+        ops = sorted({i.op_type for i in refused})
+        raise QCompileError(
+            f"{len(refused)} op(s) stay float inside the integer-only graph: {listed}",
+            node=refused[0].node,
+            hint="allow them with "
+            + " ".join(f"--allow-float op:{op}" for op in ops)
+            + ", keep them FP32 with --exclude, or compile without --integer-only",
+        )
 
 
 def _demote(
@@ -295,67 +365,80 @@ def measure(
         report.notes.append(
             f"{providers[0]} is not available here: accuracy and latency were measured on {used}"
         )
-    fp32_sess = make(fp32_model, providers=providers, threads=options.threads)
-    q_sess = make(q_model, providers=providers, threads=options.threads)
-    out_names = [o.name for o in fp32_sess.get_outputs()]
-    sums = {name: [0.0, 0.0, 0.0, 0.0, 0.0] for name in out_names}  # signal, noise, dot, |a|², |b|²
-    for feed in feeds:
-        for name, a, b in zip(
-            out_names, fp32_sess.run(None, dict(feed)), q_sess.run(None, dict(feed)), strict=True
-        ):
-            _accumulate(sums[name], a, b)
-    report.outputs = [OutputReport(n, _sqnr(s), _cos(s)) for n, s in sums.items()]
-
-    # Per-tensor errors through instrumented copies (extra outputs only).
+    # Sessions are the expensive part of measuring, so each is built once and reused:
+    # - the FP32 model, instrumented with the quantized tensors as extra outputs, gives both
+    #   the reference outputs and the reference tensors (extra outputs do not change values);
+    # - the deployed quantized model, fully optimized (its optimized graph gives the fused op
+    #   counts), gives the outputs users will see;
+    # - the quantized model, instrumented at its dequantizers, gives per-tensor errors (it
+    #   cannot be the deployed one: reading a dequantizer's output blocks ORT's fusions).
+    on_cpu = providers[0] == "CPUExecutionProvider"
+    if on_cpu:
+        q_sess, optimized = ort_backend.session_and_optimized_graph(
+            q_model, providers=providers, threads=options.threads
+        )
+        report.ort_ops = ort_backend.op_counts(optimized)
+    else:
+        q_sess, optimized = make(q_model, providers=providers, threads=options.threads), None
+    out_names = [o.name for o in q_sess.get_outputs()]
     inputs = {v.name for v in fp32_model.graph.inputs}
     tensors = [t for t in plan.tensors if t in dq_outputs]
     with (
         extra_outputs(fp32_model, tensors) as fp_added,
         extra_outputs(q_model, [dq_outputs[t] for t in tensors]) as q_added,
     ):
-        fp_inst = make(
-            fp32_model, threads=options.threads, opt_level=ort_backend.OptLevel.ORT_ENABLE_BASIC
-        )
-        q_inst = make(
-            q_model, threads=options.threads, opt_level=ort_backend.OptLevel.ORT_ENABLE_BASIC
+        fp_sess = make(fp32_model, providers=providers, threads=options.threads)
+        q_inst = (
+            make(q_model, threads=options.threads, opt_level=ort_backend.OptLevel.ORT_ENABLE_BASIC)
+            if q_added
+            else None
         )
     fp_run = [t for t in tensors if t in set(fp_added)]
     tensors = [t for t in tensors if (t in inputs or t in fp_run) and dq_outputs[t] in set(q_added)]
     fp_run = [t for t in fp_run if t in tensors]
+    sums = {name: [0.0] * 5 for name in out_names}  # signal, noise, dot, |a|², |b|²
     acc = {t: [0.0] * 5 for t in tensors}
     local = {t: [0.0] * 5 for t in tensors}
-    for feed in feeds if tensors else ():
+    effective = {t: effective_qparams(plan, qparams, t) for t in tensors}
+    for feed in feeds:
+        fp_all = fp_sess.run(out_names + fp_run, dict(feed))
+        q_out = q_sess.run(out_names, dict(feed))
+        for name, a, b in zip(out_names, fp_all[: len(out_names)], q_out, strict=True):
+            _accumulate(sums[name], a, b)
+        if not tensors:
+            continue
         fp_vals = {t: feed[t] for t in tensors if t in inputs}
-        if fp_run:  # (ORT runs every output for an empty list)
-            fp_vals.update(zip(fp_run, fp_inst.run(fp_run, dict(feed)), strict=True))
-        q_vals = dict(
-            zip(tensors, q_inst.run([dq_outputs[t] for t in tensors], dict(feed)), strict=True)
-        )
-        for t in tensors:
-            qp = effective_qparams(plan, qparams, t)
-            _accumulate(acc[t], fp_vals[t], q_vals[t])
-            _accumulate(local[t], fp_vals[t], fake_quantize(fp_vals[t], qp))
+        fp_vals.update(zip(fp_run, fp_all[len(out_names) :], strict=True))
+        q_vals = q_inst.run([dq_outputs[t] for t in tensors], dict(feed))
+        for t, q_val in zip(tensors, q_vals, strict=True):
+            _accumulate(acc[t], fp_vals[t], q_val)
+            _accumulate(local[t], fp_vals[t], fake_quantize(fp_vals[t], effective[t]))
+    report.outputs = [OutputReport(n, _sqnr(s), _cos(s)) for n, s in sums.items()]
     report.tensors = [
         TensorReport(
             t,
-            float(effective_qparams(plan, qparams, t).scale),
-            int(effective_qparams(plan, qparams, t).zero_point),
+            float(effective[t].scale),
+            int(effective[t].zero_point),
             _sqnr(local[t]),
             _sqnr(acc[t]),
         )
         for t in tensors
     ]
-    if "CPUExecutionProvider" in providers and providers[0] == "CPUExecutionProvider":
-        report.ort_ops = ort_backend.optimized_op_counts(q_model, threads=1)
     if options.bench_runs and feeds:
         threads = options.threads or os.cpu_count() or 1
         f_s = make(fp32_model, providers=providers, threads=threads)
-        q_s = make(q_model, providers=providers, threads=threads)
+        q_s = (
+            make(q_model, providers=providers, threads=threads)
+            if threads != options.threads
+            else q_sess
+        )
         lat = ort_backend.bench({"fp32": f_s, "q": q_s}, feeds[0], runs=options.bench_runs)
         report.latency_fp32_ms, report.latency_quantized_ms = lat["fp32"], lat["q"]
         report.bench_threads = threads
         if report.speedup is not None and report.speedup < 1.0:
-            islands = ort_backend.float_islands(q_model)
+            islands = ort_backend.float_islands_in(
+                optimized or ort_backend.optimized_model(q_model)
+            )
             where = ", ".join(f"{op}×{n}" for op, n in sorted(islands.items())) or "none found"
             note = (
                 f"the quantized model is {1 / report.speedup:.2f}× SLOWER than FP32 here; float ops "

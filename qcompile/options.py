@@ -22,6 +22,11 @@ def _check_method(method: str | None, what: str) -> None:
         )
 
 
+def _check_bits(bits: int | None, what: str) -> None:
+    if bits is not None and not 2 <= bits <= 8:
+        raise QCompileError(f"{what} must be in 2..8, got {bits}")
+
+
 def _check_percentile(p: float | None) -> None:
     if p is not None and not 50.0 < p <= 100.0:
         raise QCompileError(f"percentile must be in (50, 100], got {p}")
@@ -59,14 +64,19 @@ class NodeOverride:
     per_channel: bool | None = None
     calib_method: CalibMethod | None = None
     percentile: float | None = None
+    weight_bits: int | None = None  # FPGA target: this node's weights
+    activation_bits: int | None = None  # FPGA target: this node's output
 
     def __post_init__(self) -> None:
         _check_method(self.calib_method, f"override '{self.match.pattern}'")
         _check_percentile(self.percentile)
+        _check_bits(self.weight_bits, f"override '{self.match.pattern}': weight_bits")
+        _check_bits(self.activation_bits, f"override '{self.match.pattern}': activation_bits")
 
     @classmethod
     def parse(cls, text: str) -> NodeOverride:
-        """Parse 'PATTERN:key=value,...' (keys: exclude, per_channel, calib_method, percentile)."""
+        """Parse 'PATTERN:key=value,...' (keys: exclude, per_channel, calib_method, percentile,
+        weight_bits, activation_bits)."""
         pattern, sep, settings = text.rpartition(":")
         if not sep or not pattern or "=" not in settings:
             raise QCompileError(
@@ -83,6 +93,11 @@ class NodeOverride:
                 kwargs[key] = value.lower() in ("true", "1")
             elif key == "calib_method":
                 kwargs[key] = value
+            elif key in ("weight_bits", "activation_bits"):
+                try:
+                    kwargs[key] = int(value)
+                except ValueError as exc:
+                    raise QCompileError(f"override '{text}': {key} must be an integer") from exc
             elif key == "percentile":
                 try:
                     kwargs[key] = float(value)
@@ -91,7 +106,8 @@ class NodeOverride:
             else:
                 raise QCompileError(
                     f"override '{text}': unknown key '{key}'",
-                    hint="keys are exclude, per_channel, calib_method, percentile",
+                    hint="keys are exclude, per_channel, calib_method, percentile, weight_bits, "
+                    "activation_bits",
                 )
         return cls(match=NodeMatcher(pattern), **kwargs)  # type: ignore[arg-type]
 
@@ -121,6 +137,19 @@ class CompileOptions:
     # Every n-th calibration feed is held out for the report (and not calibrated on).
     holdout_every: int = 5
     verify_passes: bool = False
+    # Integer-only lowering (always on for the FPGA target): only integer ops between the
+    # input quantizer and the output dequantizer. Float islands must be allowed by name,
+    # op:TYPE or re:REGEX; Softmax and LayerNormalization are allowed unless
+    # allow_float is given explicitly.
+    integer_only: bool = False
+    allow_float: tuple[NodeMatcher, ...] = (
+        NodeMatcher("op:Softmax"),
+        NodeMatcher("op:LayerNormalization"),
+    )
+    # FPGA target: default bit widths (per node: overrides) and scale form
+    weight_bits: int = 8
+    activation_bits: int = 8
+    pow2_scales: bool = True
     bench_runs: int = 20
     threads: int | None = None
     progress: bool = True
@@ -137,6 +166,8 @@ class CompileOptions:
             raise QCompileError("holdout_every must be >= 2 (at least every other feed calibrates)")
         if self.smooth_alpha is not None and not 0.0 <= self.smooth_alpha <= 1.0:
             raise QCompileError(f"smooth_alpha must be in [0, 1], got {self.smooth_alpha}")
+        _check_bits(self.weight_bits, "weight_bits")
+        _check_bits(self.activation_bits, "activation_bits")
         if self.bench_runs < 0:
             raise QCompileError("bench_runs must be >= 0")
         if self.threads is not None and self.threads < 1:
@@ -148,6 +179,12 @@ class CompileOptions:
             if override.match.matches(node_name, op_type):
                 found = override
         return found
+
+    def float_allowed(self, node_name: str, op_type: str) -> bool:
+        """May this node stay a float island in an integer-only graph?"""
+        return self.is_excluded(node_name, op_type) or any(
+            m.matches(node_name, op_type) for m in self.allow_float
+        )
 
     def is_excluded(self, node_name: str, op_type: str) -> bool:
         if any(m.matches(node_name, op_type) for m in self.exclude):

@@ -49,7 +49,10 @@ def test_compiles_to_valid_accurate_model(name, target):
     margin = 3.0 if target == "fpga" else 0.0  # power-of-two scales cost a few dB
     assert result.report.min_output_sqnr_db > min_sqnr - margin
     assert result.report.outputs[0].cosine > 0.99
-    assert result.report.size_quantized_bytes < 0.6 * result.report.size_fp32_bytes
+    # The FPGA target is integer-only: each requantization is ~17 small nodes (about 1.5 KB
+    # of graph per layer), which on these tiny test models weighs as much as their weights.
+    ratio = 0.7 if target == "fpga" else 0.6
+    assert result.report.size_quantized_bytes < ratio * result.report.size_fp32_bytes
     ops = {n.op_type for n in proto.graph.node}
     assert {"QuantizeLinear", "DequantizeLinear"} <= ops
 

@@ -70,6 +70,9 @@ class QuantPlan:
     alias_sources: set[str] = field(default_factory=set)
     # per-node overrides that apply to tensors (tensor -> (calib_method, percentile))
     tensor_methods: dict[str, tuple[str, float]] = field(default_factory=dict)
+    # per-node bit-width overrides: weight node -> bits, activation tensor -> bits
+    weight_bits: dict[str, int] = field(default_factory=dict)
+    tensor_bits: dict[str, int] = field(default_factory=dict)
 
     @property
     def calibrated_tensors(self) -> list[str]:
@@ -110,8 +113,8 @@ def _weight_axis(
 
 def _node_kind(node: ir.Node, profile: TargetProfile, options: CompileOptions) -> NodeKind | None:
     op = node.op_type
-    if node.domain not in ("", "ai.onnx"):
-        return None
+    if node.domain not in ("", "ai.onnx") and (node.domain, op) != ("com.microsoft", "Gelu"):
+        return None  # (com.microsoft's Gelu is ONNX's erf GELU before opset 20)
     if op in profile.compute_ops:
         return "compute"
     if op == "Softmax" and not options.quantize_softmax:
@@ -211,7 +214,9 @@ def build_plan(
             kept[node.name] = any(reaches_int(out) for out in node.outputs)
         return kept[node.name]
 
-    for node in reversed(nodes):
+    # Integer-only graphs want every op in integers, chain or not: rules 1b and 1c are off.
+    integer_only = profile.integer_only or options.integer_only
+    for node in () if integer_only else reversed(nodes):
         name = node.name or ""
         if kinds.get(name) in ("arith", "compute") and _chain_only(node) and not keep_arith(node):
             del kinds[name]
@@ -225,7 +230,7 @@ def build_plan(
     # explicit scale) gains nothing from an integer kernel unless its input already is
     # integer: quantizing both sides would round twice. Its output is quantized by its
     # consumers instead.
-    for node in nodes:
+    for node in () if integer_only else nodes:
         name = node.name or ""
         if kinds.get(name) != "arith" or node.op_type not in ("Mul", "Add"):
             continue
@@ -323,8 +328,8 @@ def build_plan(
         plan.tensors.setdefault(source, source)
         plan.consumers.setdefault(source, [])
         plan.alias_sources.add(source)
-        if alias in plan.tensors:
-            plan.tensors[alias] = plan.tensors[source]
+        # the Mul is removed either way, so float readers also go through the alias's DQ
+        plan.tensors[alias] = plan.tensors[source]
 
     # 5. Data-movement outputs share their input's parameters.
     for node in nodes:
@@ -338,14 +343,20 @@ def build_plan(
             if out.name in plan.tensors:
                 plan.tensors[out.name] = plan.tensors.get(src, src)
 
-    # 6. Per-node calibration overrides apply to the node's output tensors.
+    # 6. Per-node calibration and bit-width overrides apply to the node's output tensors.
     for node in nodes:
         override = options.override_for(node.name or "", node.op_type)
-        if override is None or override.calib_method is None and override.percentile is None:
+        if override is None:
             continue
+        if override.weight_bits is not None and any(w.node == node.name for w in plan.weights):
+            plan.weight_bits[node.name] = override.weight_bits
         outs = [fused_output[node.name]] if node.name in fused_output else node.outputs
         for out in outs:
-            if out.name in plan.tensors:
+            if out.name not in plan.tensors:
+                continue
+            if override.activation_bits is not None:
+                plan.tensor_bits[out.name] = override.activation_bits
+            if override.calib_method is not None or override.percentile is not None:
                 plan.tensor_methods[out.name] = (
                     override.calib_method or options.calib_method,
                     override.percentile or options.percentile,

@@ -10,6 +10,7 @@ reproduces them exactly.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Mapping
 
@@ -170,7 +171,10 @@ class InsertQDQ(ir.passes.InPlacePass):
             node = nodes[w.node]
             value = node.inputs[w.input_index]
             array = value.const_value.numpy().astype(np.float32)
-            qp = weight_qparams(array, self.weight_spec, w.axis)
+            spec = self.weight_spec
+            if w.node in self.plan.weight_bits:
+                spec = dataclasses.replace(spec, bits=self.plan.weight_bits[w.node])
+            qp = weight_qparams(array, spec, w.axis)
             bias = biases.get(w.node)
             x_qp = effective_qparams(self.plan, self.qparams, bias.activation) if bias else None
             if bias is not None:
@@ -250,14 +254,32 @@ class InsertQDQ(ir.passes.InPlacePass):
             "QuantizeLinear", [value, scale, zp], name=names.make(f"{base}_QuantizeLinear")
         )
         q_node.outputs[0].name = names.make(f"{base}_quantized")
-        dq_node = _dequantize_node(names, base, [q_node.outputs[0], scale, zp], None, value.shape)
+        added = [q_node]
+        q_out = q_node.outputs[0]
+        q_out.dtype, q_out.shape = ir.DataType.from_numpy(q_dtype(qp)), value.shape
+        if (qp.spec.qmin, qp.spec.qmax) != _storage_range(qp.spec):
+            # narrower than its int8/uint8 storage (2-7 bits): QuantizeLinear saturates at
+            # the storage type's bounds only, so an integer Clip narrows the range
+            lo = self._initializer(
+                graph, names, f"{base}_qmin", np.asarray(qp.spec.qmin, q_dtype(qp))
+            )
+            hi = self._initializer(
+                graph, names, f"{base}_qmax", np.asarray(qp.spec.qmax, q_dtype(qp))
+            )
+            clip = ir.node("Clip", [q_out, lo, hi], name=names.make(f"{base}_narrow"))
+            clip.outputs[0].name = names.make(f"{base}_quantized_{qp.spec.bits}bit")
+            added.append(clip)
+            clip.outputs[0].dtype, clip.outputs[0].shape = q_out.dtype, q_out.shape
+            q_out = clip.outputs[0]
+        dq_node = _dequantize_node(names, base, [q_out, scale, zp], None, value.shape)
+        added.append(dq_node)
         dq_out = dq_node.outputs[0]
         producer = value.producer()
         if producer is not None:
-            graph.insert_after(producer, [q_node, dq_node])
+            graph.insert_after(producer, added)
         else:
-            graph.insert_before(next(iter(graph)), [q_node, dq_node])
-        return q_node.outputs[0], dq_out
+            graph.insert_before(next(iter(graph)), added)
+        return q_out, dq_out
 
     def _quantize_weight(
         self, graph: ir.Graph, names: _Names, value: ir.Value, w: np.ndarray, qp: QParams
@@ -316,6 +338,15 @@ def _dequantize_node(
     out.name = names.make(f"{base}_dequantized")
     out.dtype, out.shape = ir.DataType.FLOAT, shape
     return dq
+
+
+def q_dtype(qp: QParams) -> np.dtype:
+    return qp.spec.numpy_dtype
+
+
+def _storage_range(spec) -> tuple[int, int]:
+    info = np.iinfo(spec.numpy_dtype)
+    return int(info.min), int(info.max)
 
 
 def effective_qparams(plan: QuantPlan, qparams: Mapping[str, QParams], tensor: str) -> QParams:

@@ -16,9 +16,15 @@ from qcompile.passes.fusion import FuseForQuantization
 from qcompile.passes.smoothing import SmoothQuant
 from qcompile.pipeline import Calibration, Pipeline, QuantizePhase, SmoothPhase
 from qcompile.quantize.embeddings import QuantizeEmbeddings
+from qcompile.quantize.integer import LowerToIntegerOnly
 from qcompile.quantize.qdq import InsertQDQ
 from qcompile.quantize.qparams import QuantSpec
-from qcompile.targets.profile import ARITH_OPS, COMPUTE_OPS, TargetProfile
+from qcompile.targets.profile import (
+    ARITH_OPS,
+    COMPUTE_OPS,
+    TargetProfile,
+    integer_only_variant,
+)
 
 PROFILE = TargetProfile(
     name="cpu",
@@ -53,12 +59,21 @@ def finalize() -> list[ir.passes.PassBase]:
     return [common_passes.RemoveUnusedNodesPass(), common_passes.TopologicalSortPass()]
 
 
+def lower(options: CompileOptions) -> list[ir.passes.PassBase]:
+    """The QDQ graph as is, or lowered to integer-only arithmetic (--integer-only)."""
+    if not options.integer_only:
+        return finalize()
+    return [*finalize(), LowerToIntegerOnly()]
+
+
 def pipeline(options: CompileOptions, profile: TargetProfile = PROFILE) -> Pipeline:
+    if options.integer_only:
+        profile = integer_only_variant(profile)
     return Pipeline(
         profile=profile,
         rewrite=rewrite(),
         smooth=smooth(profile, options),
         calibrate=Calibration(options.calib_method, options.percentile),
         quantize=quantize(profile),
-        lower=finalize(),
+        lower=lower(options),
     )

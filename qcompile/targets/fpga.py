@@ -1,18 +1,23 @@
-"""FPGA-like target (placeholder until integer-only lowering lands).
+"""FPGA-like target: integer-only dataflow with arbitrary bit widths (QONNX/FINN style).
 
-Power-of-two scales so requantization is a shift; symmetric S8 everywhere. Arbitrary
-2-8 bit widths, QONNX export and the cost model come with the integer-only issue; until
-then this target produces a QDQ model with power-of-two scales that ORT runs.
+- activations and weights signed symmetric, 2-8 bits each (`weight_bits`,
+  `activation_bits`, and per node through overrides), stored in int8;
+- power-of-two scales by default, so every requantization is a shift (multiplier 1);
+- the graph is always lowered to integer-only arithmetic (`LowerToIntegerOnly`);
+- `qcompile.backends.qonnx` exports it as QONNX (Quant nodes with bit widths) and
+  `qcompile.targets.fpga_cost` estimates per-layer cost for the report.
 """
 
 from __future__ import annotations
+
+import dataclasses
 
 from qcompile.options import CompileOptions
 from qcompile.pipeline import Calibration, Pipeline
 from qcompile.quantize.qdq import InsertQDQ
 from qcompile.quantize.qparams import QuantSpec
 from qcompile.targets import cpu
-from qcompile.targets.profile import COMPUTE_OPS, TargetProfile
+from qcompile.targets.profile import ARITH_OPS, COMPUTE_OPS, TABLE_OPS, TargetProfile
 
 PROFILE = TargetProfile(
     name="fpga",
@@ -20,19 +25,33 @@ PROFILE = TargetProfile(
     weight=QuantSpec(bits=8, signed=True, symmetric=True, narrow=True, scale_kind="pow2"),
     per_channel_weights=True,
     per_channel_matmul=True,
-    compute_ops=COMPUTE_OPS,
-    arith_ops=frozenset({"Add", "Concat", "AveragePool", "GlobalAveragePool"}),
+    compute_ops=COMPUTE_OPS - {"ConvTranspose"},  # no integer ConvTranspose in ONNX
+    # elementwise ops become lookup tables, so they are quantized too
+    arith_ops=(ARITH_OPS - {"Softmax"}) | TABLE_OPS,
     remove_clamping_activations=False,
-    notes=("placeholder: bit widths below 8 and QONNX export arrive with integer-only lowering",),
+    integer_only=True,
 )
 
 
-def pipeline(options: CompileOptions, profile: TargetProfile = PROFILE) -> Pipeline:
-    # No SmoothQuant and no int8 embedding side path: integer-only lowering comes later.
+def profile_for(options: CompileOptions, base: TargetProfile = PROFILE) -> TargetProfile:
+    """The profile with the options' default bit widths and scale form."""
+    kind = "pow2" if options.pow2_scales else "float"
+    return dataclasses.replace(
+        base,
+        activation=dataclasses.replace(
+            base.activation, bits=options.activation_bits, scale_kind=kind
+        ),
+        weight=dataclasses.replace(base.weight, bits=options.weight_bits, scale_kind=kind),
+    )
+
+
+def pipeline(options: CompileOptions, profile: TargetProfile | None = None) -> Pipeline:
+    profile = profile or profile_for(options)
+    integer = dataclasses.replace(options, integer_only=True)
     return Pipeline(
         profile=profile,
         rewrite=cpu.rewrite(),
         calibrate=Calibration(options.calib_method, options.percentile),
         quantize=lambda plan, qparams: [InsertQDQ(plan, qparams, profile)],
-        lower=cpu.finalize(),
+        lower=cpu.lower(integer),
     )

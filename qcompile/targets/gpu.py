@@ -11,7 +11,7 @@ from qcompile.options import CompileOptions
 from qcompile.pipeline import Calibration, Pipeline
 from qcompile.quantize.qparams import QuantSpec
 from qcompile.targets import cpu
-from qcompile.targets.profile import COMPUTE_OPS, TargetProfile
+from qcompile.targets.profile import COMPUTE_OPS, TargetProfile, integer_only_variant
 
 PROFILE = TargetProfile(
     name="gpu",
@@ -32,11 +32,13 @@ PROFILE = TargetProfile(
 
 def pipeline(options: CompileOptions, profile: TargetProfile = PROFILE) -> Pipeline:
     # The CPU target's phases serve unchanged; the profile is what differs.
+    if options.integer_only:
+        profile = integer_only_variant(profile)
     return Pipeline(
         profile=profile,
         rewrite=cpu.rewrite(),
         smooth=cpu.smooth(profile, options),
         calibrate=Calibration(options.calib_method, options.percentile),
         quantize=cpu.quantize(profile),
-        lower=cpu.finalize(),
+        lower=cpu.lower(options),
     )

@@ -5,6 +5,7 @@ A profile holds no behaviour; the pipeline file of each target reads it.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 
 from qcompile.quantize.qparams import QuantSpec
@@ -43,6 +44,9 @@ PASSTHROUGH_OPS = frozenset(
         "SpaceToDepth",
     }
 )
+# Elementwise ops with no integer kernel in ORT that integer-only lowering turns into
+# 256-entry lookup tables (Sigmoid, HardSwish... are in ARITH_OPS already).
+TABLE_OPS = frozenset({"Gelu", "Tanh", "Erf", "Elu", "Softplus", "Exp", "HardSwish"})
 # Activations folded into the producer's output quantizer.
 FUSIBLE_ACTIVATIONS = frozenset({"Relu", "Clip"})
 
@@ -62,9 +66,17 @@ class TargetProfile:
     # Drop Relu/Clip when the output quantizer's clamp reproduces it exactly (zp == qmin).
     remove_clamping_activations: bool = True
     accumulator_bits: int = 32
+    # Lowered to integer-only arithmetic: quantize every op that has an integer form, not
+    # only those inside integer chains (where ORT's float fallbacks make chains pay off).
+    integer_only: bool = False
     execution_providers: tuple[str, ...] = ("CPUExecutionProvider",)
     notes: tuple[str, ...] = field(default_factory=tuple)
 
     @property
     def quantizable_ops(self) -> frozenset[str]:
         return self.compute_ops | self.arith_ops | self.passthrough_ops
+
+
+def integer_only_variant(profile: TargetProfile) -> TargetProfile:
+    """The profile for integer-only lowering: every op with an integer form is quantized."""
+    return dataclasses.replace(profile, arith_ops=profile.arith_ops | TABLE_OPS, integer_only=True)

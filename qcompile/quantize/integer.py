@@ -1,0 +1,876 @@
+"""Integer-only lowering (HAWQ-V3): a QDQ graph → integer arithmetic from input to output.
+
+Every op whose inputs arrive through DequantizeLinear and whose output goes to a
+QuantizeLinear is replaced by its integer form; the Q/DQ pairs between them disappear:
+
+- Conv → ConvInteger, Gemm/MatMul → MatMulInteger: int32 accumulators, + int32 bias,
+  then dyadic requantization (`dyadic.py`: int64 multiply, biased unsigned BitShift,
+  clamp) to the next tensor's integers. A Relu/Clip right after folds into the clamp.
+  A compute op whose output stays float (a classifier's logits) ends in one
+  DequantizeLinear of its int32 accumulator: the output is dequantized once.
+- Add/Mul of two quantized tensors: both rescaled by dyadic multipliers sharing one shift.
+- Concat: inputs at another scale are requantized to the output's first.
+- GlobalAveragePool: integer ReduceSum + a dyadic 1/(s·n); AveragePool: a depthwise
+  ConvInteger with a ones kernel, same rescale.
+- Data movement (MaxPool, Reshape, Transpose, Resize nearest...) runs on the integers.
+- Any single-input elementwise op (Sigmoid, HardSwish, GELU, Tanh...) becomes a lookup
+  table: its 2**8 possible inputs are evaluated once at compile time with ONNX's
+  reference implementation and the outputs quantized; at run time it is a Gather.
+
+Only standard ONNX ops are emitted, so stock ONNX Runtime runs the result, and
+`reference.py` reproduces it bit for bit. Ops with no integer form (Softmax,
+LayerNormalization, ConvTranspose...) stay float islands (DQ → op → Q); `islands` lists
+them and the caller decides whether they are allowed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections import Counter
+from collections.abc import Callable
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+import onnx_ir.passes.common as common_passes
+
+from qcompile.quantize.dyadic import Dyadic, shift_constants, to_dyadic
+
+logger = logging.getLogger(__name__)
+
+Q, DQ = "QuantizeLinear", "DequantizeLinear"
+INT_RANGE = {
+    ir.DataType.INT8: (-128, 127),
+    ir.DataType.UINT8: (0, 255),
+}
+MOVEMENT_OPS = frozenset(
+    {
+        "MaxPool",
+        "Reshape",
+        "Transpose",
+        "Flatten",
+        "Squeeze",
+        "Unsqueeze",
+        "Slice",
+        "Resize",
+        "DepthToSpace",
+        "SpaceToDepth",
+        "Identity",
+        "Gather",
+        "Split",
+        "Expand",
+        "Tile",
+        "Pad",
+    }
+)
+# Single-input elementwise ops that become a 256-entry table (their other inputs, if any,
+# must be constants).
+LUT_OPS = frozenset(
+    {
+        "Sigmoid",
+        "HardSigmoid",
+        "HardSwish",
+        "Tanh",
+        "LeakyRelu",
+        "Gelu",
+        "Erf",
+        "Elu",
+        "Selu",
+        "Celu",
+        "Softplus",
+        "Softsign",
+        "Mish",
+        "Exp",
+        "Relu",
+        "Clip",
+        "Neg",
+        "Abs",
+        "Sqrt",
+        "Reciprocal",
+        "ThresholdedRelu",
+    }
+)
+
+
+# com.microsoft ops that are standard ONNX ops of a later opset (tabulated as those)
+MS_LUT = frozenset({("com.microsoft", "Gelu")})
+
+
+@dataclasses.dataclass(frozen=True)
+class IntAct:
+    """A run-time integer tensor standing for (value − zero_point) · scale."""
+
+    value: ir.Value
+    scale: float
+    zero_point: int
+    qmin: int
+    qmax: int
+
+
+@dataclasses.dataclass(frozen=True)
+class IntConst:
+    """A constant integer tensor behind a DequantizeLinear (weights, biases, constants)."""
+
+    value: ir.Value
+    array: np.ndarray
+    scale: np.ndarray
+    zero_point: np.ndarray
+    axis: int | None
+
+
+@dataclasses.dataclass(frozen=True)
+class OutQuant:
+    """Where a lowered op's integers go: the value they replace and its parameters."""
+
+    replace: ir.Value
+    scale: float
+    zero_point: int
+    qmin: int
+    qmax: int
+    dtype: ir.DataType
+
+
+@dataclasses.dataclass(frozen=True)
+class FloatIsland:
+    node: str
+    op_type: str
+    reason: str
+    group: int = 0  # ops joined by float tensors form one island
+
+
+class _Emitter:
+    """Adds nodes before an anchor node and constants as initializers, with unique names."""
+
+    def __init__(
+        self,
+        graph: ir.Graph,
+        anchor: ir.Node,
+        base: str,
+        used: set[str],
+        constants: dict[tuple, ir.Value],
+    ) -> None:
+        self.graph, self.anchor, self.base, self.used = graph, anchor, base, used
+        self.constants = constants  # shared by the whole pass: equal constants stored once
+
+    def _name(self, suffix: str) -> str:
+        stem = f"{self.base}_{suffix}"
+        name, i = stem, 1
+        while name in self.used or name in self.graph.initializers:
+            name, i = f"{stem}_{i}", i + 1
+        self.used.add(name)
+        return name
+
+    def const(self, suffix: str, array: np.ndarray) -> ir.Value:
+        array = np.asarray(array)
+        key = (array.dtype.str, array.shape, array.tobytes())
+        if key in self.constants:
+            return self.constants[key]
+        name = self._name(suffix)
+        value = ir.Value(
+            name=name,
+            type=ir.TensorType(ir.DataType.from_numpy(array.dtype)),
+            shape=ir.Shape(array.shape),
+        )
+        value.const_value = ir.tensor(array, name=name)
+        self.graph.register_initializer(value)
+        self.constants[key] = value
+        return value
+
+    def op(
+        self,
+        op_type: str,
+        inputs: list[ir.Value | None],
+        dtype: ir.DataType,
+        suffix: str,
+        attributes: dict | None = None,
+        shape: ir.Shape | None = None,
+    ) -> ir.Value:
+        node = ir.node(op_type, inputs, attributes=attributes or {}, name=self._name(suffix))
+        out = node.outputs[0]
+        out.name = self._name(f"{suffix}_out")
+        out.dtype = dtype
+        out.shape = shape
+        self.graph.insert_before(self.anchor, node)
+        return out
+
+    def cast(self, value: ir.Value, dtype: ir.DataType, suffix: str = "cast") -> ir.Value:
+        if value.dtype == dtype:
+            return value
+        return self.op("Cast", [value], dtype, suffix, {"to": dtype}, value.shape)
+
+    def centered(self, x: IntAct, dtype: ir.DataType, suffix: str) -> ir.Value:
+        """x − zero_point, widened to `dtype` (int32 or int64)."""
+        wide = self.cast(x.value, dtype, f"{suffix}_wide")
+        if x.zero_point == 0:
+            return wide
+        zp = self.const(f"{suffix}_zp", np.asarray(x.zero_point, dtype.numpy()))
+        return self.op("Sub", [wide, zp], dtype, f"{suffix}_centered", shape=x.value.shape)
+
+    def requantize(
+        self, acc: ir.Value, d: Dyadic, out: OutQuant, shape: tuple[int, ...] = ()
+    ) -> ir.Value:
+        """clamp(round_half_up(acc · m / 2**s) + zp) → out.dtype, exactly (dyadic.py)."""
+        I64 = ir.DataType.INT64
+        reshape = (lambda a: a.reshape(shape)) if shape else (lambda a: a)
+        p = self.cast(acc, I64, "acc64")
+        if np.any(d.multiplier != 1):
+            m = self.const("multiplier", reshape(d.multiplier.astype(np.int64)))
+            p = self.op("Mul", [p, m], I64, "scaled", shape=acc.shape)
+        before, shift, after = shift_constants(d)
+        biased = self.op(
+            "Add", [p, self.const("round_bias", reshape(before))], I64, "biased", shape=acc.shape
+        )
+        unsigned = self.cast(biased, ir.DataType.UINT64, "unsigned")
+        shifted = self.op(
+            "BitShift",
+            [unsigned, self.const("shift", reshape(shift))],
+            ir.DataType.UINT64,
+            "shifted",
+            {"direction": "RIGHT"},
+            acc.shape,
+        )
+        # ties (the shifted-out bits were exactly one half) go to the even neighbour
+        U64 = ir.DataType.UINT64
+        back = self.op(
+            "BitShift",
+            [shifted, self.const("shift_back", reshape(shift))],
+            U64,
+            "back",
+            {"direction": "LEFT"},
+            acc.shape,
+        )
+        tie = self.cast(
+            self.op("Equal", [back, unsigned], ir.DataType.BOOL, "tie", shape=acc.shape),
+            U64,
+            "tie_u",
+        )
+        one = self.const("one", np.uint64(1))
+        halved = self.op(
+            "BitShift", [shifted, one], U64, "halved", {"direction": "RIGHT"}, acc.shape
+        )
+        doubled = self.op(
+            "BitShift", [halved, one], U64, "doubled", {"direction": "LEFT"}, acc.shape
+        )
+        odd = self.op("Sub", [shifted, doubled], U64, "odd", shape=acc.shape)
+        down = self.op("Mul", [tie, odd], U64, "tie_odd", shape=acc.shape)
+        even = self.op("Sub", [shifted, down], U64, "even", shape=acc.shape)
+        signed = self.cast(even, I64, "signed")
+        offset = (np.int64(out.zero_point) - after).astype(np.int64)
+        with_zp = self.op(
+            "Add", [signed, self.const("zp_offset", reshape(offset))], I64, "zp", shape=acc.shape
+        )
+        clamped = self.op(
+            "Clip",
+            [
+                with_zp,
+                self.const("qmin", np.asarray(out.qmin, np.int64)),
+                self.const("qmax", np.asarray(out.qmax, np.int64)),
+            ],
+            I64,
+            "clamped",
+            shape=acc.shape,
+        )
+        return self.cast(clamped, out.dtype, "requantized")
+
+
+class LowerToIntegerOnly(ir.passes.InPlacePass):
+    """Replace DQ → op → Q by integer ops wherever an integer form exists.
+
+    Requires: a QDQ graph as InsertQDQ writes it (per-tensor activation parameters,
+    constant scales and zero points, int32 biases at scale s_x·s_w), topologically sorted.
+    Ensures: FP32 semantics of the QDQ graph up to one integer step at rounding ties
+    (requantization rounds half up, QuantizeLinear half to even); `islands` lists the ops
+    left in float between quantizers.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lowered: Counter[str] = Counter()
+        self.islands: list[FloatIsland] = []
+        self._bounds: dict[int, tuple[int, int]] = {}
+
+    # -- reading the QDQ graph -----------------------------------------------------------
+
+    def _int_view(self, value: ir.Value | None) -> IntAct | IntConst | None:
+        if value is None:
+            return None
+        dq = value.producer()
+        if dq is None or dq.op_type != DQ or dq.domain not in ("", "ai.onnx"):
+            return None
+        src = dq.inputs[0]
+        scale = _const(dq.inputs[1])
+        zp = _const(dq.inputs[2]) if len(dq.inputs) > 2 and dq.inputs[2] is not None else None
+        if scale is None or src.dtype not in (*INT_RANGE, ir.DataType.INT32):
+            return None
+        zp = np.zeros_like(scale, dtype=np.int64) if zp is None else zp
+        if src.const_value is not None:
+            axis = dq.attributes.get_int("axis", 1) if scale.ndim == 1 else None
+            return IntConst(src, src.const_value.numpy(), scale, zp, axis)
+        if scale.ndim != 0 or src.dtype not in INT_RANGE:
+            return None  # per-channel activations: not produced by InsertQDQ
+        lo, hi = self._bounds.get(id(src), _narrowed(src))
+        return IntAct(src, float(scale), int(zp), lo, hi)
+
+    def _out_quant(self, value: ir.Value, graph: ir.Graph) -> OutQuant | None:
+        """The quantizer that alone consumes `value` (through a foldable Relu/Clip)."""
+        uses = list(value.uses())
+        if _is_graph_output(value, graph) or len(uses) != 1:
+            return None
+        consumer = uses[0].node
+        if consumer.op_type in ("Relu", "Clip") and uses[0].idx == 0:
+            bounds = _activation_bounds(consumer)
+            nxt = list(consumer.outputs[0].uses())
+            if bounds is None or len(nxt) != 1 or _is_graph_output(consumer.outputs[0], graph):
+                return None
+            return _quantizer(nxt[0].node, bounds)
+        return _quantizer(consumer)
+
+    # -- the pass ------------------------------------------------------------------------
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        graph = model.graph
+        used = {v.name for v in graph.inputs} | set(graph.initializers)
+        for node in graph:
+            used |= {v.name for v in node.outputs}
+        lowerings: dict[str, Callable] = {
+            "Conv": self._conv,
+            "Gemm": self._gemm,
+            "MatMul": self._matmul,
+            "Add": self._add,
+            "Mul": self._mul,
+            "Concat": self._concat,
+            "GlobalAveragePool": self._global_average_pool,
+            "AveragePool": self._average_pool,
+        }
+        for name in MOVEMENT_OPS:
+            lowerings[name] = self._movement
+        for name in LUT_OPS:
+            lowerings.setdefault(name, self._lookup_table)
+        modified = False
+        constants: dict[tuple, ir.Value] = {}
+        for node in list(graph):
+            if node.op_type in (Q, DQ) or node.graph is None:
+                continue
+            if not any(self._int_view(v) is not None for v in node.inputs):
+                continue  # not fed by quantized tensors: outside the integer region
+            standard = node.domain in ("", "ai.onnx") or (node.domain, node.op_type) in MS_LUT
+            lower = lowerings.get(node.op_type) if standard else None
+            emit = _Emitter(graph, node, node.name or node.op_type, used, constants)
+            reason = lower(node, emit, graph) if lower else "no integer form"
+            if reason is None:
+                self.lowered[node.op_type] += 1
+                modified = True
+            else:
+                self.islands.append(FloatIsland(node.name, node.op_type, reason))
+        if modified:
+            common_passes.RemoveUnusedNodesPass()(model)
+            graph.sort()
+        reasons = {i.node: i.reason for i in self.islands}
+        floating = [n for n in float_ops_between(graph) if n.op_type not in (Q, DQ)]
+        group = _connected(floating)  # their Q/DQ neighbours are the shores, not islands
+        self.islands = [
+            FloatIsland(n.name, n.op_type, reasons.get(n.name, "fed by another float op"), group[i])
+            for i, n in enumerate(floating)
+        ]
+        return ir.passes.PassResult(model, modified)
+
+    def _finish(self, graph: ir.Graph, out: OutQuant, value: ir.Value) -> None:
+        self._bounds[id(value)] = (out.qmin, out.qmax)
+        _take_over(graph, out.replace, value)
+
+    # -- lowerings: each returns None when done, or why it could not lower ---------------
+
+    def _conv(self, node: ir.Node, emit: _Emitter, graph: ir.Graph) -> str | None:
+        x, w = self._int_view(node.inputs[0]), self._int_view(node.inputs[1])
+        bias = self._int_view(node.inputs[2]) if len(node.inputs) > 2 else None
+        if not isinstance(x, IntAct) or not isinstance(w, IntConst) or w.axis not in (0, None):
+            return "input or weight not quantized per tensor / per output channel"
+        if len(node.inputs) > 2 and node.inputs[2] is not None and not _is_int32(bias):
+            return "bias not quantized to int32"
+        channels = w.array.shape[0]
+        bshape = (channels,) + (1,) * (w.array.ndim - 2)
+        attrs = {k: v for k, v in node.attributes.items()}
+        inputs = [x.value, w.value, emit.const("x_zp", np.asarray(x.zero_point, _np(x.value)))]
+        if np.any(w.zero_point != 0):
+            inputs.append(emit.const("w_zp", w.zero_point.astype(w.array.dtype)))
+        acc = emit.op("ConvInteger", inputs, ir.DataType.INT32, "acc", attrs)
+        if bias is not None:
+            b = emit.const("bias", bias.array.astype(np.int32).reshape(bshape))
+            acc = emit.op("Add", [acc, b], ir.DataType.INT32, "acc_bias")
+        return self._close(node, emit, graph, acc, x.scale * w.scale.astype(np.float64), bshape, 1)
+
+    def _gemm(self, node: ir.Node, emit: _Emitter, graph: ir.Graph) -> str | None:
+        a = node.attributes
+        if (
+            a.get_int("transA", 0)
+            or a.get_float("alpha", 1.0) != 1
+            or a.get_float("beta", 1.0) != 1
+        ):
+            return "Gemm with transA or alpha/beta != 1"
+        return self._linear(node, emit, graph, transpose_b=bool(a.get_int("transB", 0)))
+
+    def _matmul(self, node: ir.Node, emit: _Emitter, graph: ir.Graph) -> str | None:
+        return self._linear(node, emit, graph, transpose_b=False)
+
+    def _linear(
+        self, node: ir.Node, emit: _Emitter, graph: ir.Graph, *, transpose_b: bool
+    ) -> str | None:
+        x, w = self._int_view(node.inputs[0]), self._int_view(node.inputs[1])
+        bias = self._int_view(node.inputs[2]) if len(node.inputs) > 2 else None
+        if not isinstance(x, IntAct) or w is None:
+            return "input not quantized per tensor"
+        if len(node.inputs) > 2 and node.inputs[2] is not None and not _is_int32(bias):
+            return "bias not quantized to int32"
+        inputs = [x.value]
+        if isinstance(w, IntConst):
+            array, scale = w.array, w.scale.astype(np.float64)
+            if transpose_b:
+                if array.ndim != 2:
+                    return "transposed weight of rank != 2"
+                array = np.ascontiguousarray(array.T)
+            elif scale.ndim == 1 and w.axis not in (array.ndim - 1, -1):
+                return "weight quantized per channel on a non-output axis"
+            inputs.append(emit.const("weight", array) if transpose_b else w.value)
+            w_zp = w.zero_point.astype(array.dtype)
+        else:
+            if transpose_b:
+                return "Gemm with a transposed run-time B"
+            inputs.append(w.value)
+            scale, w_zp = np.float64(w.scale), np.asarray(w.zero_point, _np(w.value))
+        inputs.append(emit.const("a_zp", np.asarray(x.zero_point, _np(x.value))))
+        if np.any(w_zp != 0):
+            inputs.append(emit.const("b_zp", w_zp))
+        acc = emit.op("MatMulInteger", inputs, ir.DataType.INT32, "acc")
+        if bias is not None:
+            b = emit.const("bias", bias.array.astype(np.int32))
+            acc = emit.op("Add", [acc, b], ir.DataType.INT32, "acc_bias")
+        return self._close(node, emit, graph, acc, x.scale * scale, (), -1)
+
+    def _close(
+        self,
+        node: ir.Node,
+        emit: _Emitter,
+        graph: ir.Graph,
+        acc: ir.Value,
+        acc_scale: np.ndarray,
+        bshape: tuple[int, ...],
+        axis: int,
+    ) -> None:
+        """Requantize an accumulator to the output's integers, or dequantize it once."""
+        value = node.outputs[0]
+        acc_scale = np.asarray(acc_scale, np.float64)
+        shape = bshape if acc_scale.ndim == 1 else ()
+        out = self._out_quant(value, graph)
+        quantizers = [out] if out is not None else []
+        if out is None:  # read by quantizers and float ops alike: serve each its own way
+            quantizers = [q for u in value.uses() if (q := _quantizer(u.node)) is not None]
+        for q in quantizers:
+            y = emit.requantize(acc, to_dyadic(acc_scale / q.scale), q, shape)
+            y.shape = value.shape
+            self._finish(graph, q, y)
+        if value.uses() or _is_graph_output(value, graph):
+            # the output stays float: dequantize the accumulator, once
+            scale = emit.const("acc_scale", acc_scale.astype(np.float32))
+            zp = emit.const("acc_zp", np.zeros(acc_scale.shape, np.int32))
+            attrs = {"axis": axis} if acc_scale.ndim == 1 else {}
+            y = emit.op(DQ, [acc, scale, zp], ir.DataType.FLOAT, "dequantized", attrs)
+            y.shape = value.shape
+            _take_over(graph, value, y)
+        return None
+
+    def _operands(self, node: ir.Node, emit: _Emitter) -> list[tuple[ir.Value, float]] | str:
+        """Both inputs of a binary op as (centered int64 value, scale)."""
+        operands = []
+        for i, v in enumerate(node.inputs):
+            view = self._int_view(v)
+            if isinstance(view, IntAct):
+                operands.append((emit.centered(view, ir.DataType.INT64, f"in{i}"), view.scale))
+            elif isinstance(view, IntConst) and view.scale.ndim == 0:
+                centered = view.array.astype(np.int64) - np.int64(view.zero_point)
+                operands.append((emit.const(f"in{i}_centered", centered), float(view.scale)))
+            else:
+                return f"input {i} not quantized per tensor"
+        return operands
+
+    def _add(self, node: ir.Node, emit: _Emitter, graph: ir.Graph) -> str | None:
+        out = self._out_quant(node.outputs[0], graph)
+        operands = self._operands(node, emit)
+        if isinstance(operands, str):
+            return operands
+        (a, sa), (b, sb) = operands
+        if out is None:  # the sum stays float: add in int32 at a common scale, dequantize once
+            return self._add_to_float(node, emit, graph, a, sa, b, sb)
+        ra, rb = sa / out.scale, sb / out.scale
+        # one shift for both terms, as fine as the larger factor allows (its multiplier in
+        # [2**29, 2**30)); then a·ma + b·mb, exact in int64 (|a|, |b| <= 255)
+        shift = np.int64(np.clip(30 - np.frexp(max(ra, rb))[1], 1, 61))
+        ma, mb = (np.int64(np.rint(r * 2.0 ** int(shift))) for r in (ra, rb))
+        I64 = ir.DataType.INT64
+        ta = emit.op("Mul", [a, emit.const("ma", ma)], I64, "a_scaled")
+        tb = emit.op("Mul", [b, emit.const("mb", mb)], I64, "b_scaled")
+        acc = emit.op("Add", [ta, tb], I64, "sum")
+        y = emit.requantize(acc, Dyadic(np.int64(1), np.asarray(shift, np.int64)), out)
+        y.shape = node.outputs[0].shape
+        self._finish(graph, out, y)
+        return None
+
+    def _add_to_float(
+        self,
+        node: ir.Node,
+        emit: _Emitter,
+        graph: ir.Graph,
+        a: ir.Value,
+        sa: float,
+        b: ir.Value,
+        sb: float,
+    ) -> None:
+        """a·sa + b·sb = (a·ma + b·mb) · s with integer ma, mb: a residual sum read by a
+        float op (LayerNorm) or returned. ma, mb < 2**22 keep the int32 sum exact for 8-bit
+        operands (|a|, |b| <= 255); the relative error of the two factors is below 2**-21."""
+        big = max(sa, sb)
+        exponent = int(np.frexp(big)[1])
+        scale = 2.0 ** (exponent - 22)  # big / scale in [2**21, 2**22)
+        ma, mb = (np.int32(np.rint(x / scale)) for x in (sa, sb))
+        I32 = ir.DataType.INT32
+        ta = emit.op("Mul", [emit.cast(a, I32, "a32"), emit.const("ma", ma)], I32, "a_scaled")
+        tb = emit.op("Mul", [emit.cast(b, I32, "b32"), emit.const("mb", mb)], I32, "b_scaled")
+        acc = emit.op("Add", [ta, tb], I32, "sum")
+        s = emit.const("sum_scale", np.float32(scale))
+        y = emit.op(
+            DQ, [acc, s, emit.const("sum_zp", np.int32(0))], ir.DataType.FLOAT, "dequantized"
+        )
+        y.shape = node.outputs[0].shape
+        _take_over(graph, node.outputs[0], y)
+        return None
+
+    def _mul(self, node: ir.Node, emit: _Emitter, graph: ir.Graph) -> str | None:
+        out = self._out_quant(node.outputs[0], graph)
+        if out is None:
+            return "output not quantized"
+        operands = self._operands(node, emit)
+        if isinstance(operands, str):
+            return operands
+        (a, sa), (b, sb) = operands
+        acc = emit.op("Mul", [a, b], ir.DataType.INT64, "product")
+        y = emit.requantize(acc, to_dyadic(sa * sb / out.scale), out)
+        y.shape = node.outputs[0].shape
+        self._finish(graph, out, y)
+        return None
+
+    def _rescaled(self, x: IntAct, out: OutQuant, emit: _Emitter, suffix: str) -> ir.Value:
+        """x's integers at out's parameters (unchanged when they already agree)."""
+        same = x.scale == out.scale and x.zero_point == out.zero_point
+        if same and out.qmin <= x.qmin and x.qmax <= out.qmax and x.value.dtype == out.dtype:
+            return x.value
+        centered = emit.centered(x, ir.DataType.INT64, suffix)
+        return emit.requantize(centered, to_dyadic(x.scale / out.scale), out)
+
+    def _concat(self, node: ir.Node, emit: _Emitter, graph: ir.Graph) -> str | None:
+        out = self._out_quant(node.outputs[0], graph)
+        if out is None:
+            return "output not quantized"
+        views = [self._int_view(v) for v in node.inputs]
+        if not all(isinstance(v, IntAct) for v in views):
+            return "an input is not a quantized activation"
+        parts = [self._rescaled(v, out, emit, f"in{i}") for i, v in enumerate(views)]
+        y = emit.op("Concat", parts, out.dtype, "concat", dict(node.attributes.items()))
+        y.shape = node.outputs[0].shape
+        self._finish(graph, out, y)
+        return None
+
+    def _global_average_pool(self, node: ir.Node, emit: _Emitter, graph: ir.Graph) -> str | None:
+        x, out = self._int_view(node.inputs[0]), self._out_quant(node.outputs[0], graph)
+        if not isinstance(x, IntAct) or out is None:
+            return "input or output not quantized"
+        dims = _static_dims(node.inputs[0]) or _static_dims(x.value)
+        if dims is None or len(dims) < 3 or min(dims[2:]) < 0:
+            return "spatial size unknown at compile time"
+        count = int(np.prod(dims[2:]))
+        centered = emit.centered(x, ir.DataType.INT32, "x")
+        axes = emit.const("axes", np.arange(2, len(dims), dtype=np.int64))
+        acc = emit.op("ReduceSum", [centered, axes], ir.DataType.INT32, "sum", {"keepdims": 1})
+        y = emit.requantize(acc, to_dyadic(x.scale / (out.scale * count)), out)
+        y.shape = node.outputs[0].shape
+        self._finish(graph, out, y)
+        return None
+
+    def _average_pool(self, node: ir.Node, emit: _Emitter, graph: ir.Graph) -> str | None:
+        x, out = self._int_view(node.inputs[0]), self._out_quant(node.outputs[0], graph)
+        if not isinstance(x, IntAct) or out is None:
+            return "input or output not quantized"
+        a = node.attributes
+        kernel = list(a.get_ints("kernel_shape", []))
+        pads = list(a.get_ints("pads", [0] * 2 * len(kernel)))
+        dims = _static_dims(node.inputs[0]) or _static_dims(x.value)
+        if a.get_int("ceil_mode", 0) or a.get_string("auto_pad", "NOTSET") != "NOTSET":
+            return "ceil_mode/auto_pad changes the divisor per window"
+        if any(pads) and not a.get_int("count_include_pad", 0):
+            return "padded windows without count_include_pad divide by varying counts"
+        if dims is None or dims[1] <= 0:
+            return "channel count unknown at compile time"
+        channels = dims[1]
+        ones = np.ones((channels, 1, *kernel), dtype=x.value.dtype.numpy())
+        attrs = {"group": channels, "kernel_shape": kernel, "pads": pads}
+        attrs["strides"] = list(a.get_ints("strides", [1] * len(kernel)))
+        if "dilations" in a:
+            attrs["dilations"] = list(a.get_ints("dilations"))
+        inputs = [
+            x.value,
+            emit.const("ones", ones),
+            emit.const("x_zp", np.asarray(x.zero_point, ones.dtype)),
+        ]
+        acc = emit.op("ConvInteger", inputs, ir.DataType.INT32, "window_sum", attrs)
+        count = int(np.prod(kernel))
+        y = emit.requantize(acc, to_dyadic(x.scale / (out.scale * count)), out)
+        y.shape = node.outputs[0].shape
+        self._finish(graph, out, y)
+        return None
+
+    def _movement(self, node: ir.Node, emit: _Emitter, graph: ir.Graph) -> str | None:
+        x = self._int_view(node.inputs[0])
+        if not isinstance(x, IntAct):
+            return "data input not a quantized activation"
+        if any(self._int_view(v) is not None for v in node.inputs[1:]):
+            return "a parameter input is quantized"
+        if node.op_type == "Resize" and node.attributes.get_string("mode", "nearest") != "nearest":
+            return "Resize other than nearest interpolates"
+        if node.op_type == "Pad" and node.attributes.get_string("mode", "constant") == "constant":
+            return "constant Pad would need its pad value quantized"
+        if node.op_type == "MaxPool" and len(node.outputs) > 1 and node.outputs[1].uses():
+            return "MaxPool indices are used"
+        outs = [
+            self._out_quant(v, graph)
+            for v in node.outputs
+            if v.uses() or _is_graph_output(v, graph)
+        ]
+        if not outs or any(o is None for o in outs):
+            return "output not quantized"
+        clone = ir.node(
+            node.op_type,
+            [x.value, *node.inputs[1:]],
+            attributes=dict(node.attributes.items()),
+            num_outputs=len(node.outputs),
+            name=emit._name("int"),
+        )
+        graph.insert_before(node, clone)
+        for old, new in zip(node.outputs, clone.outputs, strict=True):
+            new.name, new.dtype, new.shape = emit._name("out"), x.value.dtype, old.shape
+            if not (old.uses() or _is_graph_output(old, graph)):
+                continue
+            out = self._out_quant(old, graph)
+            moved = IntAct(new, x.scale, x.zero_point, x.qmin, x.qmax)
+            y = self._rescaled(moved, out, emit, "out")
+            self._finish(graph, out, y)
+        return None
+
+    def _lookup_table(self, node: ir.Node, emit: _Emitter, graph: ir.Graph) -> str | None:
+        x, out = self._int_view(node.inputs[0]), self._out_quant(node.outputs[0], graph)
+        if not isinstance(x, IntAct) or out is None or len(node.outputs) != 1:
+            return "input or output not quantized"
+        extra = node.inputs[1:]
+        if any(v is not None and v.const_value is None for v in extra):
+            return "a non-constant parameter input"
+        lo, hi = INT_RANGE[x.value.dtype]
+        codes = np.arange(lo, hi + 1, dtype=np.int64)
+        real = ((codes - x.zero_point) * np.float32(x.scale)).astype(np.float32)
+        try:
+            y_real = _evaluate(node, real)
+        except Exception as exc:  # the op's own reference implementation refused
+            return f"could not tabulate: {exc}"
+        q = np.rint(y_real.astype(np.float32) / np.float32(out.scale)) + out.zero_point
+        table = np.clip(q, out.qmin, out.qmax).astype(out.dtype.numpy())
+        index = emit.cast(x.value, ir.DataType.INT64, "index")
+        if lo != 0:
+            index = emit.op(
+                "Sub", [index, emit.const("first", np.int64(lo))], ir.DataType.INT64, "offset"
+            )
+        y = emit.op("Gather", [emit.const("table", table), index], out.dtype, "lookup", {"axis": 0})
+        y.shape = node.outputs[0].shape
+        self._finish(graph, out, y)
+        return None
+
+
+# -- helpers ------------------------------------------------------------------------------
+
+
+def _const(value: ir.Value | None) -> np.ndarray | None:
+    if value is None or value.const_value is None:
+        return None
+    return value.const_value.numpy()
+
+
+def _np(value: ir.Value) -> np.dtype:
+    return value.dtype.numpy()
+
+
+def _is_int32(view) -> bool:
+    return (
+        isinstance(view, IntConst) and view.array.dtype == np.int32 and not np.any(view.zero_point)
+    )
+
+
+def _is_graph_output(value: ir.Value, graph: ir.Graph) -> bool:
+    return any(v is value for v in graph.outputs)
+
+
+def _static_dims(value: ir.Value) -> list[int] | None:
+    """The shape with -1 for dynamic dims (None when even the rank is unknown)."""
+    if value is None or value.shape is None:
+        return None
+    return [int(d) if isinstance(d, int) else -1 for d in value.shape]
+
+
+def _activation_bounds(node: ir.Node) -> tuple[float, float] | None:
+    """Real clamp bounds of a Relu/Clip with constant bounds (None: not foldable)."""
+    if node.op_type == "Relu":
+        return 0.0, np.inf
+    bounds = [-np.inf, np.inf]
+    for i in (1, 2):
+        if i < len(node.inputs) and node.inputs[i] is not None:
+            c = _const(node.inputs[i])
+            if c is None:
+                return None
+            bounds[i - 1] = float(c)
+    return bounds[0], bounds[1]
+
+
+def _quantizer(q: ir.Node, fold: tuple[float, float] | None = None) -> OutQuant | None:
+    """A QuantizeLinear as an OutQuant; `fold` = real bounds of a Relu/Clip before it."""
+    if q.op_type != Q:
+        return None
+    scale, zp = _const(q.inputs[1]), _const(q.inputs[2]) if len(q.inputs) > 2 else None
+    if scale is None or zp is None or scale.ndim != 0:
+        return None
+    q_out = q.outputs[0]
+    replace = q_out
+    lo, hi = INT_RANGE[q_out.dtype]
+    narrow = _narrowing_clip(q_out)
+    if narrow is not None:
+        replace, (lo, hi) = narrow.outputs[0], _narrowed(narrow.outputs[0])
+    s, z = float(scale), int(zp)
+    if fold is not None:  # Q(clip(x, a, b)) = clip(Q(x), Q(a), Q(b)): rounding is monotone
+        lo_real, hi_real = fold
+        if np.isfinite(lo_real):
+            lo = max(lo, int(np.clip(np.rint(lo_real / s) + z, lo, hi)))
+        if np.isfinite(hi_real):
+            hi = min(hi, int(np.clip(np.rint(hi_real / s) + z, lo, hi)))
+    return OutQuant(replace, s, z, lo, hi, q_out.dtype)
+
+
+def _narrowing_clip(q_out: ir.Value) -> ir.Node | None:
+    """The integer Clip InsertQDQ puts after a Q for activations narrower than 8 bits."""
+    uses = list(q_out.uses())
+    if len(uses) == 1 and uses[0].node.op_type == "Clip" and uses[0].idx == 0:
+        clip = uses[0].node
+        if all(_const(v) is not None for v in clip.inputs[1:3] if v is not None):
+            return clip
+    return None
+
+
+def _narrowed(value: ir.Value) -> tuple[int, int]:
+    """Integer range of a tensor: its type's, or a narrowing Clip's bounds."""
+    lo, hi = INT_RANGE.get(value.dtype, (-(2**31), 2**31 - 1))
+    node = value.producer()
+    if node is not None and node.op_type == "Clip" and value.dtype in INT_RANGE:
+        if len(node.inputs) > 1 and _const(node.inputs[1]) is not None:
+            lo = max(lo, int(_const(node.inputs[1])))
+        if len(node.inputs) > 2 and _const(node.inputs[2]) is not None:
+            hi = min(hi, int(_const(node.inputs[2])))
+    return lo, hi
+
+
+def _take_over(graph: ir.Graph, old: ir.Value, new: ir.Value) -> None:
+    """`new` replaces `old` everywhere, graph outputs included, and takes its name."""
+    old.replace_all_uses_with(new, replace_graph_outputs=True)
+    name = old.name
+    old.name = f"{name}_replaced"
+    new.name = name
+
+
+def _connected(nodes: list[ir.Node]) -> list[int]:
+    """Component index per node, nodes joined when one reads the other's output."""
+    index = {id(n): i for i, n in enumerate(nodes)}
+    parent = list(range(len(nodes)))
+
+    def root(i: int) -> int:
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    for i, n in enumerate(nodes):
+        for v in n.inputs:
+            p = v.producer() if v is not None else None
+            if p is not None and id(p) in index:
+                parent[root(i)] = root(index[id(p)])
+    roots = [root(i) for i in range(len(nodes))]
+    order = {r: k for k, r in enumerate(dict.fromkeys(roots))}
+    return [order[r] for r in roots]
+
+
+def float_ops_between(graph: ir.Graph) -> list[ir.Node]:
+    """Ops with a float run-time input or output between the input quantizers and the
+    output dequantizers (reachable from a QuantizeLinear and reaching a DequantizeLinear);
+    Q/DQ nodes themselves count when they sit inside, i.e. around a float island."""
+    nodes = list(graph)
+    consumers: dict[int, list[ir.Node]] = {id(n): [] for n in nodes}
+    producers: dict[int, list[ir.Node]] = {id(n): [] for n in nodes}
+    for n in nodes:
+        for v in n.inputs:
+            p = v.producer() if v is not None else None
+            if p is not None and id(p) in consumers:
+                consumers[id(p)].append(n)
+                producers[id(n)].append(p)
+
+    def reach(starts: list[ir.Node], edges: dict[int, list[ir.Node]]) -> set[int]:
+        seen, stack = set(), list(starts)
+        while stack:
+            n = stack.pop()
+            for m in edges[id(n)]:
+                if id(m) not in seen:
+                    seen.add(id(m))
+                    stack.append(m)
+        return seen
+
+    after_q = reach([n for n in nodes if n.op_type == Q], consumers)
+    before_dq = reach([n for n in nodes if n.op_type == DQ], producers)
+    inside = after_q & before_dq
+    float_types = (ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.BFLOAT16, ir.DataType.DOUBLE)
+
+    def is_float(v: ir.Value | None) -> bool:
+        return v is not None and v.const_value is None and v.dtype in float_types
+
+    return [
+        n
+        for n in nodes
+        if id(n) in inside and (any(map(is_float, n.inputs)) or any(map(is_float, n.outputs)))
+    ]
+
+
+def _evaluate(node: ir.Node, x: np.ndarray) -> np.ndarray:
+    """The op applied to `x` by ONNX's reference implementation (constant inputs kept)."""
+    from onnx.reference import ReferenceEvaluator
+
+    inputs = [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [x.size])]
+    names, inits = ["x"], []
+    for i, v in enumerate(node.inputs[1:], start=1):
+        if v is None:
+            names.append("")
+            continue
+        names.append(f"p{i}")
+        inits.append(onnx.numpy_helper.from_array(v.const_value.numpy(), f"p{i}"))
+    proto = ir.to_proto(node)
+    attrs = list(proto.attribute)
+    domain = "" if (node.domain, node.op_type) in MS_LUT else node.domain
+    one = onnx.helper.make_node(node.op_type, names, ["y"], domain=domain)
+    one.attribute.extend(attrs)
+    graph = onnx.helper.make_graph(
+        [one],
+        "lut",
+        inputs,
+        [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, None)],
+        inits,
+    )
+    model = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 21)])
+    return np.asarray(ReferenceEvaluator(model).run(None, {"x": x})[0])
