@@ -34,6 +34,7 @@ from qcompile.quantize.qdq import InsertQDQ, effective_qparams
 from qcompile.quantize.qparams import QParams, fake_quantize
 from qcompile.report import CompileReport, OutputReport, TensorReport
 from qcompile.targets import get_target
+from qcompile.targets.fpga_cost import layer_costs
 
 logger = logging.getLogger(__name__)
 
@@ -45,6 +46,8 @@ class CompileResult:
     model: ir.Model
     report: CompileReport
     plan: QuantPlan
+    # the QDQ graph before integer-only lowering (None when the model was not lowered)
+    qdq_model: ir.Model | None = None
 
 
 def make_options(**kwargs: Any) -> CompileOptions:
@@ -187,8 +190,17 @@ def _compile(
     # Quantize and lower.
     quantize_passes = pipe.quantize(plan, qparams)
     graph_model, q_records = run_phase(graph_model, "quantize", quantize_passes, skip=skip)
-    graph_model, l_records = run_phase(graph_model, "lower", pipe.lower, skip=skip)
-    lowering = next((p for p in pipe.lower if isinstance(p, LowerToIntegerOnly)), None)
+    # Lower; the QDQ graph is kept when integer-only lowering follows (QONNX exports it).
+    cut = next((i for i, p in enumerate(pipe.lower) if isinstance(p, LowerToIntegerOnly)), None)
+    lowering = pipe.lower[cut] if cut is not None else None
+    qdq_model = None
+    graph_model, l_records = run_phase(graph_model, "lower", pipe.lower[:cut], skip=skip)
+    if lowering is not None and pass_name(lowering) not in skip:
+        qdq_model = ir.from_proto(ir.to_proto(graph_model))
+        graph_model, more = run_phase(graph_model, "lower", pipe.lower[cut:], skip=skip)
+        l_records += more
+    else:
+        lowering = None
     _check_islands(lowering, options)
     proto = ir.to_proto(graph_model)
     try:
@@ -229,6 +241,8 @@ def _compile(
         integer_ops=dict(lowering.lowered) if lowering else {},
         float_islands=[dataclasses.asdict(i) for i in lowering.islands] if lowering else [],
     )
+    if profile.name == "fpga":
+        _fpga_costs(report, fp32_model, plan, profile, options, stats.observed)
     measure(
         report,
         fp32_model,
@@ -243,7 +257,25 @@ def _compile(
     if output is not None:
         save_model(graph_model, output)
         report.output_model = str(output)
-    return CompileResult(graph_model, report, plan)
+    return CompileResult(graph_model, report, plan, qdq_model)
+
+
+def _fpga_costs(
+    report: CompileReport, fp32_model: ir.Model, plan: QuantPlan, profile, options, observed
+) -> None:
+    w_bits, a_bits = {}, {}
+    for node in fp32_model.graph:
+        if plan.nodes.get(node.name) != "compute":
+            continue
+        w_bits[node.name] = plan.weight_bits.get(node.name, profile.weight.bits)
+        source = plan.tensors.get(node.inputs[0].name, node.inputs[0].name)
+        a_bits[node.name] = plan.tensor_bits.get(source, profile.activation.bits)
+    costs = layer_costs(
+        fp32_model, plan.nodes, w_bits, a_bits, options.fpga_macs_per_cycle, observed
+    )
+    report.fpga_layers = [c.to_dict() for c in costs]
+    report.fpga_macs_per_cycle = options.fpga_macs_per_cycle
+    report.fpga_clock_mhz = options.fpga_clock_mhz
 
 
 def _check_bit_widths(profile, options: CompileOptions) -> None:
@@ -435,7 +467,13 @@ def measure(
         lat = ort_backend.bench({"fp32": f_s, "q": q_s}, feeds[0], runs=options.bench_runs)
         report.latency_fp32_ms, report.latency_quantized_ms = lat["fp32"], lat["q"]
         report.bench_threads = threads
-        if report.speedup is not None and report.speedup < 1.0:
+        if report.speedup is not None and report.speedup < 1.0 and report.integer_only:
+            report.notes.append(
+                f"integer-only graphs are for integer hardware and bit-exact checks: ONNX "
+                f"Runtime runs their int64 requantization op by op, {1 / report.speedup:.1f}× "
+                "slower than FP32 here; for ONNX Runtime speed compile without --integer-only"
+            )
+        elif report.speedup is not None and report.speedup < 1.0:
             islands = ort_backend.float_islands_in(
                 optimized or ort_backend.optimized_model(q_model)
             )

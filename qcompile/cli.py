@@ -41,8 +41,39 @@ def _add_model_options(p: argparse.ArgumentParser) -> None:
         action="append",
         default=[],
         metavar="PATTERN:key=value,...",
-        help="per-node settings: exclude, per_channel, calib_method, percentile (repeatable)",
+        help="per-node settings: exclude, per_channel, calib_method, percentile, "
+        "weight_bits, activation_bits (repeatable)",
     )
+    p.add_argument(
+        "--integer-only",
+        action="store_true",
+        help="lower to integer-only arithmetic between input quantizer and output "
+        "dequantizer (always on for --target fpga)",
+    )
+    p.add_argument(
+        "--allow-float",
+        action="append",
+        default=None,
+        metavar="PATTERN",
+        help="ops that may stay float islands in an integer-only graph (repeatable; "
+        "default: op:Softmax and op:LayerNormalization)",
+    )
+    p.add_argument("--weight-bits", type=int, default=8, help="FPGA target: weight bits (2-8)")
+    p.add_argument(
+        "--activation-bits", type=int, default=8, help="FPGA target: activation bits (2-8)"
+    )
+    p.add_argument(
+        "--float-scales",
+        action="store_true",
+        help="FPGA target: float scales (dyadic requantization) instead of powers of two",
+    )
+    p.add_argument(
+        "--fpga-macs-per-cycle",
+        type=int,
+        default=256,
+        help="FPGA cost model: 8x8-bit MACs per cycle (narrower ones fit more)",
+    )
+    p.add_argument("--fpga-clock-mhz", type=float, default=200.0, help="FPGA cost model clock")
     p.add_argument(
         "--per-tensor", action="store_true", help="per-tensor weights instead of per-channel"
     )
@@ -107,6 +138,11 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--max-calib-batches", type=int, default=None)
     c.add_argument("--report", metavar="JSON", help="write the report as JSON")
     c.add_argument(
+        "--qonnx",
+        metavar="PATH",
+        help="also write the model as QONNX (Quant nodes with bit widths; integer-only targets)",
+    )
+    c.add_argument(
         "--verify-passes", action="store_true", help="check FP32 equivalence after each pass"
     )
     c.add_argument(
@@ -156,6 +192,13 @@ def _options(args: argparse.Namespace, **extra):
         smooth_explicit=args.smooth_explicit,
         token_mask=None if args.token_mask == "none" else args.token_mask,
         disabled_passes=tuple(args.disable_pass),
+        integer_only=args.integer_only,
+        weight_bits=args.weight_bits,
+        activation_bits=args.activation_bits,
+        pow2_scales=not args.float_scales,
+        fpga_macs_per_cycle=args.fpga_macs_per_cycle,
+        fpga_clock_mhz=args.fpga_clock_mhz,
+        **({"allow_float": tuple(args.allow_float)} if args.allow_float is not None else {}),
         **extra,
     )
 
@@ -168,8 +211,9 @@ def cmd_compile(args: argparse.Namespace) -> int:
     from qcompile.quantize.data import ImageSpec
 
     check_output_path(args.output, inputs=(args.model,))
-    if args.report:
-        check_output_path(args.report, inputs=(args.model,))
+    for extra_output in (args.report, args.qonnx):
+        if extra_output:
+            check_output_path(extra_output, inputs=(args.model, args.output))
     options = _options(
         args,
         calib_method=args.calib_method,
@@ -194,8 +238,23 @@ def cmd_compile(args: argparse.Namespace) -> int:
         result.report.print(Console(stderr=True))
     if args.report:
         _write_text_atomic(Path(args.report), result.report.to_json())
+    if args.qonnx:
+        _write_qonnx(result, args.qonnx, options)
     print(args.output)
     return 0
+
+
+def _write_qonnx(result, path: str, options) -> None:
+    from qcompile.backends.qonnx import to_qonnx
+    from qcompile.errors import QCompileError
+    from qcompile.ir.io import save_model
+
+    if result.qdq_model is None:
+        raise QCompileError(
+            "--qonnx needs an integer-only compile",
+            hint="use --target fpga or --integer-only",
+        )
+    save_model(to_qonnx(result.qdq_model, dict(options.input_shapes) or None), path)
 
 
 def _write_text_atomic(path: Path, text: str) -> None:

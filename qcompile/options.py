@@ -150,6 +150,9 @@ class CompileOptions:
     weight_bits: int = 8
     activation_bits: int = 8
     pow2_scales: bool = True
+    # FPGA cost model: 8x8-bit MACs per cycle the fabric budget fits, and its clock
+    fpga_macs_per_cycle: int = 256
+    fpga_clock_mhz: float = 200.0
     bench_runs: int = 20
     threads: int | None = None
     progress: bool = True
@@ -168,6 +171,8 @@ class CompileOptions:
             raise QCompileError(f"smooth_alpha must be in [0, 1], got {self.smooth_alpha}")
         _check_bits(self.weight_bits, "weight_bits")
         _check_bits(self.activation_bits, "activation_bits")
+        if self.fpga_macs_per_cycle < 1 or self.fpga_clock_mhz <= 0:
+            raise QCompileError("fpga_macs_per_cycle and fpga_clock_mhz must be positive")
         if self.bench_runs < 0:
             raise QCompileError("bench_runs must be >= 0")
         if self.threads is not None and self.threads < 1:

@@ -60,6 +60,10 @@ class CompileReport:
     integer_only: bool = False
     integer_ops: dict[str, int] = field(default_factory=dict)  # op type -> nodes lowered
     float_islands: list[dict[str, str]] = field(default_factory=list)  # node, op_type, reason
+    # FPGA target: per-layer cost model (qcompile.targets.fpga_cost)
+    fpga_layers: list[dict[str, Any]] = field(default_factory=list)
+    fpga_macs_per_cycle: int | None = None
+    fpga_clock_mhz: float | None = None
 
     @property
     def speedup(self) -> float | None:
@@ -68,12 +72,24 @@ class CompileReport:
         return None
 
     @property
+    def fpga_weight_memory_bits(self) -> int:
+        return sum(layer["weight_memory_bits"] for layer in self.fpga_layers)
+
+    @property
+    def fpga_latency_ms(self) -> float | None:
+        if not self.fpga_layers or not self.fpga_clock_mhz:
+            return None
+        return sum(layer["cycles"] for layer in self.fpga_layers) / (self.fpga_clock_mhz * 1e3)
+
+    @property
     def min_output_sqnr_db(self) -> float:
         return min((o.sqnr_db for o in self.outputs), default=math.inf)
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
         data["speedup"] = self.speedup
+        data["fpga_weight_memory_bits"] = self.fpga_weight_memory_bits
+        data["fpga_latency_ms"] = self.fpga_latency_ms
         return _finite(data)
 
     def to_json(self) -> str:
@@ -131,6 +147,33 @@ class CompileReport:
         for note in self.notes:
             summary.add_row("note", note)
         console.print(summary)
+        if self.fpga_layers:
+            table = Table(
+                title=f"FPGA cost model ({self.fpga_macs_per_cycle} 8x8 MACs/cycle at "
+                f"{self.fpga_clock_mhz:g} MHz; first-order: no memory bandwidth or fill)"
+            )
+            for col in ("layer", "op", "MACs", "w bits", "a bits", "weight kbit", "cycles"):
+                table.add_column(col)
+            for layer in self.fpga_layers:
+                table.add_row(
+                    layer["node"],
+                    layer["op_type"],
+                    f"{layer['macs']:,}",
+                    str(layer["weight_bits"]),
+                    str(layer["activation_bits"]),
+                    f"{layer['weight_memory_bits'] / 1e3:.1f}",
+                    f"{layer['cycles']:,}",
+                )
+            table.add_row(
+                "total",
+                "",
+                f"{sum(x['macs'] for x in self.fpga_layers):,}",
+                "",
+                "",
+                f"{self.fpga_weight_memory_bits / 1e3:.1f}",
+                f"{sum(x['cycles'] for x in self.fpga_layers):,} ({self.fpga_latency_ms:.3f} ms)",
+            )
+            console.print(table)
         if self.tensors:
             table = Table(title="worst quantized tensors (accumulated SQNR)")
             for col in ("tensor", "scale", "zp", "local dB", "accum. dB"):
