@@ -26,7 +26,7 @@ from qcompile.ir.shapes import infer_shapes, pin_input_shapes, record_observed_s
 from qcompile.options import CompileOptions, NodeMatcher, NodeOverride
 from qcompile.passes.manager import pass_name, run_phase
 from qcompile.passes.smoothing import ChannelObserver, find_smooth_groups
-from qcompile.quantize.calibration import calibrate, extra_outputs
+from qcompile.quantize.calibration import CalibrationStats, calibrate, extra_outputs
 from qcompile.quantize.data import Feed, ImageSpec, input_specs, open_calibration
 from qcompile.quantize.integer import LowerToIntegerOnly
 from qcompile.quantize.plan import QuantPlan, build_plan, nodes_touching
@@ -164,23 +164,34 @@ def _compile(
             "nothing in this model can be quantized for target " + profile.name,
             hint="run `qcompile inspect` to see each node's reason",
         )
-    stats = calibrate(
-        graph_model,
-        data,
-        plan.calibrated_tensors,
-        pipe.calibrate.observer_for(plan),
-        ort_backend.runner_factory(threads=options.threads),
-        holdout_every=options.holdout_every,
-        max_batches=options.max_calib_batches,
-        progress=options.progress,
-        total=data.count,
-        token_mask=token_mask,
-    )
+
+    def run_calibration(tensors: list[str], progress: bool) -> CalibrationStats:
+        return calibrate(
+            graph_model,
+            data,
+            tensors,
+            pipe.calibrate.observer_for(plan),
+            ort_backend.runner_factory(threads=options.threads),
+            holdout_every=options.holdout_every,
+            max_batches=options.max_calib_batches,
+            progress=progress,
+            total=data.count,
+            token_mask=token_mask,
+        )
+
+    stats = run_calibration(plan.calibrated_tensors, options.progress)
     record_observed_shapes(graph_model, stats.observed)
     unbounded = {t for t, obs in stats.observers.items() if obs.unbounded}
     if unbounded:
         # e.g. attention masks filled with -inf/finfo.min: keep their nodes FP32.
         plan = _demote(graph_model, plan, unbounded, profile, options)
+        missing = [t for t in plan.calibrated_tensors if t not in stats.observers]
+        if missing:  # demotion can expose tensors the first plan read through others
+            extra = run_calibration(missing, False)
+            stats.observers.update(extra.observers)
+            stats.observed.update(extra.observed)
+            stats.run_seconds += extra.run_seconds
+            stats.total_seconds += extra.total_seconds
     qparams = {
         t: stats.qparams(t, _activation_spec(profile, plan, t)) for t in plan.calibrated_tensors
     }
@@ -320,7 +331,7 @@ def _check_islands(lowering: LowerToIntegerOnly | None, options: CompileOptions)
 def _demote(
     model: ir.Model, plan: QuantPlan, unbounded: set[str], profile, options: CompileOptions
 ) -> QuantPlan:
-    demoted = dict(plan.skipped)
+    demoted: dict[str, str] = {}  # only demotions: other skip reasons are re-derived
     for _ in range(len(plan.nodes) + 1):  # demoting can only shrink the plan: a fixpoint
         nodes = nodes_touching(model, plan, unbounded)
         if not nodes:

@@ -585,7 +585,7 @@ class LowerToIntegerOnly(ir.passes.InPlacePass):
             return "input or output not quantized"
         dims = _static_dims(node.inputs[0]) or _static_dims(x.value)
         if dims is None or len(dims) < 3 or min(dims[2:]) < 0:
-            return "spatial size unknown at compile time"
+            return "spatial size unknown at compile time (pin it with --input-shape)"
         count = int(np.prod(dims[2:]))
         centered = emit.centered(x, ir.DataType.INT32, "x")
         axes = emit.const("axes", np.arange(2, len(dims), dtype=np.int64))
@@ -608,7 +608,7 @@ class LowerToIntegerOnly(ir.passes.InPlacePass):
         if any(pads) and not a.get_int("count_include_pad", 0):
             return "padded windows without count_include_pad divide by varying counts"
         if dims is None or dims[1] <= 0:
-            return "channel count unknown at compile time"
+            return "channel count unknown at compile time (pin it with --input-shape)"
         channels = dims[1]
         ones = np.ones((channels, 1, *kernel), dtype=x.value.dtype.numpy())
         attrs = {"group": channels, "kernel_shape": kernel, "pads": pads}
@@ -844,7 +844,9 @@ def float_ops_between(graph: ir.Graph) -> list[ir.Node]:
     return [
         n
         for n in nodes
-        if id(n) in inside and (any(map(is_float, n.inputs)) or any(map(is_float, n.outputs)))
+        if id(n) in inside
+        and n.op_type not in ("Shape", "Size")  # they read no values, only dimensions
+        and (any(map(is_float, n.inputs)) or any(map(is_float, n.outputs)))
     ]
 
 

@@ -324,12 +324,10 @@ def build_plan(
 
     # 4b. Scale aliases: the source is quantized (even if the removed Mul was its only
     # reader); the alias itself needs no statistics of its own.
-    for alias, (source, _) in plan.aliases.items():
+    for source, _ in plan.aliases.values():
         plan.tensors.setdefault(source, source)
         plan.consumers.setdefault(source, [])
         plan.alias_sources.add(source)
-        # the Mul is removed either way, so float readers also go through the alias's DQ
-        plan.tensors[alias] = plan.tensors[source]
 
     # 5. Data-movement outputs share their input's parameters.
     for node in nodes:
@@ -342,6 +340,11 @@ def build_plan(
         for out in node.outputs:
             if out.name in plan.tensors:
                 plan.tensors[out.name] = plan.tensors.get(src, src)
+
+    # 5b. An alias uses its source's statistics (resolved after step 5 remapped sources).
+    # The Mul is removed either way, so float readers also go through the alias's DQ.
+    for alias, (source, _) in plan.aliases.items():
+        plan.tensors[alias] = plan.tensors[source]
 
     # 6. Per-node calibration and bit-width overrides apply to the node's output tensors.
     for node in nodes:
