@@ -327,6 +327,78 @@ def transformer_block(
 # -- calibration data --------------------------------------------------------------------
 
 
+def voice_activity(seed: int = 0, frame: int = 64, hidden: int = 32) -> onnx.ModelProto:
+    """A Silero-VAD-shaped model: an If on the sample-rate input picks one of two branches
+    (each a MatMul + Relu), then an LSTM over the frames and a Gemm + Sigmoid head.
+
+    Inputs: x [batch, steps, frame] float, sr [] int64 (16000 or 8000).
+    """
+    rng = np.random.default_rng(seed)
+
+    def init(name: str, *shape: int) -> onnx.TensorProto:
+        return numpy_helper.from_array(
+            (rng.standard_normal(shape) / np.sqrt(shape[0])).astype(np.float32), name
+        )
+
+    def branch(name: str, weight: str) -> onnx.GraphProto:
+        return helper.make_graph(
+            [
+                helper.make_node("MatMul", ["x", weight], [f"{name}_mm"], name=f"{name}_matmul"),
+                helper.make_node("Relu", [f"{name}_mm"], [f"{name}_out"], name=f"{name}_relu"),
+            ],
+            name,
+            [],
+            [helper.make_tensor_value_info(f"{name}_out", TensorProto.FLOAT, None)],
+        )
+
+    nodes = [
+        helper.make_node("Equal", ["sr", "sr16k"], ["is16k"], name="is_16k"),
+        helper.make_node(
+            "If",
+            ["is16k"],
+            ["features"],
+            name="rate_branch",
+            then_branch=branch("wide", "w16k"),
+            else_branch=branch("narrow", "w8k"),
+        ),
+        helper.make_node("Transpose", ["features"], ["time_major"], perm=[1, 0, 2], name="tm"),
+        helper.make_node(
+            "LSTM",
+            ["time_major", "lstm_w", "lstm_r", "lstm_b"],
+            ["", "h_last"],
+            hidden_size=hidden,
+            name="lstm",
+        ),
+        helper.make_node("Squeeze", ["h_last", "axis0"], ["h"], name="squeeze"),
+        helper.make_node("Gemm", ["h", "head_w", "head_b"], ["logit"], name="head"),
+        helper.make_node("Sigmoid", ["logit"], ["speech"], name="prob"),
+    ]
+    inits = [
+        numpy_helper.from_array(np.array(16000, np.int64), "sr16k"),
+        init("w16k", frame, hidden),
+        init("w8k", frame, hidden),
+        init("lstm_w", 1, 4 * hidden, hidden),
+        init("lstm_r", 1, 4 * hidden, hidden),
+        numpy_helper.from_array(np.zeros((1, 8 * hidden), np.float32), "lstm_b"),
+        numpy_helper.from_array(np.array([0], np.int64), "axis0"),
+        init("head_w", hidden, 1),
+        numpy_helper.from_array(np.zeros(1, np.float32), "head_b"),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "voice_activity",
+        [
+            helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", "steps", frame]),
+            helper.make_tensor_value_info("sr", TensorProto.INT64, []),
+        ],
+        [helper.make_tensor_value_info("speech", TensorProto.FLOAT, ["batch", 1])],
+        inits,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)])
+    model.ir_version = 8
+    return model
+
+
 def images(count: int, size: int = 32, seed: int = 0) -> np.ndarray:
     """Smooth, image-like NCHW data in ImageNet-normalized units (not white noise)."""
     rng = np.random.default_rng(seed)

@@ -25,6 +25,7 @@ from qcompile.ir.io import ModelSource, check_output_path, load_model, save_mode
 from qcompile.ir.shapes import infer_shapes, pin_input_shapes, record_observed_shapes
 from qcompile.options import CompileOptions, NodeMatcher, NodeOverride
 from qcompile.passes.manager import pass_name, run_phase
+from qcompile.passes.prequantized import DequantizeQDQ, quantized_ops
 from qcompile.passes.smoothing import ChannelObserver, find_smooth_groups
 from qcompile.quantize.calibration import CalibrationStats, calibrate, extra_outputs
 from qcompile.quantize.data import Feed, ImageSpec, input_specs, open_calibration
@@ -118,6 +119,19 @@ def _compile(
 
     # Import and canonicalize.
     graph_model = load_model(model)
+    prequantized = quantized_ops(graph_model)
+    if prequantized:
+        listed = ", ".join(f"{k}×{v}" for k, v in prequantized.items())
+        if options.already_quantized == "error":
+            raise QCompileError(
+                f"the model is already quantized ({listed}); quantizing it again would round twice",
+                hint="--already-quantized keep returns it unchanged; --already-quantized "
+                "requantize dequantizes its QDQ pairs and compiles it afresh",
+            )
+        if options.already_quantized == "keep":
+            return _kept_as_is(graph_model, profile, input_path, output, listed)
+        graph_model, _ = run_phase(graph_model, "import", [DequantizeQDQ()])
+        logger.warning("dequantized an already quantized model (%s) to compile it again", listed)
     if options.input_shapes:
         pin_input_shapes(graph_model, dict(options.input_shapes))
     infer_shapes(graph_model)
@@ -287,6 +301,20 @@ def _fpga_costs(
     report.fpga_layers = [c.to_dict() for c in costs]
     report.fpga_macs_per_cycle = options.fpga_macs_per_cycle
     report.fpga_clock_mhz = options.fpga_clock_mhz
+
+
+def _kept_as_is(
+    model: ir.Model, profile, input_path: str | None, output, listed: str
+) -> CompileResult:
+    report = CompileReport(
+        target=profile.name,
+        input_model=input_path,
+        notes=[f"already quantized ({listed}): returned unchanged (--already-quantized keep)"],
+    )
+    if output is not None:
+        save_model(model, output)
+        report.output_model = str(output)
+    return CompileResult(model, report, QuantPlan())
 
 
 def _check_bit_widths(profile, options: CompileOptions) -> None:

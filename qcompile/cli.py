@@ -75,6 +75,13 @@ def _add_model_options(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--fpga-clock-mhz", type=float, default=200.0, help="FPGA cost model clock")
     p.add_argument(
+        "--already-quantized",
+        choices=("error", "keep", "requantize"),
+        default="error",
+        help="when the input is already quantized: stop (default), return it unchanged, or "
+        "dequantize its QDQ pairs and compile again",
+    )
+    p.add_argument(
         "--per-tensor", action="store_true", help="per-tensor weights instead of per-channel"
     )
     p.add_argument("--quantize-softmax", action="store_true", help="also quantize Softmax")
@@ -193,6 +200,7 @@ def _options(args: argparse.Namespace, **extra):
         token_mask=None if args.token_mask == "none" else args.token_mask,
         disabled_passes=tuple(args.disable_pass),
         integer_only=args.integer_only,
+        already_quantized=args.already_quantized,
         weight_bits=args.weight_bits,
         activation_bits=args.activation_bits,
         pow2_scales=not args.float_scales,

@@ -137,6 +137,9 @@ class CompileOptions:
     # Every n-th calibration feed is held out for the report (and not calibrated on).
     holdout_every: int = 5
     verify_passes: bool = False
+    # An input model that is already quantized: "error" (stop and say so), "keep" (return
+    # it unchanged), "requantize" (dequantize its QDQ pairs, then compile as FP32)
+    already_quantized: str = "error"
     # Integer-only lowering (always on for the FPGA target): only integer ops between the
     # input quantizer and the output dequantizer. Float islands must be allowed by name,
     # op:TYPE or re:REGEX; Softmax and LayerNormalization are allowed unless
@@ -169,6 +172,10 @@ class CompileOptions:
             raise QCompileError("holdout_every must be >= 2 (at least every other feed calibrates)")
         if self.smooth_alpha is not None and not 0.0 <= self.smooth_alpha <= 1.0:
             raise QCompileError(f"smooth_alpha must be in [0, 1], got {self.smooth_alpha}")
+        if self.already_quantized not in ("error", "keep", "requantize"):
+            raise QCompileError(
+                f"already_quantized must be error, keep or requantize, got {self.already_quantized!r}"
+            )
         _check_bits(self.weight_bits, "weight_bits")
         _check_bits(self.activation_bits, "activation_bits")
         if self.fpga_macs_per_cycle < 1 or self.fpga_clock_mhz <= 0:

