@@ -49,6 +49,8 @@ class Row:
     latency_ms: float | None = None
     speedup: float | None = None
     size_mb: float | None = None
+    # integer-only rows: what the compile report says, and the reference check
+    extra: dict = field(default_factory=dict)
 
 
 class _Reader:
@@ -105,10 +107,16 @@ def _ort_static_best(src: Path, dst: Path, task) -> None:
 
 
 def _qcompile(target: str, method: str, **options) -> Callable:
-    def run(src: Path, dst: Path, task) -> None:
+    def run(src: Path, dst: Path, task) -> dict:
         import qcompile
 
-        qcompile.compile(
+        extra = dict(options)
+        shapes = _common_shapes(task)
+        if (target == "fpga" or options.get("integer_only")) and shapes:
+            # integer-only graphs need static spatial sizes (pools, cost model): pin the
+            # inputs to the task's feed shapes when every feed has the same ones
+            extra["input_shapes"] = shapes
+        report = qcompile.compile(
             src,
             target=target,
             calibration=task.calibration,
@@ -116,10 +124,40 @@ def _qcompile(target: str, method: str, **options) -> Callable:
             bench_runs=0,
             progress=False,
             output=dst,
-            **options,
-        )
+            **extra,
+        ).report
+        if report.mixed_precision:
+            return {"mixed": report.mixed_precision}
+        if not report.integer_only:
+            return {}
+        return {
+            "islands": sorted({i["op_type"] for i in report.float_islands}),
+            "weight_mbit": report.fpga_weight_memory_bits / 1e6 if report.fpga_layers else None,
+            "fpga_ms": report.fpga_latency_ms,
+        }
 
     return run
+
+
+def _common_shapes(task) -> dict[str, tuple[int, ...]] | None:
+    feeds = [*task.calibration, *task.evaluation, task.bench_feed]
+    shapes = {k: tuple(v.shape) for k, v in feeds[0].items()}
+    if all({k: tuple(v.shape) for k, v in f.items()} == shapes for f in feeds):
+        return {k: v for k, v in shapes.items() if np.issubdtype(feeds[0][k].dtype, np.floating)}
+    return None
+
+
+def _bit_exact(path: Path, feed) -> bool:
+    """ORT (QDQ fusions off: they would rewrite float islands) equals the numpy reference."""
+    import onnx
+
+    from qcompile.quantize.reference import run_reference
+
+    opts = ort.SessionOptions()
+    opts.add_session_config_entry("session.disable_quant_qdq", "1")
+    sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    ours = run_reference(onnx.load(str(path)), feed)
+    return all(np.array_equal(a, b) for a, b in zip(sess.run(None, feed), ours, strict=True))
 
 
 def configs(quick: bool) -> dict[str, Callable]:
@@ -134,8 +172,37 @@ def configs(quick: bool) -> dict[str, Callable]:
     out["qcompile cpu (mse, explicit smoothing)"] = _qcompile("cpu", "mse", smooth_explicit=True)
     if not quick:
         out["qcompile gpu (mse; CPU EP here, no GPU)"] = _qcompile("gpu", "mse")
-        out["qcompile fpga (mse; pow2 scales)"] = _qcompile("fpga", "mse")
+        out["qcompile cpu (mse, integer-only)"] = _qcompile("cpu", "mse", integer_only=True)
+        out["qcompile fpga (w8a8, pow2 scales)"] = _qcompile("fpga", "mse")
+        out["qcompile fpga (w8a8, float scales)"] = _qcompile("fpga", "mse", pow2_scales=False)
+        out["qcompile fpga (w4a8, float scales)"] = _qcompile(
+            "fpga", "mse", pow2_scales=False, weight_bits=4
+        )
+    out[f"qcompile cpu (mixed precision, <= {MIXED_DROP:.1%} drop)"] = _mixed("cpu")
     return out
+
+
+MIXED_DROP = 0.005
+MIXED_MODELS = ("minilm", "orientation")
+
+
+def _mixed(target: str) -> Callable:
+    """The accuracy-budget search; top-1 agreement for classifiers, cosine otherwise."""
+
+    def run(src: Path, dst: Path, task) -> dict:
+        if task.name not in MIXED_MODELS:
+            raise _Skip("mixed precision is benchmarked on " + " and ".join(MIXED_MODELS))
+        metric = "top1" if "agreement" in task.primary and "top1" in task.primary else "cosine"
+        png = HERE / f"pareto_{task.name}.png"
+        return _qcompile(
+            target, "mse", max_accuracy_drop=MIXED_DROP, metric=metric, pareto_png=str(png)
+        )(src, dst, task)
+
+    return run
+
+
+class _Skip(Exception):
+    """A configuration that does not apply to this model (no row is written)."""
 
 
 def _session(path: Path, threads: int) -> ort.InferenceSession:
@@ -164,8 +231,10 @@ def evaluate(
         row = Row(name, label)
         t0 = time.perf_counter()
         try:
-            fn(model_path, dst, task)
+            row.extra = fn(model_path, dst, task) or {}
             row.path = dst
+        except _Skip:
+            continue
         except Exception as exc:
             row.error = f"{type(exc).__name__}: {str(exc).splitlines()[0][:160]}"
             logger.warning("%s / %s failed:\n%s", name, label, traceback.format_exc())
@@ -200,6 +269,10 @@ def evaluate(
         row.sqnr_db = float("inf") if noise == 0 else 10 * np.log10(float(np.sum(a * a)) / noise)
         row.cosine = float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b)))
         row.size_mb = sum(p.stat().st_size for p in row.path.parent.glob(row.path.name + "*")) / 1e6
+        if "islands" in row.extra:
+            t0 = time.perf_counter()
+            row.extra["bit_exact"] = _bit_exact(row.path, task.evaluation[0])
+            row.extra["reference_s"] = time.perf_counter() - t0
 
     # Latency: interleaved runs, same feed and threads for every session.
     times: dict[str, list[float]] = {k: [] for k in sessions}
@@ -304,9 +377,62 @@ def write_results(
             ]
             lines.append("| " + " | ".join(cells) + " |")
         lines.append("")
+        integer_rows = [r for r in rows if "islands" in r.extra and not r.error]
+        if integer_rows:
+            lines += [
+                "Integer-only rows: ORT output vs the numpy reference interpreter on the first "
+                "evaluation feed (equality; ORT with its QDQ fusions off, which would rewrite "
+                "float islands), float islands left, weight memory and the FPGA cost model's "
+                "latency (256 8×8 MACs/cycle at 200 MHz, first-order).",
+                "",
+                "| config | bit-exact | float islands | weight Mbit | FPGA est. ms | reference s |",
+                "|---|---|---|---|---|---|",
+            ]
+            for r in integer_rows:
+                lines.append(
+                    f"| {r.config} | {'yes' if r.extra.get('bit_exact') else 'NO'} | "
+                    f"{', '.join(r.extra['islands']) or 'none'} | "
+                    f"{_fmt(r.extra.get('weight_mbit'), 2)} | {_fmt(r.extra.get('fpga_ms'), 3)} | "
+                    f"{_fmt(r.extra.get('reference_s'), 1)} |"
+                )
+            lines.append("")
     lines += [f"![accuracy vs speedup]({plot.name})", ""]
+    lines += _mixed_section(all_rows)
     out.write_text("\n".join(lines))
     _plot(all_rows, tasks, plot)
+
+
+def _mixed_section(all_rows: dict[str, list[Row]]) -> list[str]:
+    """Per-layer choices and the Pareto plot of each mixed-precision row."""
+    lines = []
+    for name, rows in all_rows.items():
+        for r in rows:
+            mp = r.extra.get("mixed")
+            if not mp or r.error:
+                continue
+            lines += [
+                f"## Mixed precision: {name}",
+                "",
+                f"`{r.config}`: metric `{mp['metric']}` (drop vs FP32 measured on the "
+                f"calibration feeds during the search: {mp['verified_drop']:.4f}, budget "
+                f"{mp['max_accuracy_drop']}: {'met' if mp['budget_met'] else 'MISSED'}); on the "
+                f"held-out evaluation set see the row above. Objective: {mp['objective']}; "
+                f"search time {mp['search_seconds']:.1f} s "
+                f"({len(mp['steps'])} verify/repair step(s)).",
+                "",
+                f"![Pareto front](pareto_{name}.png)",
+                "",
+                "| layer | op | choice | INT8 sensitivity (NSR dB) | FP32 ms | INT8 ms |",
+                "|---|---|---|---|---|---|",
+            ]
+            for layer in mp["layers"]:
+                c = layer["candidates"]
+                lines.append(
+                    f"| {layer['node']} | {layer['op_type']} | {layer['choice']} | "
+                    f"{c['int8']['nsr_db']:.1f} | {c['fp32']['cost']:.3f} | {c['int8']['cost']:.3f} |"
+                )
+            lines.append("")
+    return lines
 
 
 def _plot(all_rows: dict[str, list[Row]], tasks: dict, path: Path) -> None:

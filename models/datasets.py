@@ -38,6 +38,7 @@ class TaskData:
     metric: Metric
     primary: str  # the metric name the benchmark headlines
     bench_feed: Feed
+    name: str = ""
 
 
 # -- sentences ------------------------------------------------------------------------
@@ -572,14 +573,15 @@ def _levenshtein(a: str, b: str) -> int:
 
 
 def task_data(name: str, model_path: Path) -> TaskData:
-    if name == "minilm":
-        return minilm(model_path.parent)
-    if name == "orientation":
-        return orientation()
-    if name == "ocr_rec":
-        return ocr_rec(model_path)
-    if name == "ocr_cls":
-        return ocr_cls()
-    if name == "ocr_det":
-        return ocr_det()
-    raise KeyError(name)
+    builders = {
+        "minilm": lambda: minilm(model_path.parent),
+        "orientation": orientation,
+        "ocr_rec": lambda: ocr_rec(model_path),
+        "ocr_cls": ocr_cls,
+        "ocr_det": ocr_det,
+    }
+    if name not in builders:
+        raise KeyError(name)
+    data = builders[name]()
+    data.name = name
+    return data

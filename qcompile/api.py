@@ -12,7 +12,7 @@ import logging
 import os
 import time
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 import numpy as np
@@ -27,6 +27,7 @@ from qcompile.options import CompileOptions, NodeMatcher, NodeOverride
 from qcompile.passes.manager import pass_name, run_phase
 from qcompile.passes.prequantized import DequantizeQDQ, quantized_ops
 from qcompile.passes.smoothing import ChannelObserver, find_smooth_groups
+from qcompile.quantize import mixed
 from qcompile.quantize.calibration import CalibrationStats, calibrate, extra_outputs
 from qcompile.quantize.data import Feed, ImageSpec, input_specs, open_calibration
 from qcompile.quantize.integer import LowerToIntegerOnly
@@ -49,6 +50,9 @@ class CompileResult:
     plan: QuantPlan
     # the QDQ graph before integer-only lowering (None when the model was not lowered)
     qdq_model: ir.Model | None = None
+    # the rewritten FP32 graph the plan refers to, and the activation parameters used
+    fp32_model: ir.Model | None = None
+    qparams: dict[str, QParams] = field(default_factory=dict)
 
 
 def make_options(**kwargs: Any) -> CompileOptions:
@@ -87,8 +91,19 @@ def compile(  # noqa: A001 - the public name users expect
 ) -> CompileResult:
     """Quantize `model` for `target`; optionally write it to `output` (atomically)."""
     start = time.perf_counter()
+    if options is None:
+        options = make_options(**option_kwargs)
+    elif option_kwargs:
+        raise QCompileError("pass either options= or keyword options, not both")
     with ort_backend.clocked() as clock:
-        result = _compile(model, target, calibration, image_spec, options, output, option_kwargs)
+        if (
+            options.max_accuracy_drop is not None
+            or options.size_budget_mb
+            or options.latency_budget_ms
+        ):
+            result = _compile_mixed(model, target, calibration, image_spec, options, output)
+        else:
+            result = _compile(model, target, calibration, image_spec, options, output, {})
     report = result.report
     report.compile_seconds = time.perf_counter() - start
     report.ort_session_seconds = clock.session_seconds
@@ -282,7 +297,174 @@ def _compile(
     if output is not None:
         save_model(graph_model, output)
         report.output_model = str(output)
-    return CompileResult(graph_model, report, plan, qdq_model)
+    return CompileResult(graph_model, report, plan, qdq_model, fp32_model, qparams)
+
+
+def _compile_mixed(
+    model: ModelSource,
+    target: str,
+    calibration: CalibrationInput,
+    image_spec: ImageSpec | None,
+    options: CompileOptions,
+    output: str | os.PathLike | None,
+) -> CompileResult:
+    """Mixed precision under a budget (qcompile.quantize.mixed): compile all-INT8 once,
+    measure per-layer sensitivity and cost, solve, verify, repair, compile the choice."""
+    start = time.perf_counter()
+    plain = dataclasses.replace(
+        options,
+        max_accuracy_drop=None,
+        size_budget_mb=None,
+        latency_budget_ms=None,
+        bench_runs=0,
+        progress=False,
+    )
+    base = _compile(model, target, calibration, image_spec, plain, None, {})
+    fp32, plan, profile = base.fp32_model, base.plan, get_target(target).pipeline(plain).profile
+    data = open_calibration(
+        calibration, input_specs(fp32), batch_size=options.calib_batch_size, image_spec=image_spec
+    )
+    feeds = _first_feeds(data, options.mixed_verify_feeds)
+    metric = mixed.resolve_metric(options.metric)
+    fp32_sess = ort_backend.make_session(fp32, threads=options.threads)
+    fp32_outputs = [fp32_sess.run(None, dict(f)) for f in feeds]
+
+    fpga = profile.name == "fpga"
+    objective = (
+        "size" if (fpga or options.size_budget_mb) and not options.latency_budget_ms else "latency"
+    )
+    layer_nodes = [w.node for w in plan.weights if w.node in plan.nodes]
+    if fpga:
+        specs = {
+            n: [(f"w{b}", dataclasses.replace(profile.weight, bits=b)) for b in (8, 6, 5, 4, 3, 2)]
+            for n in layer_nodes
+        }
+    else:
+        specs = {n: [("int8", profile.weight)] for n in layer_nodes}
+    switch, flags = mixed.switch_model(fp32, plan, base.qparams, specs)
+    nsr = mixed.sensitivities(switch, flags, feeds[: max(2, len(feeds) // 4)], options.threads)
+    weights = {
+        w.node: int(fp32.graph.initializers[w.tensor].const_value.size)
+        for w in plan.weights
+        if w.tensor in fp32.graph.initializers
+    }
+    if objective == "latency":
+        t_fp32 = mixed.node_times_ms(fp32, feeds[0], threads=options.threads)
+        t_int8 = mixed.node_times_ms(base.model, feeds[0], threads=options.threads)
+    layers = []
+    op_types = {n.name: n.op_type for n in fp32.graph}
+    for node in layer_nodes:
+        n_w = weights.get(node, 0)
+        if objective == "latency":
+            fp = t_fp32.get(node, 0.0)
+            cands = [
+                mixed.Candidate("fp32", fp, 0.0),
+                mixed.Candidate("int8", t_int8.get(node, fp), nsr[(node, "int8")]),
+            ]
+        elif fpga:
+            cands = [
+                mixed.Candidate(label, n_w * spec.bits, nsr[(node, label)], spec.bits)
+                for label, spec in specs[node]
+            ]
+        else:
+            cands = [
+                mixed.Candidate("fp32", n_w * 32.0, 0.0),
+                mixed.Candidate("int8", n_w * 8.0, nsr[(node, "int8")]),
+            ]
+        layers.append(mixed.LayerOptions(node, op_types.get(node, "?"), cands))
+
+    def options_for(choice: dict[str, str]) -> CompileOptions:
+        if fpga:
+            extra = tuple(
+                NodeOverride(NodeMatcher(n), weight_bits=int(label[1:]))
+                for n, label in choice.items()
+            )
+            return dataclasses.replace(plain, overrides=plain.overrides + extra)
+        keep = tuple(NodeMatcher(n) for n, label in choice.items() if label == "fp32")
+        return dataclasses.replace(plain, exclude=plain.exclude + keep)
+
+    def run_choice(choice: dict[str, str]) -> list[list[np.ndarray]]:
+        if all(label == "fp32" for label in choice.values()):
+            return fp32_outputs
+        compiled = _compile(model, target, calibration, image_spec, options_for(choice), None, {})
+        sess = ort_backend.make_session(compiled.model, threads=options.threads)
+        return [sess.run(None, dict(f)) for f in feeds]
+
+    if options.max_accuracy_drop is not None:
+        cheapest = {
+            layer.node: min(layer.candidates, key=lambda c: c.cost).label for layer in layers
+        }
+        start_budget = (
+            2.0 * options.max_accuracy_drop
+            if options.metric == "cosine"
+            else mixed.totals(layers, cheapest)[1]
+        )
+        cost_budget = None
+    else:
+        start_budget = 0.0
+        cost_budget = (
+            options.size_budget_mb * 8e6 if objective == "size" else options.latency_budget_ms
+        )
+    found = mixed.search(
+        layers=layers,
+        compile_choice=run_choice,
+        fp32_outputs=fp32_outputs,
+        metric=metric,
+        max_drop=options.max_accuracy_drop,
+        cost_budget=cost_budget,
+        initial_nsr_budget=start_budget,
+        objective=objective,
+    )
+    if all(label == "fp32" for label in found.choice.values()):
+        best = min(layers, key=lambda layer: layer.candidates[-1].nsr)
+        raise QCompileError(
+            "the budget leaves no layer quantized: every INT8 layer costs more accuracy or "
+            "time than it saves here",
+            node=best.node,
+            hint=f"the least sensitive layer, {best.node}, alone adds "
+            f"{10 * np.log10(max(best.candidates[-1].nsr, 1e-30)):.1f} dB of output noise; "
+            "raise --max-accuracy-drop, or compile without a budget",
+        )
+    final_options = dataclasses.replace(
+        options_for(found.choice), bench_runs=options.bench_runs, progress=options.progress
+    )
+    result = _compile(model, target, calibration, image_spec, final_options, output, {})
+    result.report.mixed_precision = _mixed_report(found, options, time.perf_counter() - start)
+    if options.pareto_png:
+        mixed.save_pareto_png(found, options.pareto_png, f"{profile.name}: {options.metric} budget")
+    if not found.met:
+        result.report.notes.append(
+            f"mixed precision missed the budget: best verified drop {found.verified_drop:.4f} "
+            f"> {options.max_accuracy_drop}"
+        )
+    return result
+
+
+def _mixed_report(found, options: CompileOptions, seconds: float) -> dict[str, Any]:
+    return {
+        "metric": options.metric if isinstance(options.metric, str) else "callable",
+        "max_accuracy_drop": options.max_accuracy_drop,
+        "objective": found.objective,
+        "verified_drop": found.verified_drop,
+        "budget_met": found.met,
+        "predicted_cost": found.predicted_cost,
+        "predicted_nsr": found.predicted_nsr,
+        "search_seconds": seconds,
+        "steps": [{"cost": c, "nsr": n, "drop": d} for c, n, d in found.verified],
+        "layers": [
+            {
+                "node": layer.node,
+                "op_type": layer.op_type,
+                "choice": found.choice[layer.node],
+                "candidates": {
+                    c.label: {"cost": c.cost, "nsr_db": float(10 * np.log10(max(c.nsr, 1e-30)))}
+                    for c in layer.candidates
+                },
+            }
+            for layer in found.layers
+        ],
+        "pareto": [{"cost": c, "nsr": n} for c, n in found.pareto],
+    }
 
 
 def _fpga_costs(

@@ -145,6 +145,32 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--max-calib-batches", type=int, default=None)
     c.add_argument("--report", metavar="JSON", help="write the report as JSON")
     c.add_argument(
+        "--max-accuracy-drop",
+        type=_fraction,
+        default=None,
+        metavar="DROP",
+        help="mixed precision: largest accepted drop of --metric, e.g. 0.5%% or 0.005; the "
+        "fastest (fpga: smallest) per-layer choice that meets it",
+    )
+    c.add_argument("--metric", choices=("cosine", "top1"), default="cosine")
+    c.add_argument(
+        "--size-budget",
+        type=float,
+        default=None,
+        metavar="MB",
+        help="mixed precision: weight size budget",
+    )
+    c.add_argument(
+        "--latency-budget",
+        type=float,
+        default=None,
+        metavar="MS",
+        help="mixed precision: summed layer-time budget",
+    )
+    c.add_argument(
+        "--pareto", metavar="PNG", help="mixed precision: write the cost/noise Pareto plot"
+    )
+    c.add_argument(
         "--qonnx",
         metavar="PATH",
         help="also write the model as QONNX (Quant nodes with bit widths; integer-only targets)",
@@ -182,6 +208,14 @@ def build_parser() -> argparse.ArgumentParser:
     zf.add_argument("name", help="model name or 'all'")
     zsub.add_parser("list", help="list zoo models")
     return parser
+
+
+def _fraction(text: str) -> float:
+    """'0.5%' -> 0.005; '0.005' -> 0.005."""
+    try:
+        return float(text[:-1]) / 100.0 if text.endswith("%") else float(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"not a fraction or percentage: {text!r}") from exc
 
 
 def _options(args: argparse.Namespace, **extra):
@@ -232,6 +266,11 @@ def cmd_compile(args: argparse.Namespace) -> int:
         bench_runs=args.bench_runs,
         threads=args.threads,
         progress=not args.quiet and sys.stderr.isatty(),
+        max_accuracy_drop=args.max_accuracy_drop,
+        metric=args.metric,
+        size_budget_mb=args.size_budget,
+        latency_budget_ms=args.latency_budget,
+        pareto_png=args.pareto,
     )
     image_spec = ImageSpec.parse(args.image_spec) if args.image_spec else None
     result = compile_model(

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import get_args
+from typing import Any, get_args
 
 from qcompile.errors import QCompileError
 from qcompile.quantize.observers import CALIB_METHODS, CalibMethod
@@ -156,6 +156,16 @@ class CompileOptions:
     # FPGA cost model: 8x8-bit MACs per cycle the fabric budget fits, and its clock
     fpga_macs_per_cycle: int = 256
     fpga_clock_mhz: float = 200.0
+    # Mixed precision (qcompile.quantize.mixed): an accuracy budget (0.005 = 0.5% drop of
+    # `metric`: "cosine", "top1" or a callable(fp32_outs, quant_outs) -> drop) with the
+    # least latency (cpu/gpu) or weight memory (fpga); or a size/latency budget with the
+    # least output noise. Verified on up to mixed_verify_feeds calibration feeds.
+    max_accuracy_drop: float | None = None
+    metric: Any = "cosine"
+    size_budget_mb: float | None = None
+    latency_budget_ms: float | None = None
+    mixed_verify_feeds: int = 24
+    pareto_png: str | None = None
     bench_runs: int = 20
     threads: int | None = None
     progress: bool = True
@@ -180,6 +190,15 @@ class CompileOptions:
         _check_bits(self.activation_bits, "activation_bits")
         if self.fpga_macs_per_cycle < 1 or self.fpga_clock_mhz <= 0:
             raise QCompileError("fpga_macs_per_cycle and fpga_clock_mhz must be positive")
+        if self.max_accuracy_drop is not None and not 0.0 <= self.max_accuracy_drop < 1.0:
+            raise QCompileError(
+                f"max_accuracy_drop must be a fraction in [0, 1), got {self.max_accuracy_drop}",
+                hint="0.5% is 0.005 (the CLI also takes '0.5%')",
+            )
+        if self.max_accuracy_drop is not None and (self.size_budget_mb or self.latency_budget_ms):
+            raise QCompileError("give an accuracy budget or a size/latency budget, not both")
+        if not callable(self.metric) and self.metric not in ("cosine", "top1"):
+            raise QCompileError(f"unknown metric '{self.metric}'", hint="use cosine or top1")
         if self.bench_runs < 0:
             raise QCompileError("bench_runs must be >= 0")
         if self.threads is not None and self.threads < 1:

@@ -64,6 +64,8 @@ class CompileReport:
     fpga_layers: list[dict[str, Any]] = field(default_factory=list)
     fpga_macs_per_cycle: int | None = None
     fpga_clock_mhz: float | None = None
+    # mixed precision: the search, its per-layer choices and the Pareto front
+    mixed_precision: dict[str, Any] | None = None
 
     @property
     def speedup(self) -> float | None:
@@ -173,6 +175,27 @@ class CompileReport:
                 f"{self.fpga_weight_memory_bits / 1e3:.1f}",
                 f"{sum(x['cycles'] for x in self.fpga_layers):,} ({self.fpga_latency_ms:.3f} ms)",
             )
+            console.print(table)
+        if self.mixed_precision:
+            mp = self.mixed_precision
+            table = Table(
+                title=f"mixed precision: {mp['metric']} drop {mp['verified_drop']:.4f} "
+                f"(budget {mp['max_accuracy_drop']}, {'met' if mp['budget_met'] else 'MISSED'}), "
+                f"objective {mp['objective']}, search {mp['search_seconds']:.1f}s"
+            )
+            for col in ("layer", "op", "choice", "sensitivity dB per candidate", "cost"):
+                table.add_column(col)
+            for layer in mp["layers"]:
+                cands = layer["candidates"]
+                table.add_row(
+                    layer["node"],
+                    layer["op_type"],
+                    layer["choice"],
+                    ", ".join(
+                        f"{k} {v['nsr_db']:.0f}" for k, v in cands.items() if v["nsr_db"] > -290
+                    ),
+                    f"{cands[layer['choice']]['cost']:.4g}",
+                )
             console.print(table)
         if self.tensors:
             table = Table(title="worst quantized tensors (accumulated SQNR)")

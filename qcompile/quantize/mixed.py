@@ -1,0 +1,421 @@
+"""Mixed precision under a budget: per-layer sensitivity, measured cost, an ILP, a check.
+
+Users state a budget ("at most 0.5% accuracy drop, as fast as possible"), not a scheme:
+
+1. **Sensitivity** (HAWQ-style, measured rather than Hessian-estimated): the output
+   noise-to-signal ratio when only layer l runs at candidate precision c. One session
+   serves every layer: the FP32 graph gets, per (layer, candidate), a boolean input that
+   switches the layer's input activation to its fake-quantized version and its weight to
+   the quantized-dequantized one (`Where` nodes), so each measurement is one run with
+   one flag on — no model rebuild or session per layer.
+2. **Cost**, measured on the target: per-layer kernel time from ONNX Runtime's profiler
+   on the all-INT8 and the FP32 model (CPU/GPU targets), or weight memory bits (FPGA).
+3. **Solve** with scipy's MILP: one candidate per layer, minimize total cost subject to
+   Σ sensitivity ≤ B (noise powers of independent layers add), or minimize Σ sensitivity
+   subject to a cost budget.
+4. **Verify** the compiled choice with the user's metric on their data and **repair**:
+   while the budget is missed, halve B and solve again (each step keeps more layers
+   precise). The Pareto front (predicted cost vs predicted noise over a sweep of B, and
+   the verified points) goes to the report and, on request, a PNG.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import json
+import logging
+import os
+import re
+import tempfile
+import time
+from collections.abc import Callable, Mapping, Sequence
+
+import numpy as np
+import onnx_ir as ir
+
+from qcompile.backends import ort as ort_backend
+from qcompile.errors import QCompileError
+from qcompile.quantize.observers import weight_qparams
+from qcompile.quantize.plan import QuantPlan
+from qcompile.quantize.qdq import effective_qparams
+from qcompile.quantize.qparams import QParams, fake_quantize
+
+logger = logging.getLogger(__name__)
+
+Feed = Mapping[str, np.ndarray]
+# metric(fp32 outputs per feed, quantized outputs per feed) -> accuracy drop (0.01 = 1%)
+DropMetric = Callable[[list[list[np.ndarray]], list[list[np.ndarray]]], float]
+
+
+@dataclasses.dataclass(frozen=True)
+class Candidate:
+    label: str  # "fp32", "int8", "w4"...
+    cost: float  # ms (latency objective) or bits (size objective)
+    nsr: float  # output noise / signal power when only this layer is at this precision
+    weight_bits: int | None = None  # FPGA: bits for this layer's weights; None: FP32/INT8
+
+
+@dataclasses.dataclass
+class LayerOptions:
+    node: str
+    op_type: str
+    candidates: list[Candidate]
+
+
+@dataclasses.dataclass
+class SearchResult:
+    choice: dict[str, str]  # node -> chosen label
+    predicted_nsr: float
+    predicted_cost: float
+    verified_drop: float
+    met: bool
+    budget_nsr: float
+    layers: list[LayerOptions]
+    pareto: list[tuple[float, float]]  # (predicted cost, predicted nsr) over a sweep of B
+    verified: list[tuple[float, float, float]]  # (predicted cost, nsr, measured drop)
+    seconds: float
+    objective: str
+
+
+# -- metrics -------------------------------------------------------------------------------
+
+
+def cosine_drop(fp32: list[list[np.ndarray]], quant: list[list[np.ndarray]]) -> float:
+    """1 − mean per-sample cosine of the first output (samples along axis 0)."""
+    cos = []
+    for a_out, b_out in zip(fp32, quant, strict=True):
+        a = a_out[0].reshape(a_out[0].shape[0], -1).astype(np.float64)
+        b = b_out[0].reshape(b_out[0].shape[0], -1).astype(np.float64)
+        num = np.sum(a * b, axis=1)
+        den = np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1)
+        cos.extend(np.where(den > 0, num / np.maximum(den, 1e-30), 1.0))
+    return float(1.0 - np.mean(cos))
+
+
+def top1_drop(fp32: list[list[np.ndarray]], quant: list[list[np.ndarray]]) -> float:
+    """Share of samples whose arg-max class differs from FP32's (needs no labels)."""
+    same = []
+    for a_out, b_out in zip(fp32, quant, strict=True):
+        a, b = a_out[0], b_out[0]
+        same.extend(
+            np.argmax(a.reshape(a.shape[0], -1), 1) == np.argmax(b.reshape(b.shape[0], -1), 1)
+        )
+    return float(1.0 - np.mean(same))
+
+
+METRICS: dict[str, DropMetric] = {"cosine": cosine_drop, "top1": top1_drop}
+
+
+def resolve_metric(metric: str | DropMetric) -> DropMetric:
+    if callable(metric):
+        return metric
+    if metric not in METRICS:
+        raise QCompileError(
+            f"unknown metric '{metric}'", hint="use cosine, top1, or pass a callable (API)"
+        )
+    return METRICS[metric]
+
+
+# -- sensitivity through one switchable session ---------------------------------------------
+
+
+def _const_value(graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:
+    value = ir.Value(name=name, shape=ir.Shape(array.shape))
+    value.dtype = ir.DataType.from_numpy(array.dtype)
+    value.const_value = ir.tensor(array, name=name)
+    graph.register_initializer(value)
+    return value
+
+
+def switch_model(
+    fp32_model: ir.Model,
+    plan: QuantPlan,
+    qparams: Mapping[str, QParams],
+    weight_specs: Mapping[str, Sequence[tuple[str, object]]],
+) -> tuple[ir.Model, dict[tuple[str, str], str]]:
+    """A copy of the FP32 model where flag inputs switch layers to candidate precisions.
+
+    `weight_specs`: node → [(candidate label, weight QuantSpec)]. Returns the model and
+    (node, label) → flag input name.
+    """
+    model = ir.from_proto(ir.to_proto(fp32_model))
+    graph = model.graph
+    nodes = {n.name: n for n in graph}
+    flags: dict[tuple[str, str], str] = {}
+    weights = {w.node: w for w in plan.weights}
+    for index, (name, specs) in enumerate(weight_specs.items()):
+        node = nodes[name]
+        use = weights[name]
+        x = node.inputs[0]
+        w_value = node.inputs[use.input_index]
+        w = w_value.const_value.numpy().astype(np.float32)
+        x_q = None
+        if x is not None and x.name in plan.tensors:
+            qp = effective_qparams(plan, qparams, x.name)
+            x_q = _fake_quant_nodes(graph, node, x, qp, f"mp{index}")
+        new_x, new_w = x, w_value
+        for label, spec in specs:
+            flag = ir.Value(name=f"mp_flag_{index}_{label}", shape=ir.Shape([]))
+            flag.dtype = ir.DataType.BOOL
+            graph.inputs.append(flag)
+            flags[(name, label)] = flag.name
+            w_q = fake_quantize(w, weight_qparams(w, spec, use.axis)).astype(np.float32)
+            w_const = _const_value(graph, f"mp_w_{index}_{label}", w_q)
+            new_w = _where(graph, node, flag, w_const, new_w, f"mp_wsel_{index}_{label}")
+            if x_q is not None:
+                new_x = _where(graph, node, flag, x_q, new_x, f"mp_xsel_{index}_{label}")
+        node.replace_input_with(use.input_index, new_w)
+        if x_q is not None:
+            node.replace_input_with(0, new_x)
+    return model, flags
+
+
+def _fake_quant_nodes(graph: ir.Graph, before: ir.Node, x: ir.Value, qp: QParams, base: str):
+    scale = _const_value(graph, f"{base}_scale", np.asarray(qp.scale, np.float32))
+    zp = _const_value(graph, f"{base}_zp", np.asarray(qp.zero_point))
+    q = ir.node("QuantizeLinear", [x, scale, zp], name=f"{base}_q")
+    q.outputs[0].name = f"{base}_q_out"
+    dq = ir.node("DequantizeLinear", [q.outputs[0], scale, zp], name=f"{base}_dq")
+    dq.outputs[0].name = f"{base}_dq_out"
+    dq.outputs[0].dtype, dq.outputs[0].shape = ir.DataType.FLOAT, x.shape
+    graph.insert_before(before, [q, dq])
+    return dq.outputs[0]
+
+
+def _where(graph, before, flag, a, b, name):
+    node = ir.node("Where", [flag, a, b], name=name)
+    node.outputs[0].name = f"{name}_out"
+    node.outputs[0].dtype = ir.DataType.FLOAT
+    graph.insert_before(before, node)
+    return node.outputs[0]
+
+
+def sensitivities(
+    model: ir.Model,
+    flags: Mapping[tuple[str, str], str],
+    feeds: Sequence[Feed],
+    threads: int | None = None,
+) -> dict[tuple[str, str], float]:
+    """Output noise/signal power per (layer, candidate), one run per flag and feed."""
+    sess = ort_backend.make_session(model, threads=threads)
+    off = {name: np.array(False) for name in flags.values()}
+    reference = [sess.run(None, {**feed, **off}) for feed in feeds]
+    signal = sum(float(np.sum(np.square(o.astype(np.float64)))) for out in reference for o in out)
+    result = {}
+    for key, flag in flags.items():
+        noise = 0.0
+        for feed, ref in zip(feeds, reference, strict=True):
+            outs = sess.run(None, {**feed, **off, flag: np.array(True)})
+            noise += sum(
+                float(np.sum(np.square(a.astype(np.float64) - b)))
+                for a, b in zip(ref, outs, strict=True)
+            )
+        result[key] = noise / max(signal, 1e-30)
+    return result
+
+
+# -- cost measured with ONNX Runtime's profiler ---------------------------------------------
+
+_SUFFIX = re.compile(r"((_token_\d+)|(_nchwc))+$")
+# ops ORT fuses into the kernel of the layer before them (Conv + activation/BN/residual)
+_FUSED_INTO_PRODUCER = frozenset(
+    {"Relu", "Clip", "BatchNormalization", "LeakyRelu", "Sigmoid", "HardSigmoid", "Add", "Sum"}
+)
+
+
+def node_times_ms(
+    model: ir.Model, feed: Feed, *, threads: int | None = None, runs: int = 10
+) -> dict[str, float]:
+    """Median kernel time per node of `model`, from ONNX Runtime's profiler.
+
+    ORT renames what it fuses: a kernel is named after a node (plus `_token_N`), or after
+    the tensor it writes (plus `_nchwc` for FP32 convolutions in blocked layout). Tensor
+    names map to their producer, and activations ORT fused into a Conv map back to it.
+    """
+    with tempfile.TemporaryDirectory(prefix="qcompile-prof-") as tmp:
+        opts = ort_backend.session_options(threads)
+        opts.enable_profiling = True
+        opts.profile_file_prefix = os.path.join(tmp, "profile")
+        import onnxruntime as ort
+
+        sess = ort.InferenceSession(
+            ir.to_proto(model).SerializeToString(), opts, providers=["CPUExecutionProvider"]
+        )
+        for _ in range(3 + runs):
+            sess.run(None, dict(feed))
+        with open(sess.end_profiling()) as f:
+            events = json.load(f)
+    nodes = {n.name: n for n in model.graph}
+    producers = {v.name: n for n in model.graph for v in n.outputs}
+
+    def owner(kernel: str) -> str:
+        name = _SUFFIX.sub("", kernel)
+        node = nodes.get(name) or producers.get(name)
+        while node is not None and node.op_type in _FUSED_INTO_PRODUCER and node.inputs:
+            source = node.inputs[0].producer() if node.inputs[0] is not None else None
+            if source is None:
+                break
+            node = source
+        return node.name if node is not None else name
+
+    per_run: dict[str, list[float]] = collections.defaultdict(list)
+    for e in events:
+        if e.get("cat") == "Node" and e.get("name", "").endswith("_kernel_time"):
+            per_run[owner(e["name"][: -len("_kernel_time")])].append(e["dur"] / 1e3)
+    total_runs = 3 + runs
+    out = {}
+    for name, durations in per_run.items():
+        calls = max(1, len(durations) // total_runs)
+        sums = [sum(durations[i : i + calls]) for i in range(0, len(durations), calls)]
+        out[name] = float(np.median(sums[3:] if len(sums) > 3 else sums))
+    return out
+
+
+# -- the ILP -------------------------------------------------------------------------------
+
+
+def solve(
+    layers: Sequence[LayerOptions],
+    *,
+    nsr_budget: float | None = None,
+    cost_budget: float | None = None,
+) -> dict[str, str] | None:
+    """One candidate per layer: min Σ cost s.t. Σ nsr ≤ nsr_budget, or min Σ nsr s.t.
+    Σ cost ≤ cost_budget. None when infeasible."""
+    from scipy.optimize import Bounds, LinearConstraint, milp
+
+    index = [(i, j) for i, layer in enumerate(layers) for j in range(len(layer.candidates))]
+    n = len(index)
+    cost = np.array([layers[i].candidates[j].cost for i, j in index])
+    nsr = np.array([layers[i].candidates[j].nsr for i, j in index])
+    one_hot = np.zeros((len(layers), n))
+    for k, (i, _) in enumerate(index):
+        one_hot[i, k] = 1.0
+    constraints = [LinearConstraint(one_hot, 1.0, 1.0)]
+    if nsr_budget is not None:
+        objective = cost
+        constraints.append(LinearConstraint(nsr[None, :], -np.inf, nsr_budget))
+    else:
+        objective = nsr
+        constraints.append(LinearConstraint(cost[None, :], -np.inf, cost_budget))
+    res = milp(objective, constraints=constraints, integrality=np.ones(n), bounds=Bounds(0, 1))
+    if not res.success or res.x is None:
+        return None
+    chosen = {}
+    for k, (i, j) in enumerate(index):
+        if res.x[k] > 0.5:
+            chosen[layers[i].node] = layers[i].candidates[j].label
+    return chosen
+
+
+def totals(layers: Sequence[LayerOptions], choice: Mapping[str, str]) -> tuple[float, float]:
+    cost = nsr = 0.0
+    for layer in layers:
+        c = next(c for c in layer.candidates if c.label == choice[layer.node])
+        cost += c.cost
+        nsr += c.nsr
+    return cost, nsr
+
+
+def pareto_sweep(layers: Sequence[LayerOptions], points: int = 16) -> list[tuple[float, float]]:
+    """Predicted (cost, nsr) of the ILP optimum over a geometric sweep of NSR budgets."""
+    top = sum(max(c.nsr for c in layer.candidates) for layer in layers)
+    if top <= 0:
+        return []
+    front = []
+    for budget in np.geomspace(top * 1e-4, top, points):
+        choice = solve(layers, nsr_budget=float(budget))
+        if choice is not None:
+            front.append(totals(layers, choice))
+    return sorted(set(front))
+
+
+def save_pareto_png(result: SearchResult, path: str | os.PathLike, title: str = "") -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5, 3.6))
+    if result.pareto:
+        c, n = zip(*result.pareto, strict=True)
+        ax.plot(c, 10 * np.log10(np.maximum(n, 1e-12)), "o-", ms=3, label="ILP optimum (predicted)")
+    for c, n, drop in result.verified:
+        ax.scatter([c], [10 * np.log10(max(n, 1e-12))], color="tab:red", zorder=3)
+        ax.annotate(f"drop {drop:.3%}", (c, 10 * np.log10(max(n, 1e-12))), fontsize=7)
+    unit = "ms (measured per-layer kernel time)" if result.objective == "latency" else "weight bits"
+    ax.set_xlabel(f"predicted cost: {unit}")
+    ax.set_ylabel("predicted output noise (dB, NSR)")
+    ax.set_title(title or "mixed precision: cost vs noise", fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+# -- the search ----------------------------------------------------------------------------
+
+
+def search(
+    *,
+    layers: list[LayerOptions],
+    compile_choice: Callable[[dict[str, str]], list[list[np.ndarray]]],
+    fp32_outputs: list[list[np.ndarray]],
+    metric: DropMetric,
+    max_drop: float | None,
+    cost_budget: float | None,
+    initial_nsr_budget: float,
+    objective: str,
+    max_steps: int = 8,
+) -> SearchResult:
+    """ILP + verify + repair. `compile_choice(choice)` compiles a choice and returns its
+    outputs on the verification feeds."""
+    start = time.perf_counter()
+    verified: list[tuple[float, float, float]] = []
+    pareto = pareto_sweep(layers)
+    best = None
+    budget = initial_nsr_budget
+    for step in range(max_steps):
+        choice = (
+            solve(layers, cost_budget=cost_budget)
+            if max_drop is None
+            else solve(layers, nsr_budget=budget)
+        )
+        if choice is None:
+            break
+        cost, nsr = totals(layers, choice)
+        drop = metric(fp32_outputs, compile_choice(choice))
+        verified.append((cost, nsr, drop))
+        logger.info(
+            "mixed precision step %d: budget %.3g, cost %.4g, drop %.4f", step, budget, cost, drop
+        )
+        met = max_drop is None or drop <= max_drop
+        if met:
+            best = (choice, cost, nsr, drop, True)
+            break
+        if best is None or drop < best[3]:
+            best = (choice, cost, nsr, drop, False)
+        if max_drop is None:
+            break
+        budget = min(budget, nsr) / 2.0  # repair: every step keeps more layers precise
+    if best is None:
+        raise QCompileError(
+            "no mixed-precision choice fits the budget",
+            hint="raise --max-accuracy-drop or the cost budget",
+        )
+    choice, cost, nsr, drop, met = best
+    return SearchResult(
+        choice=choice,
+        predicted_nsr=nsr,
+        predicted_cost=cost,
+        verified_drop=drop,
+        met=met,
+        budget_nsr=budget,
+        layers=layers,
+        pareto=pareto,
+        verified=verified,
+        seconds=time.perf_counter() - start,
+        objective=objective,
+    )

@@ -1,0 +1,158 @@
+"""Mixed precision: the ILP, the switchable sensitivity session, and budgets end to end."""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import onnx_ir as ir
+import onnxruntime as ort
+import pytest
+
+import qcompile
+from models import builders
+from qcompile.errors import QCompileError
+from qcompile.quantize import mixed
+from qcompile.targets.cpu import PROFILE as CPU_PROFILE
+from tests.conftest import FAST, compile_cli
+
+
+def _layers(rng: np.random.Generator, n: int, k: int) -> list[mixed.LayerOptions]:
+    return [
+        mixed.LayerOptions(
+            f"l{i}",
+            "Conv",
+            [
+                mixed.Candidate(f"c{j}", float(rng.uniform(1, 10)), float(rng.uniform(0, 1e-3)))
+                for j in range(k)
+            ],
+        )
+        for i in range(n)
+    ]
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_ilp_matches_brute_force(seed):
+    rng = np.random.default_rng(seed)
+    layers = _layers(rng, 6, 3)
+    budget = float(
+        np.median(
+            [
+                sum(c.nsr for c in combo)
+                for combo in itertools.product(*[layer.candidates for layer in layers])
+            ]
+        )
+    )
+    best = None
+    for combo in itertools.product(*[layer.candidates for layer in layers]):
+        if sum(c.nsr for c in combo) <= budget:
+            cost = sum(c.cost for c in combo)
+            best = cost if best is None else min(best, cost)
+    choice = mixed.solve(layers, nsr_budget=budget)
+    cost, nsr = mixed.totals(layers, choice)
+    assert nsr <= budget * (1 + 1e-9)
+    assert cost == pytest.approx(best, rel=1e-6)
+    # the reverse problem: least noise within a cost budget
+    choice = mixed.solve(layers, cost_budget=cost)
+    assert mixed.totals(layers, choice)[0] <= cost * (1 + 1e-9)
+
+
+def _feeds(n: int = 12, size: int = 32) -> list[dict]:
+    return [{"input": builders.images(8, size, seed=i)} for i in range(n)]
+
+
+def test_switch_session_measures_each_layer_alone_and_noise_adds_up():
+    feeds = _feeds()
+    base = qcompile.compile(builders.cnn(size=32), calibration=feeds, **FAST)
+    layers = [w.node for w in base.plan.weights]
+    spec = CPU_PROFILE.weight
+    model, flags = mixed.switch_model(
+        base.fp32_model, base.plan, base.qparams, {n: [("int8", spec)] for n in layers}
+    )
+    nsr = mixed.sensitivities(model, flags, feeds[:3])
+    assert set(nsr) == {(n, "int8") for n in layers}
+    assert all(0 < v < 1e-2 for v in nsr.values())
+    # all switches on at once: roughly the sum of the parts (independent noise powers add)
+    sess = ort.InferenceSession(
+        ir.to_proto(model).SerializeToString(), providers=["CPUExecutionProvider"]
+    )
+    off = {f: np.array(False) for f in flags.values()}
+    on = {f: np.array(True) for f in flags.values()}
+    ref = [sess.run(None, {**f, **off})[0] for f in feeds[:3]]
+    got = [sess.run(None, {**f, **on})[0] for f in feeds[:3]]
+    total = sum(np.sum((a - b) ** 2) for a, b in zip(ref, got, strict=True)) / sum(
+        np.sum(a**2) for a in ref
+    )
+    assert 0.3 < total / sum(nsr.values()) < 3.0
+
+
+def test_accuracy_budget_is_met_and_reported(tmp_path):
+    png = tmp_path / "pareto.png"
+    result = qcompile.compile(
+        builders.cnn(size=32),
+        calibration=_feeds(),
+        max_accuracy_drop=0.001,
+        pareto_png=str(png),
+        **FAST,
+    )
+    mp = result.report.mixed_precision
+    assert mp["budget_met"] and mp["verified_drop"] <= 0.001
+    assert {layer["choice"] for layer in mp["layers"]} <= {"fp32", "int8"}
+    assert mp["pareto"] and mp["search_seconds"] > 0
+    assert png.stat().st_size > 1000
+    excluded = {layer["node"] for layer in mp["layers"] if layer["choice"] == "fp32"}
+    assert not excluded & set(result.plan.nodes)  # FP32 choices really stayed float
+    assert result.report.to_json()  # serializable
+
+
+def test_fpga_budget_picks_narrower_weights_where_it_can():
+    feeds = _feeds()
+    eight = qcompile.compile(builders.cnn(size=32), target="fpga", calibration=feeds, **FAST)
+    result = qcompile.compile(
+        builders.cnn(size=32), target="fpga", calibration=feeds, max_accuracy_drop=0.01, **FAST
+    )
+    mp = result.report.mixed_precision
+    assert mp["objective"] == "size" and mp["budget_met"]
+    bits = {layer["choice"] for layer in mp["layers"]}
+    assert bits - {"w8"}  # some layer went below 8 bits
+    assert result.report.fpga_weight_memory_bits < eight.report.fpga_weight_memory_bits
+
+
+def test_size_budget_and_callable_metric():
+    feeds = _feeds()
+    fp32_mb = (
+        sum(
+            w.const_value.nbytes
+            for w in qcompile.ir.load_model(builders.cnn(size=32)).graph.initializers.values()
+        )
+        / 1e6
+    )
+    result = qcompile.compile(
+        builders.cnn(size=32), calibration=feeds, size_budget_mb=fp32_mb * 0.5, **FAST
+    )
+    mp = result.report.mixed_precision
+    assert mp["objective"] == "size" and mp["predicted_cost"] <= fp32_mb * 0.5 * 8e6
+    calls = []
+
+    def drop(fp32_outs, quant_outs):
+        calls.append(len(fp32_outs))
+        return mixed.cosine_drop(fp32_outs, quant_outs)
+
+    qcompile.compile(
+        builders.cnn(size=32), calibration=feeds, max_accuracy_drop=0.01, metric=drop, **FAST
+    )
+    assert calls
+
+
+def test_budget_errors_are_clear(tmp_path, cnn_path, cnn_calib):
+    with pytest.raises(QCompileError, match="0.005"):
+        qcompile.compile(builders.cnn(), calibration=_feeds(), max_accuracy_drop=5.0, **FAST)
+    with pytest.raises(QCompileError, match="not both"):
+        qcompile.compile(
+            builders.cnn(), calibration=_feeds(), max_accuracy_drop=0.01, size_budget_mb=1.0, **FAST
+        )
+    out = tmp_path / "m.onnx"
+    rc = compile_cli(
+        cnn_path, cnn_calib, out, "--max-accuracy-drop", "1%", "--quiet", "--bench-runs", "0"
+    )
+    assert rc == 0 and out.exists()
