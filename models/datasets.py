@@ -39,6 +39,7 @@ class TaskData:
     primary: str  # the metric name the benchmark headlines
     bench_feed: Feed
     name: str = ""
+    labels: np.ndarray | None = None  # ground truth per evaluation sample, for classifiers
 
 
 # -- sentences ------------------------------------------------------------------------
@@ -320,7 +321,7 @@ def orientation(batch: int = 8) -> TaskData:
     evaluation = [{"x": ex[i : i + batch]} for i in range(0, len(ex), batch)]
 
     metric = _classification_metric(ey, "top1_agreement")
-    return TaskData(calib, evaluation, metric, "top1_agreement", evaluation[0])
+    return TaskData(calib, evaluation, metric, "top1_agreement", evaluation[0], labels=ey)
 
 
 def _classification_metric(labels: np.ndarray, agreement_key: str) -> Metric:

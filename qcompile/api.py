@@ -87,9 +87,15 @@ def compile(  # noqa: A001 - the public name users expect
     image_spec: ImageSpec | None = None,
     options: CompileOptions | None = None,
     output: str | os.PathLike | None = None,
+    verification: CalibrationInput | None = None,
     **option_kwargs: Any,
 ) -> CompileResult:
-    """Quantize `model` for `target`; optionally write it to `output` (atomically)."""
+    """Quantize `model` for `target`; optionally write it to `output` (atomically).
+
+    `verification`: data a mixed-precision search checks its budget on (same forms as
+    `calibration`; default: the calibration data). Give data like what will be deployed:
+    a classifier's argmax flips easily on ambiguous calibration images.
+    """
     start = time.perf_counter()
     if options is None:
         options = make_options(**option_kwargs)
@@ -101,7 +107,9 @@ def compile(  # noqa: A001 - the public name users expect
             or options.size_budget_mb
             or options.latency_budget_ms
         ):
-            result = _compile_mixed(model, target, calibration, image_spec, options, output)
+            result = _compile_mixed(
+                model, target, calibration, image_spec, options, output, verification
+            )
         else:
             result = _compile(model, target, calibration, image_spec, options, output, {})
     report = result.report
@@ -307,6 +315,7 @@ def _compile_mixed(
     image_spec: ImageSpec | None,
     options: CompileOptions,
     output: str | os.PathLike | None,
+    verification: CalibrationInput | None = None,
 ) -> CompileResult:
     """Mixed precision under a budget (qcompile.quantize.mixed): compile all-INT8 once,
     measure per-layer sensitivity and cost, solve, verify, repair, compile the choice."""
@@ -322,7 +331,10 @@ def _compile_mixed(
     base = _compile(model, target, calibration, image_spec, plain, None, {})
     fp32, plan, profile = base.fp32_model, base.plan, get_target(target).pipeline(plain).profile
     data = open_calibration(
-        calibration, input_specs(fp32), batch_size=options.calib_batch_size, image_spec=image_spec
+        calibration if verification is None else verification,
+        input_specs(fp32),
+        batch_size=options.calib_batch_size,
+        image_spec=image_spec,
     )
     feeds = _first_feeds(data, options.mixed_verify_feeds)
     metric = mixed.resolve_metric(options.metric)
@@ -333,14 +345,16 @@ def _compile_mixed(
     objective = (
         "size" if (fpga or options.size_budget_mb) and not options.latency_budget_ms else "latency"
     )
-    layer_nodes = [w.node for w in plan.weights if w.node in plan.nodes]
-    if fpga:
+    with_weights = {w.node for w in plan.weights}
+    if fpga:  # weight bit widths per layer
+        layer_nodes = [n for n in plan.nodes if n in with_weights]
         specs = {
             n: [(f"w{b}", dataclasses.replace(profile.weight, bits=b)) for b in (8, 6, 5, 4, 3, 2)]
             for n in layer_nodes
         }
-    else:
-        specs = {n: [("int8", profile.weight)] for n in layer_nodes}
+    else:  # FP32 or INT8 per compute and arithmetic node (data movement follows them)
+        layer_nodes = [n for n, kind in plan.nodes.items() if kind in ("compute", "arith")]
+        specs = {n: [("int8", profile.weight if n in with_weights else None)] for n in layer_nodes}
     switch, flags = mixed.switch_model(fp32, plan, base.qparams, specs)
     nsr = mixed.sensitivities(switch, flags, feeds[: max(2, len(feeds) // 4)], options.threads)
     weights = {
@@ -351,14 +365,16 @@ def _compile_mixed(
     if objective == "latency":
         t_fp32 = mixed.node_times_ms(fp32, feeds[0], threads=options.threads)
         t_int8 = mixed.node_times_ms(base.model, feeds[0], threads=options.threads)
+        boundary = mixed.boundary_ms(fp32, base.model, layer_nodes, feeds[0], t_int8)
     layers = []
     op_types = {n.name: n.op_type for n in fp32.graph}
     for node in layer_nodes:
         n_w = weights.get(node, 0)
         if objective == "latency":
             fp = t_fp32.get(node, 0.0)
+            # an FP32 layer among INT8 ones pays a dequantize and a quantize around it
             cands = [
-                mixed.Candidate("fp32", fp, 0.0),
+                mixed.Candidate("fp32", fp + boundary.get(node, 0.0), 0.0),
                 mixed.Candidate("int8", t_int8.get(node, fp), nsr[(node, "int8")]),
             ]
         elif fpga:

@@ -154,6 +154,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     c.add_argument("--metric", choices=("cosine", "top1"), default="cosine")
     c.add_argument(
+        "--verify-data",
+        metavar="DATA",
+        help="mixed precision: data the budget is checked on (default: the calibration data)",
+    )
+    c.add_argument(
         "--size-budget",
         type=float,
         default=None,
@@ -280,6 +285,7 @@ def cmd_compile(args: argparse.Namespace) -> int:
         image_spec=image_spec,
         options=options,
         output=args.output,
+        verification=args.verify_data,
     )
     if not args.quiet:
         result.report.print(Console(stderr=True))

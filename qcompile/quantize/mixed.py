@@ -132,42 +132,50 @@ def switch_model(
     fp32_model: ir.Model,
     plan: QuantPlan,
     qparams: Mapping[str, QParams],
-    weight_specs: Mapping[str, Sequence[tuple[str, object]]],
+    specs: Mapping[str, Sequence[tuple[str, object | None]]],
 ) -> tuple[ir.Model, dict[tuple[str, str], str]]:
     """A copy of the FP32 model where flag inputs switch layers to candidate precisions.
 
-    `weight_specs`: node → [(candidate label, weight QuantSpec)]. Returns the model and
-    (node, label) → flag input name.
+    `specs`: node → [(candidate label, weight QuantSpec or None)]. A flag fake-quantizes
+    the node's quantized activation inputs and, with a spec, its weight. Returns the
+    model and (node, label) → flag input name.
     """
     model = ir.from_proto(ir.to_proto(fp32_model))
     graph = model.graph
     nodes = {n.name: n for n in graph}
     flags: dict[tuple[str, str], str] = {}
     weights = {w.node: w for w in plan.weights}
-    for index, (name, specs) in enumerate(weight_specs.items()):
+    for index, (name, candidates) in enumerate(specs.items()):
         node = nodes[name]
-        use = weights[name]
-        x = node.inputs[0]
-        w_value = node.inputs[use.input_index]
-        w = w_value.const_value.numpy().astype(np.float32)
-        x_q = None
-        if x is not None and x.name in plan.tensors:
-            qp = effective_qparams(plan, qparams, x.name)
-            x_q = _fake_quant_nodes(graph, node, x, qp, f"mp{index}")
-        new_x, new_w = x, w_value
-        for label, spec in specs:
+        use = weights.get(name)
+        w_index = use.input_index if use is not None else None
+        activations = {}
+        for i, v in enumerate(node.inputs):
+            if v is None or i == w_index or v.name not in plan.tensors or v.const_value is not None:
+                continue
+            qp = effective_qparams(plan, qparams, v.name)
+            activations[i] = _fake_quant_nodes(graph, node, v, qp, f"mp{index}_{i}")
+        switched = {i: node.inputs[i] for i in activations}
+        w_value = node.inputs[w_index] if w_index is not None else None
+        w = w_value.const_value.numpy().astype(np.float32) if w_value is not None else None
+        new_w = w_value
+        for label, spec in candidates:
             flag = ir.Value(name=f"mp_flag_{index}_{label}", shape=ir.Shape([]))
             flag.dtype = ir.DataType.BOOL
             graph.inputs.append(flag)
             flags[(name, label)] = flag.name
-            w_q = fake_quantize(w, weight_qparams(w, spec, use.axis)).astype(np.float32)
-            w_const = _const_value(graph, f"mp_w_{index}_{label}", w_q)
-            new_w = _where(graph, node, flag, w_const, new_w, f"mp_wsel_{index}_{label}")
-            if x_q is not None:
-                new_x = _where(graph, node, flag, x_q, new_x, f"mp_xsel_{index}_{label}")
-        node.replace_input_with(use.input_index, new_w)
-        if x_q is not None:
-            node.replace_input_with(0, new_x)
+            if spec is not None and w is not None:
+                w_q = fake_quantize(w, weight_qparams(w, spec, use.axis)).astype(np.float32)
+                w_const = _const_value(graph, f"mp_w_{index}_{label}", w_q)
+                new_w = _where(graph, node, flag, w_const, new_w, f"mp_wsel_{index}_{label}")
+            for i, fq in activations.items():
+                switched[i] = _where(
+                    graph, node, flag, fq, switched[i], f"mp_xsel_{index}_{i}_{label}"
+                )
+        if w_index is not None and new_w is not w_value:
+            node.replace_input_with(w_index, new_w)
+        for i, value in switched.items():
+            node.replace_input_with(i, value)
     return model, flags
 
 
@@ -269,6 +277,54 @@ def node_times_ms(
         calls = max(1, len(durations) // total_runs)
         sums = [sum(durations[i : i + calls]) for i in range(0, len(durations), calls)]
         out[name] = float(np.median(sums[3:] if len(sums) > 3 else sums))
+    return out
+
+
+def boundary_ms(
+    fp32_model: ir.Model,
+    int8_model: ir.Model,
+    layers: Sequence[str],
+    feed: Feed,
+    int8_times: Mapping[str, float],
+) -> dict[str, float]:
+    """Estimated cost of running a layer in FP32 between INT8 neighbours: dequantizing
+    its inputs and quantizing its outputs, at the per-element speed ORT's input
+    QuantizeLinear showed in the INT8 profile."""
+    from qcompile.quantize.calibration import extra_outputs
+
+    quantizers = [n for n in int8_model.graph if n.op_type == "QuantizeLinear"]
+    per_element = 1e-6  # ms per element; replaced by the measured rate when available
+    for q in quantizers:
+        if q.inputs[0] in int8_model.graph.inputs and q.name in int8_times:
+            size = int(np.prod(np.asarray(feed[q.inputs[0].name]).shape))
+            per_element = max(int8_times[q.name] / max(size, 1), 1e-9)
+            break
+    nodes = {n.name: n for n in fp32_model.graph}
+    values = sorted(
+        {
+            v.name
+            for name in layers
+            for v in (*nodes[name].inputs, *nodes[name].outputs)
+            if v is not None and v.const_value is None
+        }
+    )
+    with extra_outputs(fp32_model, values) as added:
+        sess = ort_backend.make_session(fp32_model)
+        sizes = dict(
+            zip(added, (int(np.size(a)) for a in sess.run(added, dict(feed))), strict=True)
+        )
+    for name in values:
+        if name in feed:
+            sizes[name] = int(np.size(feed[name]))
+    out = {}
+    for name in layers:
+        node = nodes[name]
+        elements = sum(
+            sizes.get(v.name, 0)
+            for v in (*node.inputs, *node.outputs)
+            if v is not None and v.const_value is None
+        )
+        out[name] = 2.0 * per_element * elements
     return out
 
 
