@@ -112,6 +112,10 @@ def compile(  # noqa: A001 - the public name users expect
             )
         else:
             result = _compile(model, target, calibration, image_spec, options, output, {})
+        if options.pass_effects:
+            result.report.pass_effects = _pass_effects(
+                model, target, calibration, image_spec, options, result
+            )
     report = result.report
     report.compile_seconds = time.perf_counter() - start
     report.ort_session_seconds = clock.session_seconds
@@ -306,6 +310,35 @@ def _compile(
         save_model(graph_model, output)
         report.output_model = str(output)
     return CompileResult(graph_model, report, plan, qdq_model, fp32_model, qparams)
+
+
+ACCURACY_PASSES = ("CrossLayerEqualization", "SmoothQuant", "FuseForQuantization")
+
+
+def _pass_effects(model, target, calibration, image_spec, options, result) -> list[dict]:
+    """Each accuracy pass's effect on output SQNR: the compile repeated without it."""
+    ran = {p["name"] for p in result.report.passes if p["modified"] and not p["skipped"]}
+    effects = []
+    for name in ACCURACY_PASSES:
+        if name not in ran:
+            continue
+        without = dataclasses.replace(
+            options,
+            disabled_passes=(*options.disabled_passes, name),
+            pass_effects=False,
+            bench_runs=0,
+            progress=False,
+        )
+        other = _compile(model, target, calibration, image_spec, without, None, {})
+        sqnr_without = other.report.min_output_sqnr_db
+        effects.append(
+            {
+                "pass": name,
+                "sqnr_db_without": sqnr_without,
+                "sqnr_db_gain": result.report.min_output_sqnr_db - sqnr_without,
+            }
+        )
+    return effects
 
 
 def _compile_mixed(

@@ -187,6 +187,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--bench-runs", type=int, default=20, help="latency runs in the report (0: skip)"
     )
     c.add_argument("--threads", type=int, default=None)
+    c.add_argument(
+        "--pass-effects",
+        action="store_true",
+        help="recompile without each accuracy pass and report the SQNR it bought",
+    )
     c.add_argument("--quiet", action="store_true", help="no progress bar or tables")
     _add_model_options(c)
 
@@ -268,6 +273,7 @@ def cmd_compile(args: argparse.Namespace) -> int:
         calib_batch_size=args.calib_batch_size,
         max_calib_batches=args.max_calib_batches,
         verify_passes=args.verify_passes,
+        pass_effects=args.pass_effects,
         bench_runs=args.bench_runs,
         threads=args.threads,
         progress=not args.quiet and sys.stderr.isatty(),

@@ -137,6 +137,9 @@ class CompileOptions:
     # Every n-th calibration feed is held out for the report (and not calibrated on).
     holdout_every: int = 5
     verify_passes: bool = False
+    # Recompile without each accuracy pass (CLE, SmoothQuant, fusions) and report the
+    # output SQNR each one bought.
+    pass_effects: bool = False
     # An input model that is already quantized: "error" (stop and say so), "keep" (return
     # it unchanged), "requantize" (dequantize its QDQ pairs, then compile as FP32)
     already_quantized: str = "error"

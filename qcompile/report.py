@@ -64,6 +64,8 @@ class CompileReport:
     fpga_layers: list[dict[str, Any]] = field(default_factory=list)
     fpga_macs_per_cycle: int | None = None
     fpga_clock_mhz: float | None = None
+    # --pass-effects: output SQNR without each accuracy pass, and what the pass gained
+    pass_effects: list[dict[str, Any]] = field(default_factory=list)
     # mixed precision: the search, its per-layer choices and the Pareto front
     mixed_precision: dict[str, Any] | None = None
 
@@ -137,6 +139,12 @@ class CompileReport:
             f"{self.compile_seconds - self.ort_run_seconds - self.ort_session_seconds:.2f}s "
             "in qcompile",
         )
+        for effect in self.pass_effects:
+            summary.add_row(
+                f"pass {effect['pass']}",
+                f"{effect['sqnr_db_gain']:+.2f} dB output SQNR "
+                f"({effect['sqnr_db_without']:.1f} dB without it)",
+            )
         if self.integer_only:
             summary.add_row(
                 "integer-only",

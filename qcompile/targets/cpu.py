@@ -12,6 +12,7 @@ import onnx_ir.passes.common as common_passes
 
 from qcompile.options import CompileOptions
 from qcompile.passes.canonicalize import canonicalize
+from qcompile.passes.equalization import CrossLayerEqualization
 from qcompile.passes.fusion import FuseForQuantization
 from qcompile.passes.smoothing import SmoothQuant
 from qcompile.pipeline import Calibration, Pipeline, QuantizePhase, SmoothPhase
@@ -40,8 +41,9 @@ PROFILE = TargetProfile(
 
 
 def rewrite() -> list[ir.passes.PassBase]:
-    """FP32 clean-up, then fusions that put quantizers where integer kernels exist."""
-    return [*canonicalize(), FuseForQuantization()]
+    """FP32 clean-up, fusions that put quantizers where integer kernels exist, then
+    cross-layer equalization of Conv → Relu → Conv chains (after BatchNorm folding)."""
+    return [*canonicalize(), FuseForQuantization(), CrossLayerEqualization()]
 
 
 def smooth(profile: TargetProfile, options: CompileOptions) -> SmoothPhase:
