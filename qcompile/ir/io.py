@@ -48,7 +48,21 @@ def load_model(source: ModelSource, *, min_opset: int = MIN_OPSET) -> ir.Model:
         path = Path(source)
         model = _load_path(path)
     _check_nonempty(model, path)
+    _unknown_dims_as_symbolic(model)
     return upgrade_opset(model, min_opset, path=path)
+
+
+def _unknown_dims_as_symbolic(model: ir.Model) -> None:
+    """Exporters (Paddle2ONNX) write unknown dims as -1 in value_info; ONNX means a
+    dim_value is known, so after pinning an input, inference would report 8 vs -1 as a
+    conflict. -1 becomes an unnamed symbolic dim, which is what the exporter meant."""
+    values = [*model.graph.inputs, *model.graph.outputs]
+    for node in ir.traversal.RecursiveGraphIterator(model.graph):
+        values.extend(node.outputs)
+    for value in values:
+        shape = value.shape
+        if shape is not None and any(isinstance(d, int) and d < 0 for d in shape):
+            value.shape = ir.Shape([None if isinstance(d, int) and d < 0 else d for d in shape])
 
 
 def _load_path(path: Path) -> ir.Model:
