@@ -116,6 +116,12 @@ def _add_model_options(p: argparse.ArgumentParser) -> None:
     )
 
 
+def _add_tvm_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--tvm-target", choices=("llvm", "cuda"), default="llvm")
+    p.add_argument("--tune-trials", type=int, default=0, help="TVM MetaSchedule trials (0: none)")
+    p.add_argument("--tune-dir", default=None, help="TVM tuning database directory (reused)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="qcompile", description="ONNX quantization compiler")
     parser.add_argument(
@@ -188,6 +194,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     c.add_argument("--threads", type=int, default=None)
     c.add_argument(
+        "--backend",
+        choices=("ort", "tvm"),
+        default="ort",
+        help="tvm: also build the compiled model with TVM into OUT.tvm/ (model.so + run.py)",
+    )
+    _add_tvm_options(c)
+    c.add_argument(
         "--pass-effects",
         action="store_true",
         help="recompile without each accuracy pass and report the SQNR it bought",
@@ -209,6 +222,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--input-shape", action="append", default=[], metavar="NAME=D0,D1,...")
     b.add_argument("--runs", type=int, default=50)
     b.add_argument("--threads", type=int, default=None)
+    b.add_argument("--backend", choices=("ort", "tvm"), default="ort")
+    _add_tvm_options(b)
 
     sub.add_parser("passes", help="list the passes of each target's pipeline")
 
@@ -299,8 +314,40 @@ def cmd_compile(args: argparse.Namespace) -> int:
         _write_text_atomic(Path(args.report), result.report.to_json())
     if args.qonnx:
         _write_qonnx(result, args.qonnx, options)
+    if args.backend == "tvm":
+        out = _build_tvm(args, args.output, dict(options.input_shapes))
+        print(out)
     print(args.output)
     return 0
+
+
+def _tvm_build(args, model_path: str, shapes: dict):
+    from qcompile.backends import tvm as tvm_backend
+
+    if not tvm_backend.available():
+        from qcompile.errors import QCompileError
+
+        raise QCompileError("--backend tvm needs apache-tvm", hint="pip install -e '.[tvm]'")
+    target = (
+        tvm_backend.host_target(args.threads)
+        if args.tvm_target == "llvm"
+        else tvm_backend.cuda_target()
+    )
+    return tvm_backend.compile_model(
+        model_path,
+        target=target,
+        input_shapes=shapes or None,
+        tune_trials=args.tune_trials,
+        work_dir=args.tune_dir,
+    )
+
+
+def _build_tvm(args, model_path: str, shapes: dict) -> str:
+    """Build the compiled model with TVM and export it beside the ONNX output."""
+    from qcompile.backends import tvm as tvm_backend
+
+    executable, names, _ = _tvm_build(args, model_path, shapes)
+    return str(tvm_backend.export(executable, f"{model_path}.tvm", names))
 
 
 def _write_qonnx(result, path: str, options) -> None:
@@ -368,12 +415,22 @@ def cmd_bench(args: argparse.Namespace) -> int:
     pin_input_shapes(model, parse_input_shapes(args.input_shape))
     feed = next(iter(open_calibration(args.data, input_specs(model), batch_size=1, random_count=1)))
     threads = args.threads or os.cpu_count() or 1
-    sessions = {args.model: ort_backend.make_session(args.model, threads=threads)}
+    paths = [args.model] + ([args.other] if args.other else [])
     if args.other:
         load_model(args.other)  # clear error for a bad second model
-        sessions[args.other] = ort_backend.make_session(args.other, threads=threads)
-    latency = ort_backend.bench(sessions, feed, runs=args.runs)
-    table = Table(title=f"median latency, {args.runs} interleaved runs, {threads} threads")
+    if args.backend == "tvm":
+        from qcompile.backends import tvm as tvm_backend
+
+        shapes = {k: v.shape for k, v in feed.items()}
+        latency = {}
+        for path in paths:
+            executable, names, _ = _tvm_build(args, path, shapes)
+            device = "cuda" if args.tvm_target == "cuda" else "cpu"
+            latency[path] = tvm_backend.TVMRunner(executable, names, device).bench(feed, args.runs)
+    else:
+        sessions = {p: ort_backend.make_session(p, threads=threads) for p in paths}
+        latency = ort_backend.bench(sessions, feed, runs=args.runs)
+    table = Table(title=f"median latency ({args.backend}), {args.runs} runs, {threads} threads")
     table.add_column("model")
     table.add_column("ms")
     table.add_column("vs first")

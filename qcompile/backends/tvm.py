@@ -60,8 +60,8 @@ def host_target(threads: int | None = None) -> dict:
         "mcpu": tvm.target.codegen.llvm_get_system_cpu(),
         "mtriple": tvm.target.codegen.llvm_get_system_triple(),
     }
-    if threads:
-        target["num-cores"] = threads
+    # MetaSchedule needs the core count; it is also the thread count TVM plans for
+    target["num-cores"] = threads or os.cpu_count() or 1
     return target
 
 
@@ -80,15 +80,17 @@ def cuda_available() -> bool:
 
 
 def prepare(
-    model: ir.Model | onnx.ModelProto, input_shapes: Mapping[str, Sequence[int]] | None = None
+    model: ir.Model | onnx.ModelProto | str | os.PathLike,
+    input_shapes: Mapping[str, Sequence[int]] | None = None,
 ) -> tuple[onnx.ModelProto, dict[str, list[int]]]:
     """Pin shapes, fold constants, use standard ops; returns the proto and the shapes."""
     from qcompile.ir.shapes import infer_shapes, pin_input_shapes
     from qcompile.passes.canonicalize import canonicalize
     from qcompile.passes.manager import run_phase
 
-    model = ir.from_proto(model) if isinstance(model, onnx.ModelProto) else model
-    model = ir.from_proto(ir.to_proto(model))  # never touch the caller's graph
+    from qcompile.ir.io import load_model
+
+    model = load_model(model)  # a copy: the caller's graph or file is never touched
     shapes = {k: list(v) for k, v in (input_shapes or {}).items()}
     for value in model.graph.inputs:
         if value.name in shapes:
@@ -244,12 +246,21 @@ def _tune(mod, target, work_dir: str, trials: int):
     from tvm import relax
     from tvm.s_tir import meta_schedule as ms
 
+    try:
+        import xgboost  # noqa: F401
+
+        cost_model = "xgb"
+    except ImportError:  # XGBoost is optional: without it, candidates are drawn at random
+        cost_model = "random"
     database = ms.relax_integration.tune_relax(
         mod=mod,
         params={},
         target=target,
         work_dir=work_dir,
         max_trials_global=trials,
+        num_trials_per_iter=min(64, max(trials, 1)),
+        cost_model=cost_model,
+        seed=0,
     )
     with target, database:
         return relax.transform.MetaScheduleApplyDatabase(work_dir)(mod)
@@ -319,7 +330,7 @@ def export(executable, out_dir: str | os.PathLike, input_names: Sequence[str]) -
 
 
 def compile_model(
-    model: ir.Model | onnx.ModelProto,
+    model: ir.Model | onnx.ModelProto | str | os.PathLike,
     *,
     target: Mapping | None = None,
     input_shapes: Mapping[str, Sequence[int]] | None = None,

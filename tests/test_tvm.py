@@ -1,0 +1,117 @@
+"""TVM backend: llvm builds with parity against ONNX Runtime, integer kernels for integer
+graphs, the cuda target builds, export, and MetaSchedule tuning with a reused database.
+Skipped with the reason when apache-tvm is not installed."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import numpy as np
+import onnx_ir as ir
+import onnxruntime as ort
+import pytest
+
+import qcompile
+from models import builders
+from qcompile.backends import tvm as tvm_backend
+from tests.conftest import FAST
+
+pytestmark = pytest.mark.skipif(
+    not tvm_backend.available(), reason="apache-tvm is not installed (pip install '.[tvm]')"
+)
+
+SHAPES = {"input": (4, 3, 32, 32)}
+
+
+@pytest.fixture(scope="module")
+def feeds():
+    return [{"input": builders.images(4, 32, seed=i)} for i in range(6)]
+
+
+def _ort(model, feed):
+    proto = ir.to_proto(model) if isinstance(model, ir.Model) else model
+    return ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"]).run(
+        None, feed
+    )
+
+
+def _sqnr(ref, got):
+    ref = ref.astype(np.float64)
+    noise = np.sum((ref - got) ** 2)
+    return np.inf if noise == 0 else 10 * np.log10(np.sum(ref**2) / noise)
+
+
+def _build(model):
+    executable, names, mod = tvm_backend.compile_model(model, input_shapes=SHAPES)
+    return tvm_backend.TVMRunner(executable, names), mod
+
+
+def test_fp32_and_qdq_models_match_onnx_runtime(feeds):
+    fp32 = builders.cnn(size=32)
+    qdq = qcompile.compile(fp32, calibration=feeds, **FAST).model
+    for model, floor in ((fp32, 80.0), (qdq, 40.0)):
+        runner, _ = _build(model)
+        for feed in feeds[:2]:
+            assert _sqnr(_ort(model, feed)[0], runner.run(feed)[0]) > floor
+
+
+@pytest.mark.parametrize("build", [lambda: builders.cnn(size=32), builders.mlp])
+def test_integer_only_models_are_bit_exact_and_compute_in_integers(build, feeds):
+    model = build()
+    data = (
+        feeds
+        if model.graph.input[0].type.tensor_type.shape.dim[1].dim_value == 3
+        else [{"input": builders.features(8, seed=i)} for i in range(6)]
+    )
+    shapes = {"input": data[0]["input"].shape}
+    integer = qcompile.compile(model, calibration=data, integer_only=True, **FAST).model
+    executable, names, mod = tvm_backend.compile_model(integer, input_shapes=shapes)
+    runner = tvm_backend.TVMRunner(executable, names)
+    for feed in data[:3]:
+        np.testing.assert_array_equal(runner.run(feed)[0], _ort(integer, feed)[0])
+    # every convolution / matrix product runs on int32, none on dequantized floats
+    compute = [
+        line for line in mod.script().splitlines() if "R.nn.conv2d(" in line or "R.matmul(" in line
+    ]
+    assert compute and all('dtype="int32"' in line for line in compute), compute
+
+
+def test_cuda_target_builds_without_a_gpu():
+    proto, shapes = tvm_backend.prepare(builders.mlp(), {"input": (8, 64)})
+    mod = tvm_backend.import_relax(proto, shapes)
+    try:
+        executable = tvm_backend.build(mod, tvm_backend.cuda_target())
+    except Exception as exc:  # noqa: BLE001 - say why, do not hide it
+        pytest.skip(f"this TVM cannot generate CUDA code here: {str(exc).splitlines()[0]}")
+    assert executable is not None
+    if tvm_backend.cuda_available():
+        runner = tvm_backend.TVMRunner(executable, ["input"], device="cuda")
+        feed = {"input": builders.features(8)}
+        assert _sqnr(_ort(builders.mlp(), feed)[0], runner.run(feed)[0]) > 60
+
+
+def test_export_writes_a_library_and_a_runner(tmp_path, feeds):
+    executable, names, _ = tvm_backend.compile_model(builders.cnn(size=32), input_shapes=SHAPES)
+    out = tvm_backend.export(executable, tmp_path / "tvm", names)
+    np.savez(tmp_path / "feed.npz", **feeds[0])
+    done = subprocess.run(
+        [sys.executable, str(out / "run.py"), str(tmp_path / "feed.npz")],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr
+    assert "output 0: shape (4, 10)" in done.stdout
+
+
+def test_tuning_writes_and_reuses_its_database(tmp_path):
+    proto, shapes = tvm_backend.prepare(builders.mlp(), {"input": (8, 64)})
+    mod = tvm_backend.import_relax(proto, shapes)
+    work = tmp_path / "tuning"
+    executable = tvm_backend.build(mod, tvm_backend.host_target(), tune_trials=8, work_dir=work)
+    records = list(work.glob("*.json"))
+    assert records and any(p.stat().st_size > 0 for p in records)
+    feed = {"input": builders.features(8)}
+    runner = tvm_backend.TVMRunner(executable, ["input"])
+    assert _sqnr(_ort(builders.mlp(), feed)[0], runner.run(feed)[0]) > 60
