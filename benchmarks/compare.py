@@ -441,6 +441,9 @@ def write_results(
             lines.append("")
     lines += [f"![accuracy vs speedup]({plot.name})", ""]
     lines += _mixed_section(all_rows)
+    tvm = HERE / "TVM.md"  # written by benchmarks/tvm_bench.py (run it first)
+    if tvm.exists():
+        lines += [tvm.read_text(), ""]
     out.write_text("\n".join(lines))
     _plot(all_rows, tasks, plot)
 

@@ -1,0 +1,147 @@
+"""TVM vs ONNX Runtime on the zoo, same machine and threads: untuned and tuned builds.
+
+    python -m benchmarks.tvm_bench --models ocr_cls,orientation,minilm --tune-trials 64
+
+For each model: ORT FP32, ORT running qcompile's CPU INT8 model, and TVM (llvm, this CPU's
+own -mcpu) building the FP32 model and qcompile's integer-only model, untuned; and the
+FP32 model tuned with MetaSchedule (`--tune-trials`, database in a scratch dir) on the
+models named by `--tune`. Parity columns compare TVM with ORT running the same graph
+(integer-only: equality of the integer logits is not expected through a trailing float
+Softmax, so SQNR is reported). Latency: median of `--runs` runs of the model's benchmark
+feed. Writes benchmarks/TVM.md, which compare.py folds into RESULTS.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import platform
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+import qcompile
+from models import datasets, zoo
+from qcompile.backends import ort as ort_backend
+from qcompile.backends import tvm as tvm_backend
+
+HERE = Path(__file__).parent
+
+
+def _sqnr(ref: np.ndarray, got: np.ndarray) -> float:
+    ref = ref.astype(np.float64)
+    noise = float(np.sum((ref - got) ** 2))
+    return float("inf") if noise == 0 else 10 * np.log10(float(np.sum(ref**2)) / noise)
+
+
+def _ort_ms(model, feed, threads: int, runs: int) -> tuple[float, list[np.ndarray]]:
+    sess = ort_backend.make_session(model, threads=threads)
+    out = sess.run(None, dict(feed))
+    return ort_backend.bench({"m": sess}, feed, runs=runs)["m"], out
+
+
+def measure(name: str, threads: int, runs: int, tune: bool, trials: int) -> list[dict]:
+    path = zoo.fetch(name)
+    task = datasets.task_data(name, path)
+    feed = task.bench_feed
+    shapes = {k: tuple(v.shape) for k, v in feed.items()}
+    rows = []
+    fp32_ms, fp32_out = _ort_ms(str(path), feed, threads, runs)
+    rows.append({"config": "ORT FP32", "ms": fp32_ms})
+    int8 = qcompile.compile(path, calibration=task.calibration, progress=False, bench_runs=0)
+    int8_ms, _ = _ort_ms(int8.model, feed, threads, runs)
+    rows.append({"config": "ORT, qcompile cpu INT8 (QDQ)", "ms": int8_ms})
+    integer = qcompile.compile(
+        path,
+        calibration=task.calibration,
+        progress=False,
+        bench_runs=0,
+        integer_only=True,
+        input_shapes=shapes,
+    )
+    _, integer_out = _ort_ms(integer.model, feed, threads, 1)
+    builds = [("TVM llvm untuned, FP32", str(path), fp32_out, 0)]
+    builds.append(("TVM llvm untuned, qcompile integer-only", integer.model, integer_out, 0))
+    if tune:
+        builds.append((f"TVM llvm tuned ({trials} trials), FP32", str(path), fp32_out, trials))
+    for label, model, reference, n in builds:
+        t0 = time.perf_counter()
+        try:
+            with tempfile.TemporaryDirectory(prefix="qcompile-tune-") as work:
+                executable, names, _ = tvm_backend.compile_model(
+                    model,
+                    target=tvm_backend.host_target(threads),
+                    input_shapes=shapes,
+                    tune_trials=n,
+                    work_dir=work,
+                )
+        except Exception as exc:  # noqa: BLE001 - a failed build is a row, not a crash
+            rows.append({"config": label, "error": str(exc).splitlines()[0][:160]})
+            continue
+        build_s = time.perf_counter() - t0
+        runner = tvm_backend.TVMRunner(executable, names)
+        got = runner.run(feed)
+        ms = runner.bench(feed, runs=runs)
+        rows.append(
+            {
+                "config": label,
+                "ms": ms,
+                "build_s": build_s,
+                "parity_db": _sqnr(reference[0], got[0]),
+                "exact": bool(np.array_equal(reference[0], got[0])),
+            }
+        )
+    for row in rows:
+        if "ms" in row:
+            row["vs_ort_fp32"] = row["ms"] / fp32_ms
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", default="ocr_cls,orientation,ocr_rec,ocr_det,minilm")
+    parser.add_argument("--tune", default="ocr_cls", help="models to tune (comma-separated)")
+    parser.add_argument("--tune-trials", type=int, default=64)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--runs", type=int, default=10)
+    parser.add_argument("--out", default=str(HERE / "TVM.md"))
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.ERROR)
+    names = args.models.split(",")
+    tuned = set(args.tune.split(",")) if args.tune else set()
+    lines = [
+        "## TVM (apache-tvm Relax, llvm) vs ONNX Runtime",
+        "",
+        f"`python -m benchmarks.tvm_bench --models {args.models} --tune {args.tune} "
+        f"--tune-trials {args.tune_trials} --runs {args.runs}` on "
+        f"{platform.processor() or platform.machine()}, {args.threads} threads for both; "
+        "latency = median of the runs on the model's benchmark feed. Parity: TVM's output "
+        "vs ORT running the same graph (dB; ∞ = identical).",
+        "",
+        "| model | config | latency ms | × ORT FP32 | build/tune s | parity dB |",
+        "|---|---|---|---|---|---|",
+    ]
+    for name in names:
+        runs = 3 if name == "minilm" else args.runs  # untuned TVM takes seconds per run
+        rows = measure(name, args.threads, runs, name in tuned, args.tune_trials)
+        for r in rows:
+            if "error" in r:
+                lines.append(f"| {name} | {r['config']} | – | – | – | failed: {r['error']} |")
+                continue
+            parity = r.get("parity_db")
+            lines.append(
+                f"| {name} | {r['config']} | {r['ms']:.2f} | {r['vs_ort_fp32']:.2f} | "
+                f"{r.get('build_s', float('nan')):.0f} | "
+                f"{'–' if parity is None else ('∞' if np.isinf(parity) else f'{parity:.1f}')} |"
+            )
+            print(name, r, flush=True)
+    lines.append("")
+    Path(args.out).write_text("\n".join(lines))
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
