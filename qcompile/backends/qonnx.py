@@ -23,6 +23,7 @@ import onnx
 import onnx_ir as ir
 
 from qcompile.errors import QCompileError
+from qcompile.quantize.qdq import source_quantizer
 
 QONNX_DOMAIN = "qonnx.custom_op.general"
 
@@ -132,10 +133,8 @@ def to_qonnx(
             inputs = [real_value, scale, zp]
             x = real_value
         else:
-            q = src.producer()
-            if q is not None and q.op_type == "Clip":
-                q = q.inputs[0].producer()
-            if q is None or q.op_type != "QuantizeLinear":
+            q = source_quantizer(dq)
+            if q is None:
                 raise QCompileError(
                     "a DequantizeLinear reads integers that no QuantizeLinear produced",
                     node=dq.name,

@@ -84,11 +84,10 @@ def prepare(
     input_shapes: Mapping[str, Sequence[int]] | None = None,
 ) -> tuple[onnx.ModelProto, dict[str, list[int]]]:
     """Pin shapes, fold constants, use standard ops; returns the proto and the shapes."""
+    from qcompile.ir.io import load_model
     from qcompile.ir.shapes import infer_shapes, pin_input_shapes
     from qcompile.passes.canonicalize import canonicalize
     from qcompile.passes.manager import run_phase
-
-    from qcompile.ir.io import load_model
 
     model = load_model(model)  # a copy: the caller's graph or file is never touched
     shapes = {k: list(v) for k, v in (input_shapes or {}).items()}

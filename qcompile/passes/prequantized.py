@@ -17,6 +17,7 @@ import numpy as np
 import onnx_ir as ir
 
 from qcompile.errors import QCompileError
+from qcompile.quantize.qdq import source_quantizer
 
 QDQ_OPS = frozenset({"QuantizeLinear", "DequantizeLinear"})
 OPERATOR_FORMAT_OPS = frozenset(
@@ -118,10 +119,8 @@ class DequantizeQDQ(ir.passes.InPlacePass):
                 graph.register_initializer(value)
                 _replace(graph, out, value)
             else:
-                q = src.producer()
-                if q is not None and q.op_type == "Clip":  # a narrowed (sub-8-bit) range
-                    q = q.inputs[0].producer()
-                if q is None or q.op_type != "QuantizeLinear":
+                q = source_quantizer(node)
+                if q is None:
                     raise QCompileError(
                         "a DequantizeLinear reads integers no QuantizeLinear produced",
                         node=node.name,

@@ -36,6 +36,7 @@ import onnx_ir as ir
 import onnx_ir.passes.common as common_passes
 
 from qcompile.quantize.dyadic import Dyadic, shift_constants, to_dyadic
+from qcompile.targets.profile import PASSTHROUGH_OPS
 
 logger = logging.getLogger(__name__)
 
@@ -44,26 +45,8 @@ INT_RANGE = {
     ir.DataType.INT8: (-128, 127),
     ir.DataType.UINT8: (0, 255),
 }
-MOVEMENT_OPS = frozenset(
-    {
-        "MaxPool",
-        "Reshape",
-        "Transpose",
-        "Flatten",
-        "Squeeze",
-        "Unsqueeze",
-        "Slice",
-        "Resize",
-        "DepthToSpace",
-        "SpaceToDepth",
-        "Identity",
-        "Gather",
-        "Split",
-        "Expand",
-        "Tile",
-        "Pad",
-    }
-)
+# data movement runs on the integers as it is (ONNX's movement ops take any type)
+MOVEMENT_OPS = PASSTHROUGH_OPS | {"Identity", "Expand", "Tile", "Pad"}
 # Single-input elementwise ops that become a 256-entry table (their other inputs, if any,
 # must be constants).
 LUT_OPS = frozenset(

@@ -340,6 +340,15 @@ def _dequantize_node(
     return dq
 
 
+def source_quantizer(dq: ir.Node) -> ir.Node | None:
+    """The QuantizeLinear whose integers a DequantizeLinear reads, through the integer
+    Clip that narrows sub-8-bit activations; None when there is none."""
+    q = dq.inputs[0].producer()
+    if q is not None and q.op_type == "Clip":
+        q = q.inputs[0].producer()
+    return q if q is not None and q.op_type == "QuantizeLinear" else None
+
+
 def q_dtype(qp: QParams) -> np.dtype:
     return qp.spec.numpy_dtype
 
