@@ -120,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
         "latency = median of the runs on the model's benchmark feed. Parity: TVM's output "
         "vs ORT running the same graph (dB; ∞ = identical).",
         "",
-        "| model | config | latency ms | × ORT FP32 | build/tune s | parity dB |",
+        "| model | config | latency ms | latency ÷ ORT FP32 | build/tune s | parity dB |",
         "|---|---|---|---|---|---|",
     ]
     for name in names:
@@ -133,7 +133,7 @@ def main(argv: list[str] | None = None) -> int:
             parity = r.get("parity_db")
             lines.append(
                 f"| {name} | {r['config']} | {r['ms']:.2f} | {r['vs_ort_fp32']:.2f} | "
-                f"{r.get('build_s', float('nan')):.0f} | "
+                f"{'–' if 'build_s' not in r else format(r['build_s'], '.0f')} | "
                 f"{'–' if parity is None else ('∞' if np.isinf(parity) else f'{parity:.1f}')} |"
             )
             print(name, r, flush=True)
