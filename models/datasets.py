@@ -17,7 +17,6 @@ rendering seeds).
 
 from __future__ import annotations
 
-import importlib
 import inspect
 import re
 from collections.abc import Callable, Sequence
@@ -142,19 +141,15 @@ STDLIB_MODULES = (
 
 
 def docstring_sentences() -> list[str]:
-    """First sentences of public docstrings in the standard library, deduplicated, sorted."""
+    """First sentences of public docstrings in the standard library, deduplicated, sorted.
+
+    Read from the modules' source with `ast` (C modules: from their built-in objects), not
+    from live objects: other packages patch stdlib functions (and importing a submodule
+    adds attributes), which made the set depend on what the process had imported before.
+    """
     found: set[str] = set()
     for name in STDLIB_MODULES:
-        try:
-            module = importlib.import_module(name)
-        except ImportError:
-            continue
-        for attr, obj in sorted(vars(module).items()):
-            if attr.startswith("_"):
-                continue
-            doc = inspect.getdoc(obj) if callable(obj) or inspect.isclass(obj) else None
-            if not doc:
-                continue
+        for doc in _public_docstrings(name):
             text = " ".join(doc.split("\n\n")[0].split())
             sentence = re.split(r"(?<=[.!?])\s", text)[0]
             if (
@@ -164,6 +159,36 @@ def docstring_sentences() -> list[str]:
             ):
                 found.add(sentence)
     return sorted(found)
+
+
+def _public_docstrings(module_name: str) -> list[str]:
+    import ast
+    import importlib.util
+
+    try:
+        spec = importlib.util.find_spec(module_name)
+    except (ImportError, ValueError):
+        return []
+    if spec is None:
+        return []
+    origin = spec.origin or ""
+    if origin.endswith(".py"):
+        tree = ast.parse(Path(origin).read_text(encoding="utf-8"))
+        docs = [
+            ast.get_docstring(node)
+            for node in tree.body
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef))
+            and not node.name.startswith("_")
+        ]
+        return [d for d in docs if d]
+    module = importlib.import_module(module_name)  # a C module: its own objects only
+    docs = []
+    for attr, obj in sorted(vars(module).items()):
+        if attr.startswith("_") or inspect.ismodule(obj):
+            continue
+        if (callable(obj) or inspect.isclass(obj)) and obj.__doc__:
+            docs.append(inspect.cleandoc(obj.__doc__))
+    return docs
 
 
 def _split(items: Sequence, n_calib: int, n_eval: int, seed: int = 0) -> tuple[list, list]:
