@@ -21,7 +21,7 @@ import onnx_ir as ir
 
 from qcompile.backends import ort as ort_backend
 from qcompile.errors import QCompileError
-from qcompile.ir.io import ModelSource, check_output_path, load_model, save_model
+from qcompile.ir.io import ModelSource, check_output_path, load_model, save_model, serialized_size
 from qcompile.ir.shapes import infer_shapes, pin_input_shapes, record_observed_shapes
 from qcompile.options import CompileOptions, NodeMatcher, NodeOverride
 from qcompile.passes.manager import pass_name, run_phase
@@ -236,8 +236,8 @@ def _compile(
     qparams = {
         t: stats.qparams(t, _activation_spec(profile, plan, t)) for t in plan.calibrated_tensors
     }
-    fp32_proto = ir.to_proto(graph_model)
-    fp32_model = ir.from_proto(fp32_proto)
+    # clone(), not a protobuf round trip: external-data tensors keep their base directory
+    fp32_model = graph_model.clone()
 
     # Quantize and lower.
     quantize_passes = pipe.quantize(plan, qparams)
@@ -248,7 +248,7 @@ def _compile(
     qdq_model = None
     graph_model, l_records = run_phase(graph_model, "lower", pipe.lower[:cut], skip=skip)
     if lowering is not None and pass_name(lowering) not in skip:
-        qdq_model = ir.from_proto(ir.to_proto(graph_model))
+        qdq_model = graph_model.clone()
         graph_model, more = run_phase(graph_model, "lower", pipe.lower[cut:], skip=skip)
         l_records += more
     else:
@@ -286,7 +286,7 @@ def _compile(
         quantized_ops=dict(collections.Counter(op_types[n] for n in plan.nodes)),
         skipped_nodes=dict(plan.skipped),
         removed_activations=list(insert.removed_activations) if insert else [],
-        size_fp32_bytes=fp32_proto.ByteSize(),
+        size_fp32_bytes=serialized_size(fp32_model),
         size_quantized_bytes=proto.ByteSize(),
         notes=list(profile.notes),
         integer_only=lowering is not None,

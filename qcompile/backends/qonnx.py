@@ -91,7 +91,7 @@ def to_qonnx(
     QONNX's tools want every shape static: dynamic input dims are pinned from
     `input_shapes` or else to 1.
     """
-    model = ir.from_proto(ir.to_proto(qdq_model))
+    model = qdq_model.clone()
     graph = model.graph
     for value in graph.inputs:
         dims = None if value.shape is None else list(value.shape)

@@ -39,7 +39,7 @@ def load_model(source: ModelSource, *, min_opset: int = MIN_OPSET) -> ir.Model:
     """
     path = None
     if isinstance(source, ir.Model):
-        return ir.from_proto(ir.to_proto(source))
+        return source.clone()  # keeps external-data tensors pointing at their files
     if isinstance(source, onnx.ModelProto):
         model = ir.from_proto(source)
     elif isinstance(source, bytes):
@@ -234,3 +234,14 @@ def save_model(
     finally:
         shutil.rmtree(tmp_dir, ignore_errors=True)
     return out
+
+
+def serialized_size(model: ir.Model) -> int:
+    """Bytes the model takes saved: its protobuf plus tensors kept in external files
+    (serializing those would load them, and past 2 GB protobuf cannot hold them)."""
+    external = sum(
+        v.const_value.nbytes
+        for v in model.graph.initializers.values()
+        if isinstance(v.const_value, ir.ExternalTensor)
+    )
+    return ir.to_proto(model).ByteSize() + external

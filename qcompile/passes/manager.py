@@ -50,7 +50,7 @@ def run_phase(
         if name in skip:
             records.append(PassRecord(phase, name, 0.0, False, skipped=True))
             continue
-        before = ir.from_proto(ir.to_proto(model)) if verify else None
+        before = model.clone() if verify else None
         start = time.perf_counter()
         try:
             result = p(model)

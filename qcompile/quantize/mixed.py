@@ -140,7 +140,7 @@ def switch_model(
     the node's quantized activation inputs and, with a spec, its weight. Returns the
     model and (node, label) → flag input name.
     """
-    model = ir.from_proto(ir.to_proto(fp32_model))
+    model = fp32_model.clone()
     graph = model.graph
     nodes = {n.name: n for n in graph}
     flags: dict[tuple[str, str], str] = {}
