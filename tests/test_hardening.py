@@ -3,6 +3,8 @@ degenerate calibration data, large models, and compile fuzzing across every targ
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import onnx
 import onnx_ir as ir
@@ -167,10 +169,24 @@ def test_random_graphs_compile_or_refuse_clearly_on_every_target(target, case):
             np.testing.assert_array_equal(got, want)
 
 
-@pytest.mark.slow
+def _room_for_a_2gb_model(folder) -> str | None:
+    import shutil
+
+    free_disk = shutil.disk_usage(folder).free
+    memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    if free_disk < 6 * 2**30:
+        return f"needs 6 GiB of free disk for a 2.1 GB model, {free_disk / 2**30:.1f} GiB free"
+    if memory < 12 * 2**30:
+        return f"needs 12 GiB of memory, the machine has {memory / 2**30:.1f} GiB"
+    return None
+
+
 def test_model_over_2gb_round_trips_with_external_data(tmp_path):
-    """A 2.1 GB FP32 MatMul chain: loads from external data, compiles, and saves back as
-    external data (protobuf's 2 GB limit). Slow: run with `pytest -m slow`."""
+    """A 2.1 GB FP32 MatMul chain (over protobuf's 2 GB limit): loads from external data,
+    compiles, and the result loads in ORT. About a minute on two cores."""
+    reason = _room_for_a_2gb_model(tmp_path)
+    if reason:
+        pytest.skip(reason)
     from onnx import TensorProto, helper, numpy_helper
 
     rng = np.random.default_rng(0)
