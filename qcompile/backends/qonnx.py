@@ -23,7 +23,7 @@ import onnx
 import onnx_ir as ir
 
 from qcompile.errors import QCompileError
-from qcompile.quantize.qdq import source_quantizer
+from qcompile.quantize.qdq import required_source_quantizer
 
 QONNX_DOMAIN = "qonnx.custom_op.general"
 
@@ -133,13 +133,9 @@ def to_qonnx(
             inputs = [real_value, scale, zp]
             x = real_value
         else:
-            q = source_quantizer(dq)
-            if q is None:
-                raise QCompileError(
-                    "a DequantizeLinear reads integers that no QuantizeLinear produced",
-                    node=dq.name,
-                    hint="export QONNX from qcompile's QDQ graph (before integer-only lowering)",
-                )
+            q = required_source_quantizer(
+                dq, "export QONNX from qcompile's QDQ graph (before integer-only lowering)"
+            )
             q_scale, q_zp, _ = _dq_params(q)
             bits, signed, narrow = _bits_of(
                 src, _const(q.inputs[2]).dtype if len(q.inputs) > 2 else np.uint8

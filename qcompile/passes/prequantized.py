@@ -17,7 +17,7 @@ import numpy as np
 import onnx_ir as ir
 
 from qcompile.errors import QCompileError
-from qcompile.quantize.qdq import source_quantizer
+from qcompile.quantize.qdq import required_source_quantizer
 
 QDQ_OPS = frozenset({"QuantizeLinear", "DequantizeLinear"})
 OPERATOR_FORMAT_OPS = frozenset(
@@ -119,13 +119,9 @@ class DequantizeQDQ(ir.passes.InPlacePass):
                 graph.register_initializer(value)
                 _replace(graph, out, value)
             else:
-                q = source_quantizer(node)
-                if q is None:
-                    raise QCompileError(
-                        "a DequantizeLinear reads integers no QuantizeLinear produced",
-                        node=node.name,
-                        hint="this is not a QDQ model qcompile can requantize",
-                    )
+                q = required_source_quantizer(
+                    node, "this is not a QDQ model qcompile can requantize"
+                )
                 _replace(graph, out, self._saturated(graph, node, q))
             graph.remove(node, safe=True)
             modified = True

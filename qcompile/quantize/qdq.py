@@ -349,6 +349,18 @@ def source_quantizer(dq: ir.Node) -> ir.Node | None:
     return q if q is not None and q.op_type == "QuantizeLinear" else None
 
 
+def required_source_quantizer(dq: ir.Node, hint: str) -> ir.Node:
+    """source_quantizer(), or an error naming the DequantizeLinear that has none."""
+    q = source_quantizer(dq)
+    if q is None:
+        raise QCompileError(
+            "a DequantizeLinear reads integers that no QuantizeLinear produced",
+            node=dq.name,
+            hint=hint,
+        )
+    return q
+
+
 def q_dtype(qp: QParams) -> np.dtype:
     return qp.spec.numpy_dtype
 
