@@ -111,7 +111,7 @@ def compile(  # noqa: A001 - the public name users expect
                 model, target, calibration, image_spec, options, output, verification
             )
         else:
-            result = _compile(model, target, calibration, image_spec, options, output, {})
+            result = _compile(model, target, calibration, image_spec, options, output)
         if options.pass_effects:
             result.report.pass_effects = _pass_effects(
                 model, target, calibration, image_spec, options, result
@@ -128,14 +128,9 @@ def _compile(
     target: str,
     calibration: CalibrationInput,
     image_spec: ImageSpec | None,
-    options: CompileOptions | None,
+    options: CompileOptions,
     output: str | os.PathLike | None,
-    option_kwargs: dict[str, Any],
 ) -> CompileResult:
-    if options is None:
-        options = make_options(**option_kwargs)
-    elif option_kwargs:
-        raise QCompileError("pass either options= or keyword options, not both")
     input_path = str(model) if isinstance(model, (str, os.PathLike)) else None
     if output is not None:
         check_output_path(output, inputs=(input_path,) if input_path else ())
@@ -329,7 +324,7 @@ def _pass_effects(model, target, calibration, image_spec, options, result) -> li
             bench_runs=0,
             progress=False,
         )
-        other = _compile(model, target, calibration, image_spec, without, None, {})
+        other = _compile(model, target, calibration, image_spec, without, None)
         sqnr_without = other.report.min_output_sqnr_db
         effects.append(
             {
@@ -361,7 +356,7 @@ def _compile_mixed(
         bench_runs=0,
         progress=False,
     )
-    base = _compile(model, target, calibration, image_spec, plain, None, {})
+    base = _compile(model, target, calibration, image_spec, plain, None)
     fp32, plan, profile = base.fp32_model, base.plan, get_target(target).pipeline(plain).profile
     data = open_calibration(
         calibration if verification is None else verification,
@@ -435,7 +430,7 @@ def _compile_mixed(
     def run_choice(choice: dict[str, str]) -> list[list[np.ndarray]]:
         if all(label == "fp32" for label in choice.values()):
             return fp32_outputs
-        compiled = _compile(model, target, calibration, image_spec, options_for(choice), None, {})
+        compiled = _compile(model, target, calibration, image_spec, options_for(choice), None)
         sess = ort_backend.make_session(compiled.model, threads=options.threads)
         return [sess.run(None, dict(f)) for f in feeds]
 
@@ -477,7 +472,7 @@ def _compile_mixed(
     final_options = dataclasses.replace(
         options_for(found.choice), bench_runs=options.bench_runs, progress=options.progress
     )
-    result = _compile(model, target, calibration, image_spec, final_options, output, {})
+    result = _compile(model, target, calibration, image_spec, final_options, output)
     result.report.mixed_precision = _mixed_report(found, options, time.perf_counter() - start)
     if options.pareto_png:
         mixed.save_pareto_png(found, options.pareto_png, f"{profile.name}: {options.metric} budget")

@@ -23,20 +23,15 @@ import onnx
 import onnx_ir as ir
 
 from qcompile.errors import QCompileError
+from qcompile.ir.graph import const_array
 from qcompile.quantize.qdq import required_source_quantizer
 
 QONNX_DOMAIN = "qonnx.custom_op.general"
 
 
-def _const(value: ir.Value | None) -> np.ndarray | None:
-    if value is None or value.const_value is None:
-        return None
-    return value.const_value.numpy()
-
-
 def _dq_params(dq: ir.Node) -> tuple[np.ndarray, np.ndarray, int]:
-    scale = _const(dq.inputs[1])
-    zp = _const(dq.inputs[2]) if len(dq.inputs) > 2 and dq.inputs[2] is not None else None
+    scale = const_array(dq.inputs[1])
+    zp = const_array(dq.inputs[2]) if len(dq.inputs) > 2 and dq.inputs[2] is not None else None
     if scale is None:
         raise QCompileError("a DequantizeLinear has a run-time scale", node=dq.name)
     zp = np.zeros(scale.shape, np.int64) if zp is None else zp
@@ -49,10 +44,10 @@ def _bits_of(q_int: ir.Value, dtype: np.dtype) -> tuple[int, bool, bool]:
     lo, hi = int(info.min), int(info.max)
     node = q_int.producer()
     if node is not None and node.op_type == "Clip":
-        if len(node.inputs) > 1 and _const(node.inputs[1]) is not None:
-            lo = int(_const(node.inputs[1]))
-        if len(node.inputs) > 2 and _const(node.inputs[2]) is not None:
-            hi = int(_const(node.inputs[2]))
+        if len(node.inputs) > 1 and const_array(node.inputs[1]) is not None:
+            lo = int(const_array(node.inputs[1]))
+        if len(node.inputs) > 2 and const_array(node.inputs[2]) is not None:
+            hi = int(const_array(node.inputs[2]))
     return _range_bits(lo, hi)
 
 
@@ -119,7 +114,7 @@ def to_qonnx(
         scale, zp, axis = _dq_params(dq)
         out = dq.outputs[0]
         rank = len(out.shape) if out.shape is not None else scale.ndim
-        q_array = _const(src)
+        q_array = const_array(src)
         if q_array is not None:  # a constant: weight, bias or quantized operand
             real = (q_array.astype(np.float64) - _broadcast_shape(zp, q_array.ndim, axis)) * (
                 _broadcast_shape(scale.astype(np.float64), q_array.ndim, axis)
@@ -138,7 +133,7 @@ def to_qonnx(
             )
             q_scale, q_zp, _ = _dq_params(q)
             bits, signed, narrow = _bits_of(
-                src, _const(q.inputs[2]).dtype if len(q.inputs) > 2 else np.uint8
+                src, const_array(q.inputs[2]).dtype if len(q.inputs) > 2 else np.uint8
             )
             if not np.array_equal(q_zp, zp):
                 raise QCompileError("dequantizer and quantizer zero points differ", node=dq.name)

@@ -26,6 +26,13 @@ def add_initializer(
     return value
 
 
+def const_array(value: ir.Value | None) -> np.ndarray | None:
+    """The value's constant contents as numpy, or None when it is not a constant."""
+    if value is None or value.const_value is None:
+        return None
+    return value.const_value.numpy()
+
+
 def values_by_name(graph: ir.Graph) -> dict[str, ir.Value]:
     """Every named value of the graph: inputs, initializers and node outputs."""
     values: dict[str, ir.Value] = {v.name: v for v in graph.inputs}

@@ -24,16 +24,12 @@ import logging
 import numpy as np
 import onnx_ir as ir
 
+from qcompile.ir.graph import const_array
+
 logger = logging.getLogger(__name__)
 
 HOMOGENEOUS = frozenset({"Relu"})  # f(x/s) = f(x)/s for s > 0
 SCALE_LIMIT = 16.0
-
-
-def _const(value: ir.Value | None) -> np.ndarray | None:
-    if value is None or value.const_value is None:
-        return None
-    return value.const_value.numpy()
 
 
 def _set(value: ir.Value, array: np.ndarray) -> None:
@@ -44,7 +40,7 @@ def _equalizable_pairs(graph: ir.Graph) -> list[tuple[ir.Node, ir.Node | None, i
     pairs = []
     outputs = set(graph.outputs)
     for conv1 in graph:
-        if conv1.op_type != "Conv" or _const(conv1.inputs[1]) is None:
+        if conv1.op_type != "Conv" or const_array(conv1.inputs[1]) is None:
             continue
         y = conv1.outputs[0]
         uses = list(y.uses())
@@ -62,7 +58,7 @@ def _equalizable_pairs(graph: ir.Graph) -> list[tuple[ir.Node, ir.Node | None, i
                 continue
         elif uses[0].idx != 0:
             continue
-        if nxt.op_type != "Conv" or _const(nxt.inputs[1]) is None:
+        if nxt.op_type != "Conv" or const_array(nxt.inputs[1]) is None:
             continue
         if any(_shared(v) for v in conv1.inputs[1:] if v is not None) or _shared(nxt.inputs[1]):
             continue
@@ -76,7 +72,7 @@ def _shared(value: ir.Value) -> bool:
 
 
 def _ranges(conv1: ir.Node, conv2: ir.Node) -> tuple[np.ndarray, np.ndarray] | None:
-    w1, w2 = _const(conv1.inputs[1]), _const(conv2.inputs[1])
+    w1, w2 = const_array(conv1.inputs[1]), const_array(conv2.inputs[1])
     channels = w1.shape[0]
     group2 = conv2.attributes.get_int("group", 1)
     r1 = np.abs(w1.reshape(channels, -1)).max(axis=1)
@@ -134,12 +130,12 @@ class CrossLayerEqualization(ir.passes.InPlacePass):
 
     @staticmethod
     def _apply(conv1: ir.Node, conv2: ir.Node, s: np.ndarray) -> None:
-        w1 = _const(conv1.inputs[1]).astype(np.float64)
+        w1 = const_array(conv1.inputs[1]).astype(np.float64)
         shape1 = (-1,) + (1,) * (w1.ndim - 1)
         _set(conv1.inputs[1], w1 / s.reshape(shape1))
         if len(conv1.inputs) > 2 and conv1.inputs[2] is not None:
-            _set(conv1.inputs[2], _const(conv1.inputs[2]).astype(np.float64) / s)
-        w2 = _const(conv2.inputs[1]).astype(np.float64)
+            _set(conv1.inputs[2], const_array(conv1.inputs[2]).astype(np.float64) / s)
+        w2 = const_array(conv2.inputs[1]).astype(np.float64)
         group2 = conv2.attributes.get_int("group", 1)
         if group2 == 1:
             shape2 = (1, -1) + (1,) * (w2.ndim - 2)

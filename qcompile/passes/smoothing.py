@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import numpy as np
 import onnx_ir as ir
 
-from qcompile.ir.graph import add_initializer
+from qcompile.ir.graph import add_initializer, const_array
 from qcompile.quantize.observers import Observer
 from qcompile.quantize.qparams import QuantSpec, fake_quantize, range_to_qparams
 
@@ -77,15 +77,9 @@ class ChannelObserver(Observer):
         return self.rows[: min(self.seen_rows, self.max_rows)]
 
 
-def _const(value: ir.Value | None) -> np.ndarray | None:
-    if value is None or value.const_value is None:
-        return None
-    return value.const_value.numpy()
-
-
 def _weight_rows(node: ir.Node) -> np.ndarray | None:
     """The consumer's weight as [K_in, N_out] (rows = input channels)."""
-    w = _const(node.inputs[1]) if len(node.inputs) > 1 else None
+    w = const_array(node.inputs[1]) if len(node.inputs) > 1 else None
     if w is None or w.ndim != 2:
         return None
     if node.op_type == "Gemm":
@@ -111,11 +105,11 @@ def find_smooth_groups(model: ir.Model, *, explicit: bool = False) -> list[Smoot
             foldable = (
                 node.op_type == "LayerNormalization"
                 and node.attributes.get_int("axis", -1) in (-1, len(out.shape or ()) - 1)
-                and _const(node.inputs[1]) is not None
+                and const_array(node.inputs[1]) is not None
                 and (
                     len(node.inputs) < 3
                     or node.inputs[2] is None
-                    or _const(node.inputs[2]) is not None
+                    or const_array(node.inputs[2]) is not None
                 )
                 and len(node.outputs) >= 1
                 and out is node.outputs[0]
@@ -235,9 +229,9 @@ class SmoothQuant(ir.passes.InPlacePass):
             graph.insert_after(x.producer(), mul)
             return mul.outputs[0]
         ln = nodes[group.producer]
-        gamma = _const(ln.inputs[1]).astype(np.float32) * inv
+        gamma = const_array(ln.inputs[1]).astype(np.float32) * inv
         beta = (
-            _const(ln.inputs[2]).astype(np.float32)
+            const_array(ln.inputs[2]).astype(np.float32)
             if len(ln.inputs) > 2 and ln.inputs[2] is not None
             else np.zeros_like(gamma)
         ) * inv
@@ -265,7 +259,7 @@ class SmoothQuant(ir.passes.InPlacePass):
         return twin.outputs[0]
 
     def _scale_weight(self, graph: ir.Graph, node: ir.Node, s: np.ndarray) -> None:
-        w = _const(node.inputs[1]).astype(np.float32)
+        w = const_array(node.inputs[1]).astype(np.float32)
         if node.op_type == "Gemm" and node.attributes.get_int("transB", 0):
             scaled = w * s[None, :]
         else:

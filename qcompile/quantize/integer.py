@@ -35,6 +35,7 @@ import onnx
 import onnx_ir as ir
 import onnx_ir.passes.common as common_passes
 
+from qcompile.ir.graph import const_array
 from qcompile.quantize.dyadic import Dyadic, shift_constants, to_dyadic
 from qcompile.targets.profile import PASSTHROUGH_OPS
 
@@ -282,8 +283,8 @@ class LowerToIntegerOnly(ir.passes.InPlacePass):
         if dq is None or dq.op_type != DQ or dq.domain not in ("", "ai.onnx"):
             return None
         src = dq.inputs[0]
-        scale = _const(dq.inputs[1])
-        zp = _const(dq.inputs[2]) if len(dq.inputs) > 2 and dq.inputs[2] is not None else None
+        scale = const_array(dq.inputs[1])
+        zp = const_array(dq.inputs[2]) if len(dq.inputs) > 2 and dq.inputs[2] is not None else None
         if scale is None or src.dtype not in (*INT_RANGE, ir.DataType.INT32):
             return None
         zp = np.zeros_like(scale, dtype=np.int64) if zp is None else zp
@@ -358,7 +359,12 @@ class LowerToIntegerOnly(ir.passes.InPlacePass):
         ]
         return ir.passes.PassResult(model, modified)
 
-    def _finish(self, graph: ir.Graph, out: OutQuant, value: ir.Value) -> None:
+    def _finish(
+        self, graph: ir.Graph, out: OutQuant, value: ir.Value, shape: ir.Shape | None
+    ) -> None:
+        """`value` (the lowered integers, shaped like the float tensor) replaces the
+        quantizer's output."""
+        value.shape = shape
         self._bounds[id(value)] = (out.qmin, out.qmax)
         _take_over(graph, out.replace, value)
 
@@ -450,8 +456,7 @@ class LowerToIntegerOnly(ir.passes.InPlacePass):
             quantizers = [q for u in value.uses() if (q := _quantizer(u.node)) is not None]
         for q in quantizers:
             y = emit.requantize(acc, to_dyadic(acc_scale / q.scale), q, shape)
-            y.shape = value.shape
-            self._finish(graph, q, y)
+            self._finish(graph, q, y, value.shape)
         if value.uses() or _is_graph_output(value, graph):
             # the output stays float: dequantize the accumulator, once
             scale = emit.const("acc_scale", acc_scale.astype(np.float32))
@@ -494,8 +499,7 @@ class LowerToIntegerOnly(ir.passes.InPlacePass):
         tb = emit.op("Mul", [b, emit.const("mb", mb)], I64, "b_scaled")
         acc = emit.op("Add", [ta, tb], I64, "sum")
         y = emit.requantize(acc, Dyadic(np.int64(1), np.asarray(shift, np.int64)), out)
-        y.shape = node.outputs[0].shape
-        self._finish(graph, out, y)
+        self._finish(graph, out, y, node.outputs[0].shape)
         return None
 
     def _add_to_float(
@@ -537,8 +541,7 @@ class LowerToIntegerOnly(ir.passes.InPlacePass):
         (a, sa), (b, sb) = operands
         acc = emit.op("Mul", [a, b], ir.DataType.INT64, "product")
         y = emit.requantize(acc, to_dyadic(sa * sb / out.scale), out)
-        y.shape = node.outputs[0].shape
-        self._finish(graph, out, y)
+        self._finish(graph, out, y, node.outputs[0].shape)
         return None
 
     def _rescaled(self, x: IntAct, out: OutQuant, emit: _Emitter, suffix: str) -> ir.Value:
@@ -558,8 +561,7 @@ class LowerToIntegerOnly(ir.passes.InPlacePass):
             return "an input is not a quantized activation"
         parts = [self._rescaled(v, out, emit, f"in{i}") for i, v in enumerate(views)]
         y = emit.op("Concat", parts, out.dtype, "concat", dict(node.attributes.items()))
-        y.shape = node.outputs[0].shape
-        self._finish(graph, out, y)
+        self._finish(graph, out, y, node.outputs[0].shape)
         return None
 
     def _global_average_pool(self, node: ir.Node, emit: _Emitter, graph: ir.Graph) -> str | None:
@@ -574,8 +576,7 @@ class LowerToIntegerOnly(ir.passes.InPlacePass):
         axes = emit.const("axes", np.arange(2, len(dims), dtype=np.int64))
         acc = emit.op("ReduceSum", [centered, axes], ir.DataType.INT32, "sum", {"keepdims": 1})
         y = emit.requantize(acc, to_dyadic(x.scale / (out.scale * count)), out)
-        y.shape = node.outputs[0].shape
-        self._finish(graph, out, y)
+        self._finish(graph, out, y, node.outputs[0].shape)
         return None
 
     def _average_pool(self, node: ir.Node, emit: _Emitter, graph: ir.Graph) -> str | None:
@@ -606,8 +607,7 @@ class LowerToIntegerOnly(ir.passes.InPlacePass):
         acc = emit.op("ConvInteger", inputs, ir.DataType.INT32, "window_sum", attrs)
         count = int(np.prod(kernel))
         y = emit.requantize(acc, to_dyadic(x.scale / (out.scale * count)), out)
-        y.shape = node.outputs[0].shape
-        self._finish(graph, out, y)
+        self._finish(graph, out, y, node.outputs[0].shape)
         return None
 
     def _movement(self, node: ir.Node, emit: _Emitter, graph: ir.Graph) -> str | None:
@@ -644,7 +644,7 @@ class LowerToIntegerOnly(ir.passes.InPlacePass):
             out = self._out_quant(old, graph)
             moved = IntAct(new, x.scale, x.zero_point, x.qmin, x.qmax)
             y = self._rescaled(moved, out, emit, "out")
-            self._finish(graph, out, y)
+            self._finish(graph, out, y, old.shape)
         return None
 
     def _lookup_table(self, node: ir.Node, emit: _Emitter, graph: ir.Graph) -> str | None:
@@ -669,18 +669,11 @@ class LowerToIntegerOnly(ir.passes.InPlacePass):
                 "Sub", [index, emit.const("first", np.int64(lo))], ir.DataType.INT64, "offset"
             )
         y = emit.op("Gather", [emit.const("table", table), index], out.dtype, "lookup", {"axis": 0})
-        y.shape = node.outputs[0].shape
-        self._finish(graph, out, y)
+        self._finish(graph, out, y, node.outputs[0].shape)
         return None
 
 
 # -- helpers ------------------------------------------------------------------------------
-
-
-def _const(value: ir.Value | None) -> np.ndarray | None:
-    if value is None or value.const_value is None:
-        return None
-    return value.const_value.numpy()
 
 
 def _np(value: ir.Value) -> np.dtype:
@@ -711,7 +704,7 @@ def _activation_bounds(node: ir.Node) -> tuple[float, float] | None:
     bounds = [-np.inf, np.inf]
     for i in (1, 2):
         if i < len(node.inputs) and node.inputs[i] is not None:
-            c = _const(node.inputs[i])
+            c = const_array(node.inputs[i])
             if c is None:
                 return None
             bounds[i - 1] = float(c)
@@ -722,7 +715,7 @@ def _quantizer(q: ir.Node, fold: tuple[float, float] | None = None) -> OutQuant 
     """A QuantizeLinear as an OutQuant; `fold` = real bounds of a Relu/Clip before it."""
     if q.op_type != Q:
         return None
-    scale, zp = _const(q.inputs[1]), _const(q.inputs[2]) if len(q.inputs) > 2 else None
+    scale, zp = const_array(q.inputs[1]), const_array(q.inputs[2]) if len(q.inputs) > 2 else None
     if scale is None or zp is None or scale.ndim != 0:
         return None
     q_out = q.outputs[0]
@@ -746,7 +739,7 @@ def _narrowing_clip(q_out: ir.Value) -> ir.Node | None:
     uses = list(q_out.uses())
     if len(uses) == 1 and uses[0].node.op_type == "Clip" and uses[0].idx == 0:
         clip = uses[0].node
-        if all(_const(v) is not None for v in clip.inputs[1:3] if v is not None):
+        if all(const_array(v) is not None for v in clip.inputs[1:3] if v is not None):
             return clip
     return None
 
@@ -756,10 +749,10 @@ def _narrowed(value: ir.Value) -> tuple[int, int]:
     lo, hi = INT_RANGE.get(value.dtype, (-(2**31), 2**31 - 1))
     node = value.producer()
     if node is not None and node.op_type == "Clip" and value.dtype in INT_RANGE:
-        if len(node.inputs) > 1 and _const(node.inputs[1]) is not None:
-            lo = max(lo, int(_const(node.inputs[1])))
-        if len(node.inputs) > 2 and _const(node.inputs[2]) is not None:
-            hi = min(hi, int(_const(node.inputs[2])))
+        if len(node.inputs) > 1 and const_array(node.inputs[1]) is not None:
+            lo = max(lo, int(const_array(node.inputs[1])))
+        if len(node.inputs) > 2 and const_array(node.inputs[2]) is not None:
+            hi = min(hi, int(const_array(node.inputs[2])))
     return lo, hi
 
 

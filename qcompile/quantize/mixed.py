@@ -36,6 +36,7 @@ import onnx_ir as ir
 
 from qcompile.backends import ort as ort_backend
 from qcompile.errors import QCompileError
+from qcompile.ir.graph import add_initializer
 from qcompile.quantize.observers import weight_qparams
 from qcompile.quantize.plan import QuantPlan
 from qcompile.quantize.qdq import effective_qparams
@@ -120,14 +121,6 @@ def resolve_metric(metric: str | DropMetric) -> DropMetric:
 # -- sensitivity through one switchable session ---------------------------------------------
 
 
-def _const_value(graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:
-    value = ir.Value(name=name, shape=ir.Shape(array.shape))
-    value.dtype = ir.DataType.from_numpy(array.dtype)
-    value.const_value = ir.tensor(array, name=name)
-    graph.register_initializer(value)
-    return value
-
-
 def switch_model(
     fp32_model: ir.Model,
     plan: QuantPlan,
@@ -166,7 +159,7 @@ def switch_model(
             flags[(name, label)] = flag.name
             if spec is not None and w is not None:
                 w_q = fake_quantize(w, weight_qparams(w, spec, use.axis)).astype(np.float32)
-                w_const = _const_value(graph, f"mp_w_{index}_{label}", w_q)
+                w_const = add_initializer(graph, f"mp_w_{index}_{label}", w_q)
                 new_w = _where(graph, node, flag, w_const, new_w, f"mp_wsel_{index}_{label}")
             for i, fq in activations.items():
                 switched[i] = _where(
@@ -180,8 +173,8 @@ def switch_model(
 
 
 def _fake_quant_nodes(graph: ir.Graph, before: ir.Node, x: ir.Value, qp: QParams, base: str):
-    scale = _const_value(graph, f"{base}_scale", np.asarray(qp.scale, np.float32))
-    zp = _const_value(graph, f"{base}_zp", np.asarray(qp.zero_point))
+    scale = add_initializer(graph, f"{base}_scale", np.asarray(qp.scale, np.float32))
+    zp = add_initializer(graph, f"{base}_zp", np.asarray(qp.zero_point))
     q = ir.node("QuantizeLinear", [x, scale, zp], name=f"{base}_q")
     q.outputs[0].name = f"{base}_q_out"
     dq = ir.node("DequantizeLinear", [q.outputs[0], scale, zp], name=f"{base}_dq")
