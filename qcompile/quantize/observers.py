@@ -117,14 +117,20 @@ class HistogramObserver(Observer):
             # shape (min/max above still come from every value) at a fraction of the cost.
             flat = flat[:: -(-flat.size // HISTOGRAM_SAMPLE)]
         # np.histogram's uniform-bin path, without its checks: index arithmetic + bincount;
-        # exact zeros are binned too and then moved out of the histogram (no masked copy)
+        # exact zeros are binned too and then moved out of the histogram (no masked copy).
+        # radius >= peak, so positions lie in [0, bins]; the one value that can land on
+        # `bins` (x == R) is folded into the last bin instead of clipping every position.
         scale = np.float32(self.bins / (2.0 * self.radius))
-        pos = (flat + np.float32(self.radius)) * scale
-        np.clip(pos, 0, self.bins - 1, out=pos)
-        counts = np.bincount(pos.astype(np.intp), minlength=self.bins)
-        zeros = flat.size - int(np.count_nonzero(flat))
+        pos = np.multiply(flat, scale)
+        pos += np.float32(self.bins // 2)
+        counts = np.bincount(pos.astype(np.intp), minlength=self.bins + 1)
+        counts[self.bins - 1] += counts[self.bins :].sum()
+        counts = counts[: self.bins]
+        # +0.0 has all bits clear: counting nonzero int32 words is ~5x faster than floats
+        # (-0.0 stays in the histogram's zero bin, where it changes nothing)
+        zeros = flat.size - int(np.count_nonzero(flat.view(np.int32)))
         if zeros:
-            zero_bin = min(int(np.float32(self.radius) * scale), self.bins - 1)
+            zero_bin = self.bins // 2
             counts[zero_bin] -= zeros
             self.zeros += zeros
         self.hist += counts

@@ -109,8 +109,8 @@ def _broadcast(p: np.ndarray, x: np.ndarray, axis: int | None) -> np.ndarray:
     return p.reshape(shape)
 
 
-def quantize(x: np.ndarray, qp: QParams) -> np.ndarray:
-    """ONNX QuantizeLinear: saturate(round_half_even(x / scale) + zero_point)."""
+def _quantized_float(x: np.ndarray, qp: QParams) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """QuantizeLinear's integers held in float32, plus the broadcast scale and zero point."""
     scale = _broadcast(qp.scale, x, qp.axis).astype(np.float32)
     zp = _broadcast(qp.zero_point, x, qp.axis).astype(np.float32)
     # In place on one float32 buffer (embedding tables have tens of millions of values).
@@ -119,7 +119,12 @@ def quantize(x: np.ndarray, qp: QParams) -> np.ndarray:
     np.rint(q, out=q)
     q += zp
     np.clip(q, qp.spec.qmin, qp.spec.qmax, out=q)
-    return q.astype(qp.spec.numpy_dtype)
+    return q, scale, zp
+
+
+def quantize(x: np.ndarray, qp: QParams) -> np.ndarray:
+    """ONNX QuantizeLinear: saturate(round_half_even(x / scale) + zero_point)."""
+    return _quantized_float(x, qp)[0].astype(qp.spec.numpy_dtype)
 
 
 def dequantize(q: np.ndarray, qp: QParams) -> np.ndarray:
@@ -129,7 +134,12 @@ def dequantize(q: np.ndarray, qp: QParams) -> np.ndarray:
 
 
 def fake_quantize(x: np.ndarray, qp: QParams) -> np.ndarray:
-    return dequantize(quantize(x, qp), qp)
+    """dequantize(quantize(x)), computed in float32 in place. Same values: specs have at
+    most 8 bits, so q and q − zp are exact in float32, and a float32 product rounds once."""
+    q, scale, zp = _quantized_float(x, qp)
+    q -= zp
+    q *= scale
+    return q
 
 
 def sqnr_db(reference: np.ndarray, approx: np.ndarray) -> float:
