@@ -138,7 +138,13 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="DATA",
         help=".npz (one array per input), .npy, a folder of images, or 'random' (explicit)",
     )
-    c.add_argument("--calib-method", choices=CALIB_METHODS, default="mse")
+    c.add_argument(
+        "--calib-method",
+        choices=CALIB_METHODS,
+        default="auto",
+        help="activation ranges: auto (default) tries mse, percentile and minmax on the one "
+        "calibration run and keeps the best output SQNR",
+    )
     c.add_argument("--percentile", type=float, default=99.99)
     c.add_argument(
         "--image-spec",

@@ -36,6 +36,8 @@ class CompileReport:
     input_model: str | None = None
     output_model: str | None = None
     calib_method: str = ""
+    # --calib-method auto: output SQNR (dB) of each method tried on calibration feeds
+    calib_method_scores: dict[str, float] = field(default_factory=dict)
     calib_batches: int = 0
     holdout_batches: int = 0
     holdout_is_calibration: bool = False
@@ -114,7 +116,14 @@ class CompileReport:
         summary.add_row(
             "calibration",
             f"{self.calib_method}, {self.calib_batches} feeds, {self.calib_seconds:.2f}s "
-            f"({self.calib_model_seconds:.2f}s in the model)",
+            f"({self.calib_model_seconds:.2f}s in the model)"
+            + (
+                " (chosen by --calib-method auto; output SQNR per method: "
+                + ", ".join(f"{m} {v:.1f} dB" for m, v in self.calib_method_scores.items())
+                + ")"
+                if self.calib_method_scores
+                else ""
+            ),
         )
         summary.add_row(
             "held-out feeds",

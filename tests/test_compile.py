@@ -181,6 +181,25 @@ def test_override_per_tensor_weights_and_method():
     assert _inits(out)[w_dq.input[1]].ndim == 0
 
 
+def test_auto_method_keeps_the_best_scoring_method():
+    """auto scores mse, percentile and minmax on the calibration feeds and keeps the best;
+    the result is the model that method compiles to on its own."""
+    model = builders.cnn()
+    feeds = [{"input": builders.images(4, seed=s)} for s in range(6)]
+    auto = qcompile.compile(model, calibration=feeds, **FAST)
+    scores = auto.report.calib_method_scores
+    assert set(scores) == {"mse", "percentile", "minmax"}
+    assert auto.report.calib_method == max(scores, key=scores.get)
+    assert len(set(scores.values())) > 1  # the methods differ here, so the choice matters
+    alone = qcompile.compile(
+        model, calibration=feeds, calib_method=auto.report.calib_method, **FAST
+    )
+    a, b = _inits(qcompile.ir.to_proto(auto.model)), _inits(qcompile.ir.to_proto(alone.model))
+    assert a.keys() == b.keys()
+    for name in a:
+        np.testing.assert_array_equal(a[name], b[name], err_msg=name)
+
+
 def test_report_has_tensor_and_output_metrics(cnn_path, cnn_calib, tmp_path):
     result = qcompile.compile(
         cnn_path, calibration=cnn_calib, progress=False, bench_runs=3, output=tmp_path / "q.onnx"

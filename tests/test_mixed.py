@@ -156,3 +156,18 @@ def test_budget_errors_are_clear(tmp_path, cnn_path, cnn_calib):
         cnn_path, cnn_calib, out, "--max-accuracy-drop", "1%", "--quiet", "--bench-runs", "0"
     )
     assert rc == 0 and out.exists()
+
+
+def test_near_tie_feeds_picks_the_smallest_leads_in_data_order():
+    rng = np.random.default_rng(0)
+    feeds = [{"x": rng.standard_normal((8, 3)).astype(np.float32)} for _ in range(3)]
+    logits = [rng.standard_normal((8, 4)) for _ in range(3)]
+    outs = [[p] for p in logits]
+    picked = mixed.near_tie_feeds(feeds, outs, count=5, batch=4)
+    assert [len(f["x"]) for f in picked] == [4, 1]
+    all_x = np.concatenate([f["x"] for f in feeds])
+    srt = np.sort(np.concatenate(logits), axis=1)
+    smallest = np.sort(np.argsort(srt[:, -1] - srt[:, -2])[:5])  # data order
+    np.testing.assert_array_equal(np.concatenate([f["x"] for f in picked]), all_x[smallest])
+    # feeds that cannot be split per sample: None, and the caller keeps its own feeds
+    assert mixed.near_tie_feeds([{"x": np.zeros(3, np.float32)}], [[np.zeros((1, 4))]], 2) is None

@@ -9,6 +9,7 @@ from qcompile.quantize.observers import (
     MSEObserver,
     PercentileObserver,
     make_observer,
+    read_as,
     weight_qparams,
 )
 from qcompile.quantize.qparams import QuantSpec, fake_quantize, range_to_qparams
@@ -158,3 +159,20 @@ def test_weight_qparams_per_channel_is_max_abs():
     expect = np.abs(w).reshape(4, -1).max(axis=1) / 127
     np.testing.assert_allclose(qp.scale, expect, rtol=1e-6)
     np.testing.assert_array_equal(qp.zero_point, 0)
+
+
+@pytest.mark.parametrize("method", ["mse", "percentile", "entropy", "minmax"])
+def test_read_as_equals_observing_with_that_method(method):
+    """`--calib-method auto` reads one histogram as every method: same ranges as running
+    each method's own observer on the same batches."""
+    shared, own = make_observer("auto", "t"), make_observer(method, "t")
+    for x in batches(heavy=True):
+        shared.observe(x)
+        own.observe(x)
+    for spec in (U8, S8):
+        assert read_as(shared, method).clip_range(spec) == own.clip_range(spec)
+
+
+def test_read_as_needs_a_histogram():
+    with pytest.raises(TypeError, match="no histogram"):
+        read_as(MinMaxObserver("t"), "mse")

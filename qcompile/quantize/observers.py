@@ -19,8 +19,11 @@ import numpy as np
 from qcompile.errors import QCompileError
 from qcompile.quantize.qparams import QParams, QuantSpec, range_to_qparams
 
-CalibMethod = Literal["minmax", "percentile", "entropy", "mse"]
-CALIB_METHODS: tuple[str, ...] = ("minmax", "percentile", "entropy", "mse")
+CalibMethod = Literal["minmax", "percentile", "entropy", "mse", "auto"]
+CALIB_METHODS: tuple[str, ...] = ("minmax", "percentile", "entropy", "mse", "auto")
+# What "auto" tries: the compile keeps whichever gives the best held-out output SQNR.
+# Entropy is left out: it collapsed PP-OCR det/rec/cls in benchmarks/RESULTS.md.
+AUTO_METHODS: tuple[str, ...] = ("mse", "percentile", "minmax")
 
 
 # Values this large are masking sentinels (attention masks filled with finfo.min or -inf),
@@ -298,18 +301,30 @@ def _expected_sq_errors(
 
 
 def make_observer(method: CalibMethod, name: str, *, percentile: float = 99.99) -> Observer:
-    """The observer for a calibration method name."""
+    """The observer for a calibration method name ("auto" collects a histogram that every
+    method can read: see `read_as`)."""
     if method == "minmax":
         return MinMaxObserver(name)
     if method == "percentile":
         return PercentileObserver(name, percentile=percentile)
     if method == "entropy":
         return EntropyObserver(name)
-    if method == "mse":
+    if method in ("mse", "auto"):
         return MSEObserver(name)
     raise QCompileError(
         f"unknown calibration method '{method}'", hint=f"choose one of {', '.join(CALIB_METHODS)}"
     )
+
+
+def read_as(observer: Observer, method: CalibMethod, percentile: float = 99.99) -> Observer:
+    """The same statistics read by another method: histogram observers share one state
+    (range, histogram, zero count), so one calibration run serves every method."""
+    if not isinstance(observer, HistogramObserver):
+        raise TypeError(f"{type(observer).__name__} keeps no histogram to read as {method}")
+    other = make_observer(method, observer.name, percentile=percentile)
+    for key in vars(observer).keys() & vars(other).keys() - {"name"}:
+        setattr(other, key, getattr(observer, key))
+    return other
 
 
 def weight_qparams(w: np.ndarray, spec: QuantSpec, axis: int | None) -> QParams:
