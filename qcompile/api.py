@@ -54,6 +54,7 @@ class CompileResult:
     # the rewritten FP32 graph the plan refers to, and the activation parameters used
     fp32_model: ir.Model | None = None
     qparams: dict[str, QParams] = field(default_factory=dict)
+    bench_feed: Feed | None = None  # the held-out feed latency is measured on
 
 
 def make_options(**kwargs: Any) -> CompileOptions:
@@ -110,6 +111,10 @@ def compile(  # noqa: A001 - the public name users expect
         ):
             result = _compile_mixed(
                 model, target, calibration, image_spec, options, output, verification
+            )
+        elif _chooses_equalization(target, options):
+            result = _compile_choosing_equalization(
+                model, target, calibration, image_spec, options, output
             )
         else:
             result = _compile(model, target, calibration, image_spec, options, output)
@@ -309,7 +314,67 @@ def _compile(
     if output is not None:
         save_model(graph_model, output)
         report.output_model = str(output)
-    return CompileResult(graph_model, report, plan, qdq_model, fp32_model, qparams)
+    bench_feed = stats.holdout[0] if stats.holdout else None
+    return CompileResult(graph_model, report, plan, qdq_model, fp32_model, qparams, bench_feed)
+
+
+CLE = "CrossLayerEqualization"
+
+
+def _chooses_equalization(target: str, options: CompileOptions) -> bool:
+    """`--calib-method auto` also decides whether cross-layer equalization stays."""
+    pipe = get_target(target).pipeline(options)
+    return (
+        options.calib_method == "auto"
+        and CLE not in options.disabled_passes
+        and any(pass_name(p) == CLE for p in pipe.rewrite)
+    )
+
+
+def _compile_choosing_equalization(
+    model: ModelSource,
+    target: str,
+    calibration: CalibrationInput,
+    image_spec: ImageSpec | None,
+    options: CompileOptions,
+    output: str | os.PathLike | None,
+) -> CompileResult:
+    """Compile with and without cross-layer equalization; keep the better output SQNR on
+    the calibration feeds (the score `auto` picks its method by).
+
+    CLE rescales the channels of an activation so one per-tensor range fits them all. That
+    helped PP-OCR det and hurt PP-OCR rec by 2.8 dB of output SQNR (benchmarks/RESULTS.md),
+    and the calibration-feed score predicted both, so each model gets its own choice."""
+    if output is not None:
+        check_output_path(
+            output, inputs=(str(model),) if isinstance(model, str | os.PathLike) else ()
+        )
+    trial = dataclasses.replace(options, bench_runs=0)
+    best = with_cle = _compile(model, target, calibration, image_spec, trial, None)
+    if any(p["name"] == CLE and p["modified"] for p in with_cle.report.passes):
+        without = dataclasses.replace(trial, disabled_passes=(*trial.disabled_passes, CLE))
+        without_cle = _compile(model, target, calibration, image_spec, without, None)
+        score_with = max(with_cle.report.calib_method_scores.values())
+        score_without = max(without_cle.report.calib_method_scores.values())
+        best = with_cle if score_with >= score_without else without_cle
+        best.report.notes.append(
+            f"cross-layer equalization {'kept' if best is with_cle else 'left out'}: "
+            f"calibration-feed output SQNR {score_with:.1f} dB with it, "
+            f"{score_without:.1f} dB without"
+        )
+    if options.bench_runs and best.bench_feed is not None:
+        bench_latency(
+            best.report,
+            best.fp32_model,
+            best.model,
+            best.bench_feed,
+            get_target(target).pipeline(options).profile.execution_providers,
+            options,
+        )
+    if output is not None:
+        save_model(best.model, output)
+        best.report.output_model = str(output)
+    return best
 
 
 ACCURACY_PASSES = ("CrossLayerEqualization", "SmoothQuant", "FuseForQuantization")
@@ -795,33 +860,46 @@ def measure(
         for t in tensors
     ]
     if options.bench_runs and feeds:
-        threads = options.threads or os.cpu_count() or 1
-        f_s = make(fp32_model, providers=providers, threads=threads)
-        q_s = (
-            make(q_model, providers=providers, threads=threads)
-            if threads != options.threads
-            else q_sess
+        bench_latency(report, fp32_model, q_model, feeds[0], providers, options, q_sess, optimized)
+
+
+def bench_latency(
+    report: CompileReport,
+    fp32_model: ir.Model,
+    q_model: ir.Model,
+    feed: Feed,
+    providers: Sequence[str],
+    options: CompileOptions,
+    q_sess=None,
+    optimized: ir.Model | None = None,
+) -> None:
+    """FP32 vs quantized median latency into the report, with a note when INT8 is slower."""
+    make = ort_backend.make_session
+    threads = options.threads or os.cpu_count() or 1
+    f_s = make(fp32_model, providers=providers, threads=threads)
+    q_s = (
+        q_sess
+        if q_sess is not None and threads == options.threads
+        else make(q_model, providers=providers, threads=threads)
+    )
+    lat = ort_backend.bench({"fp32": f_s, "q": q_s}, feed, runs=options.bench_runs)
+    report.latency_fp32_ms, report.latency_quantized_ms = lat["fp32"], lat["q"]
+    report.bench_threads = threads
+    if report.speedup is not None and report.speedup < 1.0 and report.integer_only:
+        report.notes.append(
+            f"integer-only graphs are for integer hardware and bit-exact checks: ONNX "
+            f"Runtime runs their int64 requantization op by op, {1 / report.speedup:.1f}× "
+            "slower than FP32 here; for ONNX Runtime speed compile without --integer-only"
         )
-        lat = ort_backend.bench({"fp32": f_s, "q": q_s}, feeds[0], runs=options.bench_runs)
-        report.latency_fp32_ms, report.latency_quantized_ms = lat["fp32"], lat["q"]
-        report.bench_threads = threads
-        if report.speedup is not None and report.speedup < 1.0 and report.integer_only:
-            report.notes.append(
-                f"integer-only graphs are for integer hardware and bit-exact checks: ONNX "
-                f"Runtime runs their int64 requantization op by op, {1 / report.speedup:.1f}× "
-                "slower than FP32 here; for ONNX Runtime speed compile without --integer-only"
-            )
-        elif report.speedup is not None and report.speedup < 1.0:
-            islands = ort_backend.float_islands_in(
-                optimized or ort_backend.optimized_model(q_model)
-            )
-            where = ", ".join(f"{op}×{n}" for op, n in sorted(islands.items())) or "none found"
-            note = (
-                f"the quantized model is {1 / report.speedup:.2f}× SLOWER than FP32 here; float ops "
-                f"between integer kernels: {where}. Try --exclude on them or their neighbours."
-            )
-            report.notes.append(note)
-            logger.warning(note)
+    elif report.speedup is not None and report.speedup < 1.0:
+        islands = ort_backend.float_islands_in(optimized or ort_backend.optimized_model(q_model))
+        where = ", ".join(f"{op}×{n}" for op, n in sorted(islands.items())) or "none found"
+        note = (
+            f"the quantized model is {1 / report.speedup:.2f}× SLOWER than FP32 here; float ops "
+            f"between integer kernels: {where}. Try --exclude on them or their neighbours."
+        )
+        report.notes.append(note)
+        logger.warning(note)
 
 
 def _accumulate(s: list[float], a: np.ndarray, b: np.ndarray) -> None:

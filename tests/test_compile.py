@@ -200,6 +200,30 @@ def test_auto_method_keeps_the_best_scoring_method():
         np.testing.assert_array_equal(a[name], b[name], err_msg=name)
 
 
+def test_auto_also_chooses_cross_layer_equalization(tmp_path):
+    """auto compiles with and without CLE and keeps the better calibration-feed score; the
+    written model is the kept one, and equals compiling with those settings directly."""
+    model = builders.cnn()
+    feeds = [{"input": builders.images(4, seed=s)} for s in range(6)]
+    out = tmp_path / "auto.onnx"
+    auto = qcompile.compile(model, calibration=feeds, output=out, **FAST)
+    note = next(n for n in auto.report.notes if n.startswith("cross-layer equalization"))
+    kept = "kept" in note
+    ran = {p["name"] for p in auto.report.passes if p["modified"]}
+    assert ("CrossLayerEqualization" in ran) == kept
+    direct = qcompile.compile(
+        model,
+        calibration=feeds,
+        calib_method=auto.report.calib_method,
+        disabled_passes=() if kept else ("CrossLayerEqualization",),
+        **FAST,
+    )
+    a, b = _inits(onnx.load(out)), _inits(qcompile.ir.to_proto(direct.model))
+    assert a.keys() == b.keys()
+    for name in a:
+        np.testing.assert_array_equal(a[name], b[name], err_msg=name)
+
+
 def test_report_has_tensor_and_output_metrics(cnn_path, cnn_calib, tmp_path):
     result = qcompile.compile(
         cnn_path, calibration=cnn_calib, progress=False, bench_runs=3, output=tmp_path / "q.onnx"
