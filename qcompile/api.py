@@ -556,6 +556,17 @@ def _compile_mixed(
             f"mixed precision missed the budget: best verified drop {found.verified_drop:.4f} "
             f"> {options.max_accuracy_drop}"
         )
+    speedup = result.report.speedup
+    if objective == "latency" and speedup is not None and speedup < 1.0:
+        kept = sum(label == "fp32" for label in found.choice.values())
+        note = (
+            f"the budget kept {kept} of {len(found.choice)} layers FP32 and the result is "
+            f"{1 / speedup:.2f}× SLOWER than FP32 here (the per-layer cost model misses what "
+            "FP32 islands cost ORT): FP32 itself meets the budget and is faster; raise "
+            "--max-accuracy-drop to get a faster INT8 model"
+        )
+        result.report.notes.append(note)
+        logger.warning(note)
     return result
 
 

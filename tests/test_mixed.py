@@ -171,3 +171,20 @@ def test_near_tie_feeds_picks_the_smallest_leads_in_data_order():
     np.testing.assert_array_equal(np.concatenate([f["x"] for f in picked]), all_x[smallest])
     # feeds that cannot be split per sample: None, and the caller keeps its own feeds
     assert mixed.near_tie_feeds([{"x": np.zeros(3, np.float32)}], [[np.zeros((1, 4))]], 2) is None
+
+
+def test_a_budget_model_slower_than_fp32_says_so(monkeypatch):
+    """When the kept FP32 layers make the result slower than FP32 (measured), the report
+    says FP32 itself is the faster way to meet the budget."""
+    from qcompile.backends import ort as ort_backend
+
+    monkeypatch.setattr(ort_backend, "bench", lambda sessions, feed, runs: {"fp32": 1.0, "q": 2.0})
+    result = qcompile.compile(
+        builders.cnn(size=32),
+        calibration=_feeds(),
+        max_accuracy_drop=0.001,
+        progress=False,
+        bench_runs=3,
+    )
+    assert result.report.speedup == 0.5
+    assert any("SLOWER than FP32" in n and "FP32 itself meets" in n for n in result.report.notes)
