@@ -141,9 +141,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument(
         "--calib-method",
         choices=CALIB_METHODS,
-        default="auto",
-        help="activation ranges: auto (default) tries mse, percentile and minmax on the one "
-        "calibration run and keeps the best output SQNR",
+        default="mse",
+        help="activation ranges (default mse); auto tries mse, percentile and minmax on the "
+        "one calibration run, and CLE on/off, and keeps the best output SQNR",
     )
     c.add_argument("--percentile", type=float, default=99.99)
     c.add_argument(

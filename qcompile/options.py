@@ -114,7 +114,7 @@ class NodeOverride:
 
 @dataclass(frozen=True)
 class CompileOptions:
-    calib_method: CalibMethod = "auto"
+    calib_method: CalibMethod = "mse"
     percentile: float = 99.99
     per_channel: bool = True
     quantize_softmax: bool = False

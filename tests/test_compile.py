@@ -186,7 +186,7 @@ def test_auto_method_keeps_the_best_scoring_method():
     the result is the model that method compiles to on its own."""
     model = builders.cnn()
     feeds = [{"input": builders.images(4, seed=s)} for s in range(6)]
-    auto = qcompile.compile(model, calibration=feeds, **FAST)
+    auto = qcompile.compile(model, calibration=feeds, calib_method="auto", **FAST)
     scores = auto.report.calib_method_scores
     assert set(scores) == {"mse", "percentile", "minmax"}
     assert auto.report.calib_method == max(scores, key=scores.get)
@@ -206,7 +206,7 @@ def test_auto_also_chooses_cross_layer_equalization(tmp_path):
     model = builders.cnn()
     feeds = [{"input": builders.images(4, seed=s)} for s in range(6)]
     out = tmp_path / "auto.onnx"
-    auto = qcompile.compile(model, calibration=feeds, output=out, **FAST)
+    auto = qcompile.compile(model, calibration=feeds, calib_method="auto", output=out, **FAST)
     note = next(n for n in auto.report.notes if n.startswith("cross-layer equalization"))
     kept = "kept" in note
     ran = {p["name"] for p in auto.report.passes if p["modified"]}
