@@ -357,17 +357,8 @@ def _scanned_page(seed: int, size: tuple[int, int] = (480, 640)) -> np.ndarray:
     from PIL import Image, ImageFilter
 
     rng = np.random.default_rng(seed)
-    page = np.full(size, 245, np.uint8)
     y = int(rng.integers(10, size[0] // 2))
-    for text in text_lines(int(rng.integers(1, 5)), seed):
-        line = render_line(text, rng)
-        h, w = line.shape
-        x = int(rng.integers(5, 200))
-        if y + h >= size[0]:
-            break
-        w = min(w, size[1] - x)
-        page[y : y + h, x : x + w] = line[:, :w]
-        y += h + int(rng.integers(5, 30))
+    page = _text_page(rng, text_lines(int(rng.integers(1, 5)), seed), size, y, 200)
     paper, ink = rng.uniform(120, 245), rng.uniform(0.3, 1.0)
     img = paper - (245.0 - page.astype(np.float32)) * ink * (paper / 245.0)
     img = Image.fromarray(np.clip(img, 0, 255).astype(np.uint8))
@@ -541,12 +532,19 @@ def ocr_cls(batch: int = 8, n_calib: int = 64, n_eval: int = 128) -> TaskData:
 def _document(seed: int, size: tuple[int, int] = (480, 640)) -> np.ndarray:
     """A white page with rendered text lines at random positions (HxW gray)."""
     rng = np.random.default_rng(seed)
-    page = np.full(size, 245, np.uint8)
     y = int(rng.integers(10, 40))
-    for text in text_lines(12, seed):
+    return _text_page(rng, text_lines(12, seed), size, y, 60)
+
+
+def _text_page(
+    rng: np.random.Generator, lines: list[str], size: tuple[int, int], y: int, max_x: int
+) -> np.ndarray:
+    """Lines rendered down a white page from row y, each at a random indent below max_x."""
+    page = np.full(size, 245, np.uint8)
+    for text in lines:
         line = render_line(text, rng)
         h, w = line.shape
-        x = int(rng.integers(5, 60))
+        x = int(rng.integers(5, max_x))
         if y + h >= size[0]:
             break
         w = min(w, size[1] - x)
