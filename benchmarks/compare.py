@@ -210,9 +210,7 @@ def _mixed(target: str) -> Callable:
             if task.name == "orientation":
                 pages, labels = datasets.orientation_pages(500, 100)  # 50 batches of 2 pages
                 verify, held = verify + pages[0::2], held + pages[1::2]
-                held_labels = np.concatenate(
-                    [held_labels, *(labels[i * 8 : i * 8 + 8] for i in range(1, 50, 2))]
-                )
+                held_labels = np.concatenate([held_labels, labels.reshape(50, 8)[1::2].ravel()])
         extra = _qcompile(
             target,
             "auto",

@@ -137,9 +137,7 @@ def _compile(
     options: CompileOptions,
     output: str | os.PathLike | None,
 ) -> CompileResult:
-    input_path = str(model) if isinstance(model, (str, os.PathLike)) else None
-    if output is not None:
-        check_output_path(output, inputs=(input_path,) if input_path else ())
+    input_path = _check_output(model, output)
     target_module = get_target(target)
     pipe = target_module.pipeline(options)
     profile = pipe.profile
@@ -318,6 +316,14 @@ def _compile(
     return CompileResult(graph_model, report, plan, qdq_model, fp32_model, qparams, bench_feed)
 
 
+def _check_output(model: ModelSource, output: str | os.PathLike | None) -> str | None:
+    """Refuse a bad output path before any work; returns the input's path, if it has one."""
+    input_path = str(model) if isinstance(model, (str, os.PathLike)) else None
+    if output is not None:
+        check_output_path(output, inputs=(input_path,) if input_path else ())
+    return input_path
+
+
 CLE = "CrossLayerEqualization"
 
 
@@ -345,10 +351,7 @@ def _compile_choosing_equalization(
     CLE rescales the channels of an activation so one per-tensor range fits them all. That
     helped PP-OCR det and hurt PP-OCR rec by 2.8 dB of output SQNR (benchmarks/RESULTS.md),
     and the calibration-feed score predicted both, so each model gets its own choice."""
-    if output is not None:
-        check_output_path(
-            output, inputs=(str(model),) if isinstance(model, str | os.PathLike) else ()
-        )
+    _check_output(model, output)
     trial = dataclasses.replace(options, bench_runs=0)
     best = with_cle = _compile(model, target, calibration, image_spec, trial, None)
     if any(p["name"] == CLE and p["modified"] for p in with_cle.report.passes):
@@ -697,7 +700,7 @@ def _choose_method(
         scores[method] = min(_sqnr(s) for s in sums.values())
     best = max(AUTO_METHODS, key=lambda m: scores[m])  # ties: the earlier (mse first)
     logger.info(
-        "calibration method %s (held-out output SQNR: %s)",
+        "calibration method %s (calibration-feed output SQNR: %s)",
         best,
         ", ".join(f"{m} {v:.1f} dB" for m, v in scores.items()),
     )

@@ -130,6 +130,9 @@ def test_output_equal_to_input_is_refused(cnn_path, cnn_calib):
     # also through a different spelling of the same path
     with pytest.raises(QCompileError, match="overwrite the input"):
         _compile(cnn_path, cnn_calib, output=cnn_path.parent / "." / cnn_path.name)
+    # and through --calib-method auto, which compiles twice before writing
+    with pytest.raises(QCompileError, match="overwrite the input"):
+        _compile(cnn_path, cnn_calib, output=cnn_path, calib_method="auto")
     assert sha256(cnn_path) == before
 
 

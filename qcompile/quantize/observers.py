@@ -21,7 +21,8 @@ from qcompile.quantize.qparams import QParams, QuantSpec, range_to_qparams
 
 CalibMethod = Literal["minmax", "percentile", "entropy", "mse", "auto"]
 CALIB_METHODS: tuple[str, ...] = ("minmax", "percentile", "entropy", "mse", "auto")
-# What "auto" tries: the compile keeps whichever gives the best held-out output SQNR.
+# What "auto" tries: the compile keeps whichever gives the best output SQNR on up to 16
+# calibration feeds (qcompile.api._choose_method).
 # Entropy is left out: it collapsed PP-OCR det/rec/cls in benchmarks/RESULTS.md.
 AUTO_METHODS: tuple[str, ...] = ("mse", "percentile", "minmax")
 
