@@ -29,7 +29,7 @@ from qcompile.passes.prequantized import DequantizeQDQ, quantized_ops
 from qcompile.passes.smoothing import ChannelObserver, find_smooth_groups
 from qcompile.quantize import mixed
 from qcompile.quantize.calibration import CalibrationStats, calibrate, extra_outputs
-from qcompile.quantize.data import Feed, ImageSpec, input_specs, open_calibration
+from qcompile.quantize.data import Feed, ImageSpec, input_specs, open_calibration, read_labels
 from qcompile.quantize.integer import LowerToIntegerOnly
 from qcompile.quantize.observers import AUTO_METHODS, HistogramObserver, read_as
 from qcompile.quantize.plan import QuantPlan, build_plan, nodes_touching
@@ -440,9 +440,12 @@ def _compile_mixed(
         image_spec=image_spec,
     )
     feeds = _first_feeds(data, options.mixed_verify_feeds)
-    metric = mixed.resolve_metric(options.metric)
+    labels = read_labels(options.labels) if options.labels is not None else None
+    metric = mixed.resolve_metric(options.metric, labels)
     fp32_sess = ort_backend.make_session(fp32, threads=options.threads)
     fp32_outputs = [fp32_sess.run(None, dict(f)) for f in feeds]
+    if isinstance(options.metric, str):  # e.g. too few labels: fail before the search
+        metric(fp32_outputs, fp32_outputs)
 
     fpga = profile.name == "fpga"
     objective = (
@@ -460,7 +463,7 @@ def _compile_mixed(
         specs = {n: [("int8", profile.weight if n in with_weights else None)] for n in layer_nodes}
     switch, flags = mixed.switch_model(fp32, plan, base.qparams, specs)
     sens_feeds = feeds[: max(2, len(feeds) // 4)]
-    if options.metric == "top1":  # noise where flips happen
+    if options.metric in mixed.ARGMAX_METRICS:  # noise where flips happen
         sens_feeds = mixed.near_tie_feeds(feeds, fp32_outputs, 32) or sens_feeds
     nsr = mixed.sensitivities(switch, flags, sens_feeds, options.threads)
     weights = {
@@ -554,6 +557,14 @@ def _compile_mixed(
     result.report.mixed_precision = _mixed_report(found, options, time.perf_counter() - start)
     if options.pareto_png:
         mixed.save_pareto_png(found, options.pareto_png, f"{profile.name}: {options.metric} budget")
+    samples = sum(int(out[0].shape[0]) if out[0].ndim else 1 for out in fp32_outputs)
+    budget = options.max_accuracy_drop
+    if options.metric in mixed.ARGMAX_METRICS and budget is not None and budget * samples < 1:
+        result.report.notes.append(
+            f"the budget ({budget:.2%}) is less than one of the {samples} "
+            "verified samples: the search allowed no changed answer; verify on more data "
+            "(--verify-data) to measure the budget"
+        )
     if not found.met:
         result.report.notes.append(
             f"mixed precision missed the budget: best verified drop {found.verified_drop:.4f} "

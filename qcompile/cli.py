@@ -164,7 +164,19 @@ def build_parser() -> argparse.ArgumentParser:
         help="mixed precision: largest accepted drop of --metric, e.g. 0.5%% or 0.005; the "
         "fastest (fpga: smallest) per-layer choice that meets it",
     )
-    c.add_argument("--metric", choices=("cosine", "top1"), default="cosine")
+    c.add_argument(
+        "--metric",
+        choices=("cosine", "top1", "accuracy"),
+        default="cosine",
+        help="mixed precision: what the budget limits: cosine (first output vs FP32), top1 "
+        "(share of arg-max answers that change) or accuracy (top-1 accuracy against --labels)",
+    )
+    c.add_argument(
+        "--labels",
+        metavar="LABELS",
+        help="--metric accuracy: one class per verification sample, in order (.npy, or text "
+        "with one integer per line)",
+    )
     c.add_argument(
         "--verify-data",
         metavar="DATA",
@@ -300,6 +312,7 @@ def cmd_compile(args: argparse.Namespace) -> int:
         progress=not args.quiet and sys.stderr.isatty(),
         max_accuracy_drop=args.max_accuracy_drop,
         metric=args.metric,
+        labels=args.labels,
         size_budget_mb=args.size_budget,
         latency_budget_ms=args.latency_budget,
         pareto_png=args.pareto,

@@ -160,11 +160,14 @@ class CompileOptions:
     fpga_macs_per_cycle: int = 256
     fpga_clock_mhz: float = 200.0
     # Mixed precision (qcompile.quantize.mixed): an accuracy budget (0.005 = 0.5% drop of
-    # `metric`: "cosine", "top1" or a callable(fp32_outs, quant_outs) -> drop) with the
-    # least latency (cpu/gpu) or weight memory (fpga); or a size/latency budget with the
-    # least output noise. Verified on up to mixed_verify_feeds calibration feeds.
+    # `metric`: "cosine", "top1" (agreement with FP32's arg-max), "accuracy" (against
+    # `labels`: one class per verification sample, in order; an array or a .npy path) or
+    # a callable(fp32_outs, quant_outs) -> drop) with the least latency (cpu/gpu) or
+    # weight memory (fpga); or a size/latency budget with the least output noise.
+    # Verified on up to mixed_verify_feeds calibration (or verification) feeds.
     max_accuracy_drop: float | None = None
     metric: Any = "cosine"
+    labels: Any = None
     size_budget_mb: float | None = None
     latency_budget_ms: float | None = None
     mixed_verify_feeds: int = 24
@@ -200,8 +203,16 @@ class CompileOptions:
             )
         if self.max_accuracy_drop is not None and (self.size_budget_mb or self.latency_budget_ms):
             raise QCompileError("give an accuracy budget or a size/latency budget, not both")
-        if not callable(self.metric) and self.metric not in ("cosine", "top1"):
-            raise QCompileError(f"unknown metric '{self.metric}'", hint="use cosine or top1")
+        if not callable(self.metric) and self.metric not in ("cosine", "top1", "accuracy"):
+            raise QCompileError(
+                f"unknown metric '{self.metric}'", hint="use cosine, top1 or accuracy"
+            )
+        if (self.metric == "accuracy") != (self.labels is not None):
+            raise QCompileError(
+                "metric 'accuracy' and labels go together",
+                hint="--metric accuracy needs --labels LABELS.npy; labels are only read "
+                "by --metric accuracy",
+            )
         if self.bench_runs < 0:
             raise QCompileError("bench_runs must be >= 0")
         if self.threads is not None and self.threads < 1:

@@ -188,3 +188,62 @@ def test_a_budget_model_slower_than_fp32_says_so(monkeypatch):
     )
     assert result.report.speedup == 0.5
     assert any("SLOWER than FP32" in n and "FP32 itself meets" in n for n in result.report.notes)
+
+
+def test_accuracy_drop_counts_labels_not_agreement():
+    """Against labels a changed answer can also fix a sample: 0.5 − 0.5 = 0, where
+    agreement with FP32 says half the answers changed."""
+    fp32 = [[np.array([[1.0, 0.0], [1.0, 0.0]])], [np.array([[0.0, 1.0], [0.0, 1.0]])]]
+    quant = [[np.array([[0.0, 1.0], [1.0, 0.0]])], [np.array([[1.0, 0.0], [0.0, 1.0]])]]
+    labels = np.array([0, 1, 0, 1])  # FP32 right on samples 0 and 3, INT8 on 2 and 3
+    assert mixed.accuracy_drop(labels)(fp32, quant) == pytest.approx(0.0)
+    assert mixed.top1_drop(fp32, quant) == pytest.approx(0.5)
+    assert mixed.accuracy_drop(np.array([0, 0, 1, 1]))(fp32, quant) == pytest.approx(0.5)
+    with pytest.raises(QCompileError, match="3 labels but the budget is checked on 4"):
+        mixed.accuracy_drop(labels[:3])(fp32, quant)
+
+
+def test_accuracy_budget_with_labels_end_to_end(tmp_path, cnn_path, cnn_calib):
+    feeds = _feeds()
+    fp32 = ort.InferenceSession(
+        builders.cnn(size=32).SerializeToString(), providers=["CPUExecutionProvider"]
+    )
+    labels = np.concatenate([fp32.run(None, f)[0].argmax(1) for f in feeds])
+    result = qcompile.compile(
+        builders.cnn(size=32),
+        calibration=feeds,
+        max_accuracy_drop=0.02,
+        metric="accuracy",
+        labels=labels,
+        **FAST,
+    )
+    mp = result.report.mixed_precision
+    assert mp["budget_met"] and mp["verified_drop"] <= 0.02 and mp["metric"] == "accuracy"
+    with pytest.raises(QCompileError, match="needs --labels"):
+        qcompile.compile(builders.cnn(size=32), calibration=feeds, metric="accuracy", **FAST)
+    with pytest.raises(QCompileError, match="labels file not found"):
+        qcompile.compile(
+            builders.cnn(size=32),
+            calibration=feeds,
+            max_accuracy_drop=0.02,
+            metric="accuracy",
+            labels=str(tmp_path / "missing.npy"),
+            **FAST,
+        )
+    # the CLI reads labels from a text file; too few labels is a user error (exit 2)
+    (tmp_path / "few.txt").write_text("0\n1\n")
+    rc = compile_cli(
+        cnn_path,
+        cnn_calib,
+        tmp_path / "out.onnx",
+        "--max-accuracy-drop",
+        "1%",
+        "--metric",
+        "accuracy",
+        "--labels",
+        str(tmp_path / "few.txt"),
+        "--quiet",
+        "--bench-runs",
+        "0",
+    )
+    assert rc == 2 and not (tmp_path / "out.onnx").exists()

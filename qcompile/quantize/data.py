@@ -212,6 +212,37 @@ def open_calibration(
     raise QCompileError(f"unsupported calibration source of type {type(source).__name__}")
 
 
+def read_labels(source: str | os.PathLike | Sequence[int] | np.ndarray) -> np.ndarray:
+    """Class labels for `--metric accuracy`: a .npy/.txt file or an array, one integer
+    per verification sample in data order."""
+    origin = "labels"
+    if isinstance(source, (str, os.PathLike)):
+        path = Path(source)
+        origin = str(path)
+        if not path.is_file():
+            raise QCompileError("labels file not found", path=origin)
+        try:
+            array = (
+                np.load(path, allow_pickle=False)
+                if path.suffix == ".npy"
+                else np.loadtxt(path, dtype=np.int64, ndmin=1)
+            )
+        except Exception as exc:
+            raise QCompileError(
+                f"cannot read labels: {exc}",
+                path=origin,
+                hint="use a .npy array or a text file with one integer per sample",
+            ) from exc
+    else:
+        array = np.asarray(source)
+    if array.ndim != 1 or array.size == 0 or not np.issubdtype(array.dtype, np.integer):
+        raise QCompileError(
+            f"labels must be a non-empty 1-D integer array, got {array.dtype} {array.shape}",
+            path=origin if origin != "labels" else None,
+        )
+    return array
+
+
 class _MappedFeeds:
     """Re-iterable view of user feeds as dicts of arrays."""
 
