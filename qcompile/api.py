@@ -35,6 +35,12 @@ from qcompile.quantize.observers import AUTO_METHODS, HistogramObserver, read_as
 from qcompile.quantize.plan import QuantPlan, build_plan, nodes_touching
 from qcompile.quantize.qdq import InsertQDQ, effective_qparams
 from qcompile.quantize.qparams import QParams, fake_quantize
+from qcompile.quantize.weight_only import (
+    Int4Spec,
+    Int4WeightOnly,
+    int4_eligible,
+    quantize_int4,
+)
 from qcompile.report import CompileReport, OutputReport, TensorReport
 from qcompile.targets import get_target
 from qcompile.targets.fpga_cost import layer_costs
@@ -65,7 +71,7 @@ def make_options(**kwargs: Any) -> CompileOptions:
         raise QCompileError(
             f"unknown option '{unknown[0]}'", hint=f"options are: {', '.join(sorted(known))}"
         )
-    for key in ("exclude", "allow_float"):
+    for key in ("exclude", "allow_float", "int4_weights"):
         if key in kwargs:
             if isinstance(kwargs[key], (str, NodeMatcher)):
                 kwargs[key] = (kwargs[key],)
@@ -142,6 +148,12 @@ def _compile(
     pipe = target_module.pipeline(options)
     profile = pipe.profile
     _check_bit_widths(profile, options)
+    if options.int4_weights and (profile.name == "fpga" or options.integer_only):
+        raise QCompileError(
+            "INT4 weight-only MatMuls keep FP32 activations: they are for the cpu and gpu "
+            "targets, not integer-only graphs",
+            hint="drop --int4-weights, or use --weight-bits 4 on the fpga target",
+        )
 
     # Import and canonicalize.
     graph_model = load_model(model)
@@ -199,7 +211,7 @@ def _compile(
 
     # Plan and calibrate.
     plan = build_plan(graph_model, profile, options)
-    if not plan.nodes:
+    if not plan.nodes and not plan.int4_nodes:
         raise QCompileError(
             "nothing in this model can be quantized for target " + profile.name,
             hint="run `qcompile inspect` to see each node's reason",
@@ -458,9 +470,16 @@ def _compile_mixed(
             n: [(f"w{b}", dataclasses.replace(profile.weight, bits=b)) for b in (8, 6, 5, 4, 3, 2)]
             for n in layer_nodes
         }
-    else:  # FP32 or INT8 per compute and arithmetic node (data movement follows them)
+    else:  # FP32 or INT8 per compute and arithmetic node (data movement follows them),
+        # and INT4 weights with FP32 activations for MatMuls with a constant weight
         layer_nodes = [n for n, kind in plan.nodes.items() if kind in ("compute", "arith")]
-        specs = {n: [("int8", profile.weight if n in with_weights else None)] for n in layer_nodes}
+        fp32_nodes = {n.name: n for n in fp32.graph}
+        int4 = {n for n in layer_nodes if int4_eligible(fp32_nodes[n])}
+        specs = {
+            n: [("int8", profile.weight if n in with_weights else None)]
+            + ([(INT4_LABEL, Int4Spec())] if n in int4 else [])
+            for n in layer_nodes
+        }
     switch, flags = mixed.switch_model(fp32, plan, base.qparams, specs)
     sens_feeds = feeds[: max(2, len(feeds) // 4)]
     if options.metric in mixed.ARGMAX_METRICS:  # noise where flips happen
@@ -475,6 +494,11 @@ def _compile_mixed(
         t_fp32 = mixed.node_times_ms(fp32, feeds[0], threads=options.threads)
         t_int8 = mixed.node_times_ms(base.model, feeds[0], threads=options.threads)
         boundary = mixed.boundary_ms(fp32, base.model, layer_nodes, feeds[0], t_int8)
+        t_int4: dict[str, float] = {}
+        if int4:  # every candidate MatMul as MatMulNBits in one FP32 model, profiled
+            int4_model = fp32.clone()
+            Int4WeightOnly(frozenset(int4))(int4_model)
+            t_int4 = mixed.node_times_ms(int4_model, feeds[0], threads=options.threads)
     layers = []
     op_types = {n.name: n.op_type for n in fp32.graph}
     for node in layer_nodes:
@@ -486,6 +510,9 @@ def _compile_mixed(
                 mixed.Candidate("fp32", fp + boundary.get(node, 0.0), 0.0),
                 mixed.Candidate("int8", t_int8.get(node, fp), nsr[(node, "int8")]),
             ]
+            if node in int4:  # FP32 activations: it pays the same boundary as FP32
+                cost = t_int4.get(node, fp) + boundary.get(node, 0.0)
+                cands.append(mixed.Candidate(INT4_LABEL, cost, nsr[(node, INT4_LABEL)]))
         elif fpga:
             cands = [
                 mixed.Candidate(label, n_w * spec.bits, nsr[(node, label)], spec.bits)
@@ -496,6 +523,10 @@ def _compile_mixed(
                 mixed.Candidate("fp32", n_w * 32.0, 0.0),
                 mixed.Candidate("int8", n_w * 8.0, nsr[(node, "int8")]),
             ]
+            if node in int4:  # bits as stored: packed weights, scales, zero points
+                w = fp32_nodes[node].inputs[1].const_value.numpy().astype(np.float32)
+                bits = quantize_int4(w).bits
+                cands.append(mixed.Candidate(INT4_LABEL, float(bits), nsr[(node, INT4_LABEL)]))
         layers.append(mixed.LayerOptions(node, op_types.get(node, "?"), cands))
 
     def options_for(choice: dict[str, str]) -> CompileOptions:
@@ -506,7 +537,10 @@ def _compile_mixed(
             )
             return dataclasses.replace(plain, overrides=plain.overrides + extra)
         keep = tuple(NodeMatcher(n) for n, label in choice.items() if label == "fp32")
-        return dataclasses.replace(plain, exclude=plain.exclude + keep)
+        int4_w = tuple(NodeMatcher(n) for n, label in choice.items() if label == INT4_LABEL)
+        return dataclasses.replace(
+            plain, exclude=plain.exclude + keep, int4_weights=plain.int4_weights + int4_w
+        )
 
     def run_choice(choice: dict[str, str]) -> list[list[np.ndarray]]:
         if all(label == "fp32" for label in choice.values()):
@@ -656,6 +690,7 @@ def _check_bit_widths(profile, options: CompileOptions) -> None:
 
 
 # Calibration feeds `--calib-method auto` scores each method on.
+INT4_LABEL = "int4w"  # mixed-precision candidate: INT4 weights, FP32 activations (cpu/gpu)
 AUTO_SCORE_FEEDS = 16
 
 

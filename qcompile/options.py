@@ -126,6 +126,9 @@ class CompileOptions:
     # pass names (as `qcompile passes` lists them) to leave out of the pipeline
     disabled_passes: tuple[str, ...] = ()
     exclude: tuple[NodeMatcher, ...] = ()
+    # cpu/gpu: MatMuls with a constant 2-D weight that get block-wise INT4 weights and
+    # keep FP32 activations (ORT MatMulNBits) instead of INT8
+    int4_weights: tuple[NodeMatcher, ...] = ()
     overrides: tuple[NodeOverride, ...] = ()
     input_shapes: tuple[tuple[str, tuple[int, ...]], ...] = ()
     # Samples per feed when a calibration array is stacked along a dynamic batch axis.
@@ -230,6 +233,9 @@ class CompileOptions:
         return self.is_excluded(node_name, op_type) or any(
             m.matches(node_name, op_type) for m in self.allow_float
         )
+
+    def wants_int4(self, node_name: str, op_type: str) -> bool:
+        return any(m.matches(node_name, op_type) for m in self.int4_weights)
 
     def is_excluded(self, node_name: str, op_type: str) -> bool:
         if any(m.matches(node_name, op_type) for m in self.exclude):

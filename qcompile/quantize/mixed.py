@@ -41,6 +41,7 @@ from qcompile.quantize.observers import weight_qparams
 from qcompile.quantize.plan import QuantPlan
 from qcompile.quantize.qdq import effective_qparams
 from qcompile.quantize.qparams import QParams, fake_quantize
+from qcompile.quantize.weight_only import Int4Spec, dequantize_int4, quantize_int4
 
 logger = logging.getLogger(__name__)
 
@@ -51,7 +52,7 @@ DropMetric = Callable[[list[list[np.ndarray]], list[list[np.ndarray]]], float]
 
 @dataclasses.dataclass(frozen=True)
 class Candidate:
-    label: str  # "fp32", "int8", "w4"...
+    label: str  # "fp32", "int8", "int4w" (INT4 weights, FP32 activations), fpga: "w6"...
     cost: float  # ms (latency objective) or bits (size objective)
     nsr: float  # output noise / signal power when only this layer is at this precision
     weight_bits: int | None = None  # FPGA: bits for this layer's weights; None: FP32/INT8
@@ -200,9 +201,10 @@ def switch_model(
 ) -> tuple[ir.Model, dict[tuple[str, str], str]]:
     """A copy of the FP32 model where flag inputs switch layers to candidate precisions.
 
-    `specs`: node → [(candidate label, weight QuantSpec or None)]. A flag fake-quantizes
-    the node's quantized activation inputs and, with a spec, its weight. Returns the
-    model and (node, label) → flag input name.
+    `specs`: node → [(candidate label, weight QuantSpec, Int4Spec or None)]. A flag
+    fake-quantizes the node's quantized activation inputs and, with a QuantSpec, its
+    weight; with an Int4Spec only the weight (INT4 weight-only keeps FP32 activations).
+    Returns the model and (node, label) → flag input name.
     """
     model = fp32_model.clone()
     graph = model.graph
@@ -228,11 +230,15 @@ def switch_model(
             flag.dtype = ir.DataType.BOOL
             graph.inputs.append(flag)
             flags[(name, label)] = flag.name
+            weight_only = isinstance(spec, Int4Spec)  # FP32 activations: only W changes
             if spec is not None and w is not None:
-                w_q = fake_quantize(w, weight_qparams(w, spec, use.axis)).astype(np.float32)
+                if weight_only:
+                    w_q = dequantize_int4(quantize_int4(w, spec))
+                else:
+                    w_q = fake_quantize(w, weight_qparams(w, spec, use.axis)).astype(np.float32)
                 w_const = add_initializer(graph, f"mp_w_{index}_{label}", w_q)
                 new_w = _where(graph, node, flag, w_const, new_w, f"mp_wsel_{index}_{label}")
-            for i, fq in activations.items():
+            for i, fq in activations.items() if not weight_only else ():
                 switched[i] = _where(
                     graph, node, flag, fq, switched[i], f"mp_xsel_{index}_{i}_{label}"
                 )

@@ -17,6 +17,7 @@ Rules (chosen so ORT's CPU EP and TensorRT fuse the result into integer kernels)
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -24,7 +25,10 @@ import numpy as np
 import onnx_ir as ir
 
 from qcompile.options import CompileOptions
+from qcompile.quantize.weight_only import int4_eligible
 from qcompile.targets.profile import TargetProfile
+
+logger = logging.getLogger(__name__)
 
 NodeKind = Literal["compute", "arith", "passthrough"]
 FLOAT_TYPES = frozenset({ir.DataType.FLOAT})
@@ -73,6 +77,8 @@ class QuantPlan:
     # per-node bit-width overrides: weight node -> bits, activation tensor -> bits
     weight_bits: dict[str, int] = field(default_factory=dict)
     tensor_bits: dict[str, int] = field(default_factory=dict)
+    # MatMuls that get INT4 block weights and FP32 activations instead (MatMulNBits)
+    int4_nodes: set[str] = field(default_factory=set)
 
     @property
     def calibrated_tensors(self) -> list[str]:
@@ -162,6 +168,16 @@ def build_plan(
 
     # 1. Candidate compute/arith nodes.
     for node in nodes:
+        if options.wants_int4(node.name or "", node.op_type):
+            if int4_eligible(node):
+                plan.int4_nodes.add(node.name or "")
+                plan.skipped[node.name or ""] = "INT4 weights, FP32 activations (MatMulNBits)"
+                continue
+            logger.warning(
+                "node %s matches --int4-weights but has no constant 2-D weight: it is "
+                "quantized as usual",
+                node.name,
+            )
         kind = _node_kind(node, profile, options)
         if kind is None or kind == "passthrough":
             continue

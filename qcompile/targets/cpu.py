@@ -20,6 +20,7 @@ from qcompile.quantize.embeddings import QuantizeEmbeddings
 from qcompile.quantize.integer import LowerToIntegerOnly
 from qcompile.quantize.qdq import InsertQDQ
 from qcompile.quantize.qparams import QuantSpec
+from qcompile.quantize.weight_only import Int4WeightOnly
 from qcompile.targets.profile import (
     ARITH_OPS,
     COMPUTE_OPS,
@@ -52,8 +53,17 @@ def smooth(profile: TargetProfile, options: CompileOptions) -> SmoothPhase:
     ]
 
 
-def quantize(profile: TargetProfile) -> QuantizePhase:
-    return lambda plan, qparams: [InsertQDQ(plan, qparams, profile), QuantizeEmbeddings()]
+def quantize(profile: TargetProfile, options: CompileOptions) -> QuantizePhase:
+    """Q/DQ pairs from the plan, int8 embedding tables, and INT4 weight-only MatMuls
+    (MatMulNBits) on the nodes --int4-weights names (the plan left them FP32)."""
+
+    def phase(plan, qparams) -> list[ir.passes.PassBase]:
+        passes = [InsertQDQ(plan, qparams, profile), QuantizeEmbeddings()]
+        if options.int4_weights:
+            passes.append(Int4WeightOnly(frozenset(plan.int4_nodes)))
+        return passes
+
+    return phase
 
 
 def finalize() -> list[ir.passes.PassBase]:
@@ -76,6 +86,6 @@ def pipeline(options: CompileOptions, profile: TargetProfile = PROFILE) -> Pipel
         rewrite=rewrite(),
         smooth=smooth(profile, options),
         calibrate=Calibration(options.calib_method, options.percentile),
-        quantize=quantize(profile),
+        quantize=quantize(profile, options),
         lower=lower(options),
     )

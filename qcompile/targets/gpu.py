@@ -39,6 +39,6 @@ def pipeline(options: CompileOptions, profile: TargetProfile = PROFILE) -> Pipel
         rewrite=cpu.rewrite(),
         smooth=cpu.smooth(profile, options),
         calibrate=Calibration(options.calib_method, options.percentile),
-        quantize=cpu.quantize(profile),
+        quantize=cpu.quantize(profile, options),
         lower=cpu.lower(options),
     )

@@ -1,0 +1,137 @@
+"""INT4 weight-only MatMuls (ORT MatMulNBits): packing, the pass, the option, mixed precision."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+import onnxruntime as ort
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+import qcompile
+from models import builders
+from qcompile.errors import QCompileError
+from qcompile.quantize import mixed
+from qcompile.quantize.weight_only import Int4Spec, dequantize_int4, quantize_int4
+from tests.conftest import FAST
+
+
+def _session(model) -> ort.InferenceSession:
+    proto = ir.to_proto(model) if isinstance(model, ir.Model) else model
+    return ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
+
+
+def _sqnr(a: np.ndarray, b: np.ndarray) -> float:
+    return float(10 * np.log10(np.sum(a.astype(np.float64) ** 2) / np.sum((a - b) ** 2)))
+
+
+@pytest.mark.parametrize(("k", "n", "block"), [(70, 24, 32), (128, 16, 16), (64, 8, 64)])
+def test_dequantized_weights_are_what_the_kernel_computes_with(k, n, block):
+    """K not a multiple of the block pads; our unpacking reads ORT's layout exactly."""
+    rng = np.random.default_rng(k)
+    w = rng.standard_normal((k, n)).astype(np.float32)
+    q = quantize_int4(w, Int4Spec(block))
+    deq = dequantize_int4(q)
+    assert deq.shape == (k, n)
+    assert 15 < _sqnr(w, deq) < 30  # 4 bits a weight: ~20 dB on Gaussian weights
+    graph = helper.make_graph(
+        [
+            helper.make_node(
+                "MatMulNBits",
+                ["x", "B", "s", "z"],
+                ["y"],
+                domain="com.microsoft",
+                K=k,
+                N=n,
+                bits=4,
+                block_size=block,
+            )
+        ],
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [5, k])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+        [
+            numpy_helper.from_array(q.packed, "B"),
+            numpy_helper.from_array(q.scales.reshape(-1), "s"),
+            numpy_helper.from_array(q.zero_points.reshape(-1), "z"),
+        ],
+    )
+    model = helper.make_model(
+        graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)]
+    )
+    x = rng.standard_normal((5, k)).astype(np.float32)
+    y = _session(model).run(None, {"x": x})[0]
+    np.testing.assert_allclose(y, x @ deq, rtol=1e-4, atol=1e-4)
+    with pytest.raises(QCompileError, match="power of two"):
+        Int4Spec(24)
+
+
+def _transformer():
+    model = builders.transformer_block(dim=128, ffn=512)
+    feeds = [{"input": builders.token_embeddings(4, dim=128, seed=i)} for i in range(8)]
+    return model, feeds
+
+
+def test_int4_weights_option_writes_matmulnbits_that_ort_runs(tmp_path):
+    model, feeds = _transformer()
+    out = tmp_path / "int4.onnx"
+    result = qcompile.compile(
+        model, calibration=feeds, int4_weights=["ffn1", "ffn2"], output=out, **FAST
+    )
+    assert result.plan.int4_nodes == {"ffn1", "ffn2"}
+    saved = onnx.load(out)
+    onnx.checker.check_model(saved)
+    nbits = [n for n in saved.graph.node if n.op_type == "MatMulNBits"]
+    assert sorted(n.name for n in nbits) == ["ffn1", "ffn2"]
+    # the FP32 FFN weights are gone: the file is smaller than the all-INT8 one would be
+    # for these two layers (4 bits plus a scale and zero point per 32 weights)
+    int8 = qcompile.compile(model, calibration=feeds, output=tmp_path / "int8.onnx", **FAST)
+    assert out.stat().st_size < (tmp_path / "int8.onnx").stat().st_size
+    fp32 = _session(model).run(None, feeds[0])[0]
+    got = _session(saved).run(None, feeds[0])[0]
+    assert _sqnr(fp32, got) > 15
+    assert int8.report.min_output_sqnr_db > _sqnr(fp32, got) - 10
+    # a pattern that also names activation×activation MatMuls: those stay INT8/planned
+    mixed_ops = qcompile.compile(model, calibration=feeds, int4_weights=["op:MatMul"], **FAST)
+    assert "qk_matmul" not in mixed_ops.plan.int4_nodes and len(mixed_ops.plan.int4_nodes) == 6
+    with pytest.raises(QCompileError, match="not integer-only"):
+        qcompile.compile(model, target="fpga", calibration=feeds, int4_weights=["ffn1"], **FAST)
+
+
+def test_int4_sensitivity_is_what_the_compiled_model_does():
+    """The switch session's INT4 candidate (weights only, FP32 activations) must equal the
+    deployed MatMulNBits model with only that layer changed."""
+    model, feeds = _transformer()
+    base = qcompile.compile(model, calibration=feeds, **FAST)
+    switch, flags = mixed.switch_model(
+        base.fp32_model, base.plan, base.qparams, {"ffn2": [("int4w", Int4Spec())]}
+    )
+    sess = _session(switch)
+    flag = flags[("ffn2", "int4w")]
+    simulated = sess.run(None, {**feeds[0], flag: np.array(True)})[0]
+    deployed = qcompile.compile(
+        model,
+        calibration=feeds,
+        exclude=[n for n in base.plan.nodes if n != "ffn2"],
+        int4_weights=["ffn2"],
+        **FAST,
+    )
+    assert {n.op_type for n in deployed.model.graph} & {"QuantizeLinear"} == set()
+    got = _session(deployed.model).run(None, feeds[0])[0]
+    assert _sqnr(simulated, got) > 60
+    fp32 = _session(model).run(None, feeds[0])[0]
+    assert _sqnr(fp32, simulated) < 45  # the flag really changed the weight
+
+
+def test_size_budget_mixes_int8_and_int4():
+    model, feeds = _transformer()
+    fp32_mb = (
+        sum(v.const_value.nbytes for v in ir.from_proto(model).graph.initializers.values()) / 1e6
+    )
+    result = qcompile.compile(model, calibration=feeds, size_budget_mb=fp32_mb * 0.2, **FAST)
+    mp = result.report.mixed_precision
+    choices = {layer["node"]: layer["choice"] for layer in mp["layers"]}
+    assert "int4w" in choices.values() and mp["predicted_cost"] <= fp32_mb * 0.2 * 8e6
+    chosen = {n for n, c in choices.items() if c == "int4w"}
+    assert {n.name for n in result.model.graph if n.op_type == "MatMulNBits"} == chosen
