@@ -464,6 +464,7 @@ def _compile_mixed(
         "size" if (fpga or options.size_budget_mb) and not options.latency_budget_ms else "latency"
     )
     with_weights = {w.node for w in plan.weights}
+    int4: set[str] = set()
     if fpga:  # weight bit widths per layer
         layer_nodes = [n for n in plan.nodes if n in with_weights]
         specs = {
@@ -484,21 +485,24 @@ def _compile_mixed(
     sens_feeds = feeds[: max(2, len(feeds) // 4)]
     if options.metric in mixed.ARGMAX_METRICS:  # noise where flips happen
         sens_feeds = mixed.near_tie_feeds(feeds, fp32_outputs, 32) or sens_feeds
-    nsr = mixed.sensitivities(switch, flags, sens_feeds, options.threads)
+    cache = mixed.MeasurementCache.open(
+        options.cache_dir, switch, base.model, [*sens_feeds, feeds[0]], objective, options.threads
+    )
+    nsr = cache.get("nsr") or cache.put(
+        "nsr", mixed.sensitivities(switch, flags, sens_feeds, options.threads)
+    )
     weights = {
         w.node: int(fp32.graph.initializers[w.tensor].const_value.size)
         for w in plan.weights
         if w.tensor in fp32.graph.initializers
     }
     if objective == "latency":
-        t_fp32 = mixed.node_times_ms(fp32, feeds[0], threads=options.threads)
-        t_int8 = mixed.node_times_ms(base.model, feeds[0], threads=options.threads)
-        boundary = mixed.boundary_ms(fp32, base.model, layer_nodes, feeds[0], t_int8)
-        t_int4: dict[str, float] = {}
-        if int4:  # every candidate MatMul as MatMulNBits in one FP32 model, profiled
-            int4_model = fp32.clone()
-            Int4WeightOnly(frozenset(int4))(int4_model)
-            t_int4 = mixed.node_times_ms(int4_model, feeds[0], threads=options.threads)
+        measured = cache.get("costs") or cache.put(
+            "costs", _layer_times(fp32, base.model, layer_nodes, int4, feeds[0], options)
+        )
+        t_fp32, t_int8, boundary, t_int4 = (
+            measured[k] for k in ("fp32", "int8", "boundary", "int4")
+        )
     layers = []
     op_types = {n.name: n.op_type for n in fp32.graph}
     for node in layer_nodes:
@@ -588,7 +592,9 @@ def _compile_mixed(
         options_for(found.choice), bench_runs=options.bench_runs, progress=options.progress
     )
     result = _compile(model, target, calibration, image_spec, final_options, output)
-    result.report.mixed_precision = _mixed_report(found, options, time.perf_counter() - start)
+    result.report.mixed_precision = _mixed_report(
+        found, options, time.perf_counter() - start, cache.hit
+    )
     if options.pareto_png:
         mixed.save_pareto_png(found, options.pareto_png, f"{profile.name}: {options.metric} budget")
     samples = sum(int(out[0].shape[0]) if out[0].ndim else 1 for out in fp32_outputs)
@@ -618,7 +624,33 @@ def _compile_mixed(
     return result
 
 
-def _mixed_report(found, options: CompileOptions, seconds: float) -> dict[str, Any]:
+def _layer_times(
+    fp32: ir.Model,
+    int8: ir.Model,
+    layer_nodes: Sequence[str],
+    int4: set[str],
+    feed: Feed,
+    options: CompileOptions,
+) -> dict[str, dict[str, float]]:
+    """Per-layer kernel times (ms) from ORT's profiler: FP32, INT8, the dequantize and
+    quantize an FP32 layer pays between INT8 neighbours, and INT4 weights."""
+    t_int8 = mixed.node_times_ms(int8, feed, threads=options.threads)
+    t_int4: dict[str, float] = {}
+    if int4:  # every candidate MatMul as MatMulNBits in one FP32 model, profiled
+        int4_model = fp32.clone()
+        Int4WeightOnly(frozenset(int4))(int4_model)
+        t_int4 = mixed.node_times_ms(int4_model, feed, threads=options.threads)
+    return {
+        "fp32": mixed.node_times_ms(fp32, feed, threads=options.threads),
+        "int8": t_int8,
+        "boundary": mixed.boundary_ms(fp32, int8, layer_nodes, feed, t_int8),
+        "int4": t_int4,
+    }
+
+
+def _mixed_report(
+    found, options: CompileOptions, seconds: float, cached: bool = False
+) -> dict[str, Any]:
     return {
         "metric": options.metric if isinstance(options.metric, str) else "callable",
         "max_accuracy_drop": options.max_accuracy_drop,
@@ -628,6 +660,7 @@ def _mixed_report(found, options: CompileOptions, seconds: float) -> dict[str, A
         "predicted_cost": found.predicted_cost,
         "predicted_nsr": found.predicted_nsr,
         "search_seconds": seconds,
+        "measurements_cached": cached,
         "steps": [{"cost": c, "nsr": n, "drop": d} for c, n, d in found.verified],
         "layers": [
             {

@@ -208,6 +208,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--pareto", metavar="PNG", help="mixed precision: write the cost/noise Pareto plot"
     )
     c.add_argument(
+        "--cache-dir",
+        metavar="DIR",
+        help="mixed precision: keep measured sensitivities and costs here; a rerun on the "
+        "same model, quantization and data (another budget or metric) reuses them",
+    )
+    c.add_argument(
         "--qonnx",
         metavar="PATH",
         help="also write the model as QONNX (Quant nodes with bit widths; integer-only targets)",
@@ -325,6 +331,7 @@ def cmd_compile(args: argparse.Namespace) -> int:
         size_budget_mb=args.size_budget,
         latency_budget_ms=args.latency_budget,
         pareto_png=args.pareto,
+        cache_dir=args.cache_dir,
     )
     image_spec = ImageSpec.parse(args.image_spec) if args.image_spec else None
     result = compile_model(

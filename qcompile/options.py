@@ -175,6 +175,10 @@ class CompileOptions:
     latency_budget_ms: float | None = None
     mixed_verify_feeds: int = 24
     pareto_png: str | None = None
+    # mixed precision: a folder that keeps each search's measurements (sensitivities and
+    # per-layer costs), keyed by model, quantization and data, so a rerun (another
+    # budget, another metric) skips them
+    cache_dir: str | None = None
     bench_runs: int = 20
     threads: int | None = None
     progress: bool = True

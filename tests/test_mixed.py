@@ -57,8 +57,8 @@ def test_ilp_matches_brute_force(seed):
     assert mixed.totals(layers, choice)[0] <= cost * (1 + 1e-9)
 
 
-def _feeds(n: int = 12, size: int = 32) -> list[dict]:
-    return [{"input": builders.images(8, size, seed=i)} for i in range(n)]
+def _feeds(n: int = 12, size: int = 32, seed: int = 0) -> list[dict]:
+    return [{"input": builders.images(8, size, seed=seed * 100 + i)} for i in range(n)]
 
 
 def test_switch_session_measures_each_layer_alone_and_noise_adds_up():
@@ -247,3 +247,41 @@ def test_accuracy_budget_with_labels_end_to_end(tmp_path, cnn_path, cnn_calib):
         "0",
     )
     assert rc == 2 and not (tmp_path / "out.onnx").exists()
+
+
+def test_measurement_cache_makes_a_rerun_skip_the_measurements(tmp_path, monkeypatch):
+    feeds = _feeds()
+    first = qcompile.compile(
+        builders.cnn(size=32),
+        calibration=feeds,
+        max_accuracy_drop=0.001,
+        cache_dir=str(tmp_path / "cache"),
+        **FAST,
+    )
+    assert first.report.mixed_precision["measurements_cached"] is False
+    assert len(list((tmp_path / "cache").glob("mixed-*.json"))) == 1
+
+    def fail(*args, **kwargs):
+        raise AssertionError("measured again despite the cache")
+
+    monkeypatch.setattr(mixed, "sensitivities", fail)
+    monkeypatch.setattr(mixed, "node_times_ms", fail)
+    again = qcompile.compile(
+        builders.cnn(size=32),
+        calibration=feeds,
+        max_accuracy_drop=0.005,  # another budget: same measurements
+        cache_dir=str(tmp_path / "cache"),
+        **FAST,
+    )
+    mp, mp0 = again.report.mixed_precision, first.report.mixed_precision
+    assert mp["measurements_cached"] is True
+    assert [c["candidates"] for c in mp["layers"]] == [c["candidates"] for c in mp0["layers"]]
+    # other data: a miss, so it measures (and here fails on purpose)
+    with pytest.raises(AssertionError, match="measured again"):
+        qcompile.compile(
+            builders.cnn(size=32),
+            calibration=_feeds(seed=1),
+            max_accuracy_drop=0.005,
+            cache_dir=str(tmp_path / "cache"),
+            **FAST,
+        )
