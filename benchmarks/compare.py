@@ -184,6 +184,9 @@ def configs(quick: bool) -> dict[str, Callable]:
     out[f"qcompile cpu (mixed precision, <= {MIXED_DROP:.1%} top-1 changes)"] = _mixed(
         "cpu", "top1"
     )
+    out[f"qcompile cpu (mixed precision, <= {MIXED_DROP:.1%} drop, trace sensitivity)"] = _mixed(
+        "cpu", "accuracy", sensitivity="trace"
+    )
     out[f"qcompile cpu (mixed precision, layer weights <= {SIZE_BUDGET_MB:g} MB)"] = _size_budget
     return out
 
@@ -203,7 +206,7 @@ MIXED_DROP = 0.005
 MIXED_MODELS = ("minilm", "orientation")
 
 
-def _mixed(target: str, classifier_metric: str) -> Callable:
+def _mixed(target: str, classifier_metric: str, **options) -> Callable:
     """The accuracy-budget search (`--max-accuracy-drop 0.5%`).
 
     MiniLM: cosine, checked on the calibration sentences; the evaluation set stays held
@@ -236,7 +239,8 @@ def _mixed(target: str, classifier_metric: str) -> Callable:
             labeled["metric"] = classifier_metric
             if classifier_metric == "accuracy":
                 labeled["labels"] = verify_labels
-        png = f"pareto_{task.name}" + (f"_{classifier_metric}" if classifier else "") + ".png"
+        png = f"pareto_{task.name}" + (f"_{classifier_metric}" if classifier else "")
+        png += "_trace.png" if options.get("sensitivity") == "trace" else ".png"
         extra = _qcompile(
             target,
             "auto",
@@ -245,6 +249,7 @@ def _mixed(target: str, classifier_metric: str) -> Callable:
             verification=verify,
             mixed_verify_feeds=len(verify) if verify else 24,
             **labeled,
+            **options,
         )(src, dst, task)
         extra["pareto_png"] = png
         fp32 = _session(src, 2)
@@ -515,7 +520,8 @@ def _mixed_section(all_rows: dict[str, list[Row]]) -> list[str]:
             lines += [
                 f"## Mixed precision: {name}",
                 "",
-                f"`{r.config}`: metric `{mp['metric']}` (drop vs FP32 measured on the "
+                f"`{r.config}`: metric `{mp['metric']}`, sensitivity "
+                f"`{mp.get('sensitivity', 'measured')}` (drop vs FP32 measured on the "
                 f"verification feeds during the search: {mp['verified_drop']:.4f}"
                 + (
                     f", budget {mp['max_accuracy_drop']}: "

@@ -481,7 +481,8 @@ def _compile_mixed(
             + ([(INT4_LABEL, Int4Spec())] if n in int4 else [])
             for n in layer_nodes
         }
-    switch, flags = mixed.switch_model(fp32, plan, base.qparams, specs)
+    trace = options.sensitivity == "trace"
+    switch, flags = mixed.switch_model(fp32, plan, base.qparams, specs, trace=trace)
     sens_feeds = feeds[: max(2, len(feeds) // 4)]
     if options.metric in mixed.ARGMAX_METRICS:  # noise where flips happen
         sens_feeds = mixed.near_tie_feeds(feeds, fp32_outputs, 32) or sens_feeds
@@ -655,6 +656,7 @@ def _mixed_report(
         "metric": options.metric if isinstance(options.metric, str) else "callable",
         "max_accuracy_drop": options.max_accuracy_drop,
         "objective": found.objective,
+        "sensitivity": options.sensitivity,
         "verified_drop": found.verified_drop,
         "budget_met": found.met,
         "predicted_cost": found.predicted_cost,

@@ -208,6 +208,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--pareto", metavar="PNG", help="mixed precision: write the cost/noise Pareto plot"
     )
     c.add_argument(
+        "--sensitivity",
+        choices=("measured", "trace"),
+        default="measured",
+        help="mixed precision: per-layer sensitivity from each candidate's real quantization "
+        "error (measured) or HAWQ-V2's Hessian trace × error power (trace; Gauss-Newton "
+        "Hessian of the outputs, estimated with random probes)",
+    )
+    c.add_argument(
         "--cache-dir",
         metavar="DIR",
         help="mixed precision: keep measured sensitivities and costs here; a rerun on the "
@@ -332,6 +340,7 @@ def cmd_compile(args: argparse.Namespace) -> int:
         latency_budget_ms=args.latency_budget,
         pareto_png=args.pareto,
         cache_dir=args.cache_dir,
+        sensitivity=args.sensitivity,
     )
     image_spec = ImageSpec.parse(args.image_spec) if args.image_spec else None
     result = compile_model(

@@ -179,6 +179,9 @@ class CompileOptions:
     # per-layer costs), keyed by model, quantization and data, so a rerun (another
     # budget, another metric) skips them
     cache_dir: str | None = None
+    # mixed precision: "measured" (each candidate's real quantization error, the default)
+    # or "trace" (HAWQ-V2: Gauss-Newton trace × quantization noise power, for comparison)
+    sensitivity: str = "measured"
     bench_runs: int = 20
     threads: int | None = None
     progress: bool = True
@@ -219,6 +222,10 @@ class CompileOptions:
                 "metric 'accuracy' and labels go together",
                 hint="--metric accuracy needs --labels LABELS.npy; labels are only read "
                 "by --metric accuracy",
+            )
+        if self.sensitivity not in ("measured", "trace"):
+            raise QCompileError(
+                f"unknown sensitivity '{self.sensitivity}'", hint="use measured or trace"
             )
         if self.bench_runs < 0:
             raise QCompileError("bench_runs must be >= 0")

@@ -285,3 +285,34 @@ def test_measurement_cache_makes_a_rerun_skip_the_measurements(tmp_path, monkeyp
             cache_dir=str(tmp_path / "cache"),
             **FAST,
         )
+
+
+def test_trace_sensitivity_ranks_layers_like_the_measured_one():
+    """HAWQ-V2's trace × error power (random probes of the error's power) and the real
+    error should agree on which layers matter, not to the decibel."""
+    from scipy.stats import spearmanr
+
+    feeds = _feeds()
+    base = qcompile.compile(builders.cnn(size=32), calibration=feeds, **FAST)
+    specs = {n: [("int8", CPU_PROFILE.weight)] for n in (w.node for w in base.plan.weights)}
+    measured = mixed.sensitivities(
+        *mixed.switch_model(base.fp32_model, base.plan, base.qparams, specs), feeds[:4]
+    )
+    traced = mixed.sensitivities(
+        *mixed.switch_model(base.fp32_model, base.plan, base.qparams, specs, trace=True),
+        feeds[:4],
+    )
+    keys = sorted(measured)
+    a = np.log([measured[k] for k in keys])
+    b = np.log([traced[k] for k in keys])
+    assert spearmanr(a, b).statistic > 0.6
+    assert np.all(np.abs(a - b) < np.log(30))  # same order of magnitude per layer
+    assert not np.allclose(a, b)  # and really a different estimate
+    result = qcompile.compile(
+        builders.cnn(size=32),
+        calibration=feeds,
+        max_accuracy_drop=0.01,
+        sensitivity="trace",
+        **FAST,
+    )
+    assert result.report.mixed_precision["sensitivity"] == "trace"

@@ -200,6 +200,8 @@ def switch_model(
     plan: QuantPlan,
     qparams: Mapping[str, QParams],
     specs: Mapping[str, Sequence[tuple[str, object | None]]],
+    *,
+    trace: bool = False,
 ) -> tuple[ir.Model, dict[tuple[str, str], str]]:
     """A copy of the FP32 model where flag inputs switch layers to candidate precisions.
 
@@ -207,12 +209,20 @@ def switch_model(
     fake-quantizes the node's quantized activation inputs and, with a QuantSpec, its
     weight; with an Int4Spec only the weight (INT4 weight-only keeps FP32 activations).
     Returns the model and (node, label) → flag input name.
+
+    `trace=True` (HAWQ-V2-style sensitivity, for comparison): a flag adds Gaussian noise
+    of the quantization error's power instead of the error itself — σ² = mean((Q(W) −
+    W)²) on the weight, s²/12 on each activation (a fresh draw every run). The output
+    noise it causes is σ²·tr(JᵀJ): the trace of the Gauss-Newton matrix of the outputs,
+    which is the Hessian of the output MSE (a compiler has no training loss), times the
+    quantization perturbation's power — Hutchinson's estimator with one probe a run.
     """
     model = fp32_model.clone()
     graph = model.graph
     nodes = {n.name: n for n in graph}
     flags: dict[tuple[str, str], str] = {}
     weights = {w.node: w for w in plan.weights}
+    rng = np.random.default_rng(0)
     for index, (name, candidates) in enumerate(specs.items()):
         node = nodes[name]
         use = weights.get(name)
@@ -222,7 +232,8 @@ def switch_model(
             if v is None or i == w_index or v.name not in plan.tensors or v.const_value is not None:
                 continue
             qp = effective_qparams(plan, qparams, v.name)
-            activations[i] = _fake_quant_nodes(graph, node, v, qp, f"mp{index}_{i}")
+            make = _noise_nodes if trace else _fake_quant_nodes
+            activations[i] = make(graph, node, v, qp, f"mp{index}_{i}")
         switched = {i: node.inputs[i] for i in activations}
         w_value = node.inputs[w_index] if w_index is not None else None
         w = w_value.const_value.numpy().astype(np.float32) if w_value is not None else None
@@ -238,6 +249,9 @@ def switch_model(
                     w_q = dequantize_int4(quantize_int4(w, spec))
                 else:
                     w_q = fake_quantize(w, weight_qparams(w, spec, use.axis)).astype(np.float32)
+                if trace:  # same power, random direction
+                    sigma = float(np.sqrt(np.mean(np.square(w_q - w))))
+                    w_q = (w + sigma * rng.standard_normal(w.shape)).astype(np.float32)
                 w_const = add_initializer(graph, f"mp_w_{index}_{label}", w_q)
                 new_w = _where(graph, node, flag, w_const, new_w, f"mp_wsel_{index}_{label}")
             for i, fq in activations.items() if not weight_only else ():
@@ -261,6 +275,18 @@ def _fake_quant_nodes(graph: ir.Graph, before: ir.Node, x: ir.Value, qp: QParams
     dq.outputs[0].dtype, dq.outputs[0].shape = ir.DataType.FLOAT, x.shape
     graph.insert_before(before, [q, dq])
     return dq.outputs[0]
+
+
+def _noise_nodes(graph: ir.Graph, before: ir.Node, x: ir.Value, qp: QParams, base: str):
+    """x + N(0, s²/12): rounding noise's power at the quantizer's scale (clipping aside)."""
+    sigma = float(np.sqrt(np.mean(np.square(qp.scale)) / 12.0))
+    noise = ir.node("RandomNormalLike", [x], {"scale": sigma, "seed": 1.0}, name=f"{base}_n")
+    noise.outputs[0].name = f"{base}_noise"
+    noisy = ir.node("Add", [x, noise.outputs[0]], name=f"{base}_add")
+    noisy.outputs[0].name = f"{base}_noisy"
+    noisy.outputs[0].dtype, noisy.outputs[0].shape = ir.DataType.FLOAT, x.shape
+    graph.insert_before(before, [noise, noisy])
+    return noisy.outputs[0]
 
 
 def _where(graph, before, flag, a, b, name):
