@@ -227,14 +227,13 @@ def switch_model(
         node = nodes[name]
         use = weights.get(name)
         w_index = use.input_index if use is not None else None
-        activations = {}
+        activations: dict[int, QParams] = {}
         for i, v in enumerate(node.inputs):
             if v is None or i == w_index or v.name not in plan.tensors or v.const_value is not None:
                 continue
-            qp = effective_qparams(plan, qparams, v.name)
-            make = _noise_nodes if trace else _fake_quant_nodes
-            activations[i] = make(graph, node, v, qp, f"mp{index}_{i}")
-        switched = {i: node.inputs[i] for i in activations}
+            activations[i] = effective_qparams(plan, qparams, v.name)
+        originals = {i: node.inputs[i] for i in activations}
+        switched = dict(originals)
         w_value = node.inputs[w_index] if w_index is not None else None
         w = w_value.const_value.numpy().astype(np.float32) if w_value is not None else None
         new_w = w_value
@@ -254,9 +253,14 @@ def switch_model(
                     w_q = (w + sigma * rng.standard_normal(w.shape)).astype(np.float32)
                 w_const = add_initializer(graph, f"mp_w_{index}_{label}", w_q)
                 new_w = _where(graph, node, flag, w_const, new_w, f"mp_wsel_{index}_{label}")
-            for i, fq in activations.items() if not weight_only else ():
-                switched[i] = _where(
-                    graph, node, flag, fq, switched[i], f"mp_xsel_{index}_{i}_{label}"
+            for i, qp in activations.items() if not weight_only else ():
+                make = _noise_nodes if trace else _fake_quant_nodes
+                switched[i] = _if_switch(
+                    graph,
+                    node,
+                    flag,
+                    switched[i],
+                    make(graph, originals[i], qp, f"mp{index}_{i}_{label}"),
                 )
         if w_index is not None and new_w is not w_value:
             node.replace_input_with(w_index, new_w)
@@ -265,7 +269,10 @@ def switch_model(
     return model, flags
 
 
-def _fake_quant_nodes(graph: ir.Graph, before: ir.Node, x: ir.Value, qp: QParams, base: str):
+Branch = tuple[list[ir.Node], ir.Value, str]  # nodes computing a value from x, its name
+
+
+def _fake_quant_nodes(graph: ir.Graph, x: ir.Value, qp: QParams, base: str) -> Branch:
     scale = add_initializer(graph, f"{base}_scale", np.asarray(qp.scale, np.float32))
     zp = add_initializer(graph, f"{base}_zp", np.asarray(qp.zero_point))
     q = ir.node("QuantizeLinear", [x, scale, zp], name=f"{base}_q")
@@ -273,11 +280,10 @@ def _fake_quant_nodes(graph: ir.Graph, before: ir.Node, x: ir.Value, qp: QParams
     dq = ir.node("DequantizeLinear", [q.outputs[0], scale, zp], name=f"{base}_dq")
     dq.outputs[0].name = f"{base}_dq_out"
     dq.outputs[0].dtype, dq.outputs[0].shape = ir.DataType.FLOAT, x.shape
-    graph.insert_before(before, [q, dq])
-    return dq.outputs[0]
+    return [q, dq], dq.outputs[0], base
 
 
-def _noise_nodes(graph: ir.Graph, before: ir.Node, x: ir.Value, qp: QParams, base: str):
+def _noise_nodes(graph: ir.Graph, x: ir.Value, qp: QParams, base: str) -> Branch:
     """x + N(0, s²/12): rounding noise's power at the quantizer's scale (clipping aside)."""
     sigma = float(np.sqrt(np.mean(np.square(qp.scale)) / 12.0))
     noise = ir.node("RandomNormalLike", [x], {"scale": sigma, "seed": 1.0}, name=f"{base}_n")
@@ -285,8 +291,28 @@ def _noise_nodes(graph: ir.Graph, before: ir.Node, x: ir.Value, qp: QParams, bas
     noisy = ir.node("Add", [x, noise.outputs[0]], name=f"{base}_add")
     noisy.outputs[0].name = f"{base}_noisy"
     noisy.outputs[0].dtype, noisy.outputs[0].shape = ir.DataType.FLOAT, x.shape
-    graph.insert_before(before, [noise, noisy])
-    return noisy.outputs[0]
+    return [noise, noisy], noisy.outputs[0], base
+
+
+def _if_switch(graph: ir.Graph, before: ir.Node, flag: ir.Value, other: ir.Value, branch: Branch):
+    """If(flag) the branch's value, else `other`: unlike Where, only the taken side runs,
+    so a run with one flag on computes one fake quantizer, not every layer's."""
+    nodes, value, base = branch
+    then_graph = ir.Graph([], [value], nodes=nodes, name=f"{base}_then")
+    keep = ir.node("Identity", [other], name=f"{base}_keep")
+    keep.outputs[0].name = f"{base}_kept"
+    keep.outputs[0].dtype, keep.outputs[0].shape = ir.DataType.FLOAT, other.shape
+    else_graph = ir.Graph([], [keep.outputs[0]], nodes=[keep], name=f"{base}_else")
+    switch = ir.node(
+        "If",
+        [flag],
+        {"then_branch": then_graph, "else_branch": else_graph},
+        name=f"{base}_if",
+    )
+    switch.outputs[0].name = f"{base}_switched"
+    switch.outputs[0].dtype, switch.outputs[0].shape = ir.DataType.FLOAT, other.shape
+    graph.insert_before(before, switch)
+    return switch.outputs[0]
 
 
 def _where(graph, before, flag, a, b, name):
