@@ -211,6 +211,13 @@ def _compile(
 
     # Plan and calibrate.
     plan = build_plan(graph_model, profile, options)
+    if options.int4_weights and not plan.int4_nodes:
+        patterns = ", ".join(m.pattern for m in options.int4_weights)
+        raise QCompileError(
+            f"--int4-weights {patterns} matches no MatMul with a constant 2-D weight",
+            hint="INT4 weights apply to MatMul (our fusions turn 2-D MatMul + Add into Gemm, "
+            "which stays INT8); `qcompile inspect` lists the nodes",
+        )
     if not plan.nodes and not plan.int4_nodes:
         raise QCompileError(
             "nothing in this model can be quantized for target " + profile.name,

@@ -135,3 +135,40 @@ def test_size_budget_mixes_int8_and_int4():
     assert "int4w" in choices.values() and mp["predicted_cost"] <= fp32_mb * 0.2 * 8e6
     chosen = {n for n, c in choices.items() if c == "int4w"}
     assert {n.name for n in result.model.graph if n.op_type == "MatMulNBits"} == chosen
+
+
+def test_cli_flags_for_int4_trace_and_cache(tmp_path, cnn_path, cnn_calib):
+    from qcompile.cli import main
+
+    model = tmp_path / "block.onnx"
+    onnx.save(builders.transformer_block(), model)
+    calib = tmp_path / "block.npz"
+    np.savez(calib, input=builders.token_embeddings(16))
+    out = tmp_path / "block.int4.onnx"
+    rc = main(
+        ["compile", str(model), "-o", str(out), "--calib", str(calib), "--int4-weights",
+         "op:MatMul", "--quiet", "--bench-runs", "0"]
+    )  # fmt: skip
+    assert rc == 0
+    assert any(n.op_type == "MatMulNBits" for n in onnx.load(out).graph.node)
+    # a pattern that names no eligible MatMul (the MLP's MatMul + Add became Gemm): exit 2
+    onnx.save(builders.mlp(), tmp_path / "mlp.onnx")
+    np.savez(tmp_path / "mlp.npz", input=builders.features(64))
+    rc = main(
+        ["compile", str(tmp_path / "mlp.onnx"), "-o", str(tmp_path / "mlp.q.onnx"), "--calib",
+         str(tmp_path / "mlp.npz"), "--int4-weights", "op:MatMul", "--quiet"]
+    )  # fmt: skip
+    assert rc == 2 and not (tmp_path / "mlp.q.onnx").exists()
+    cache = tmp_path / "cache"
+    args = ["--max-accuracy-drop", "1%", "--sensitivity", "trace", "--cache-dir", str(cache)]
+    rc = main(
+        ["compile", str(cnn_path), "-o", str(tmp_path / "cnn.q.onnx"), "--calib", str(cnn_calib),
+         *args, "--quiet", "--bench-runs", "0"]
+    )  # fmt: skip
+    assert rc == 0 and list(cache.glob("mixed-*.json"))
+    with pytest.raises(SystemExit) as exited:  # argparse: an unknown choice is exit 2
+        main(
+            ["compile", str(cnn_path), "-o", str(tmp_path / "x.onnx"), "--calib", str(cnn_calib),
+             "--sensitivity", "hessian", "--quiet"]
+        )  # fmt: skip
+    assert exited.value.code == 2
