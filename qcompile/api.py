@@ -482,7 +482,7 @@ def _compile_mixed(
         # and INT4 weights with FP32 activations for MatMuls with a constant weight
         layer_nodes = [n for n, kind in plan.nodes.items() if kind in ("compute", "arith")]
         fp32_nodes = {n.name: n for n in fp32.graph}
-        int4 = {n for n in layer_nodes if int4_eligible(fp32_nodes[n])}
+        int4 = {n for n in layer_nodes if n in with_weights and int4_eligible(fp32_nodes[n])}
         specs = {
             n: [("int8", profile.weight if n in with_weights else None)]
             + ([(INT4_LABEL, Int4Spec())] if n in int4 else [])
