@@ -731,8 +731,8 @@ def _check_bit_widths(profile, options: CompileOptions) -> None:
         )
 
 
-# Calibration feeds `--calib-method auto` scores each method on.
 INT4_LABEL = "int4w"  # mixed-precision candidate: INT4 weights, FP32 activations (cpu/gpu)
+# Calibration feeds `--calib-method auto` scores each method on.
 AUTO_SCORE_FEEDS = 16
 
 

@@ -11,7 +11,6 @@ import logging
 import os
 import sys
 import traceback
-from pathlib import Path
 
 from qcompile.errors import find_qcompile_error
 from qcompile.quantize.observers import CALIB_METHODS
@@ -314,7 +313,7 @@ def cmd_compile(args: argparse.Namespace) -> int:
     from rich.console import Console
 
     from qcompile.api import compile as compile_model
-    from qcompile.ir.io import check_output_path
+    from qcompile.ir.io import check_output_path, write_text_atomic
     from qcompile.quantize.data import ImageSpec
 
     check_output_path(args.output, inputs=(args.model,))
@@ -355,7 +354,7 @@ def cmd_compile(args: argparse.Namespace) -> int:
     if not args.quiet:
         result.report.print(Console(stderr=True))
     if args.report:
-        _write_text_atomic(Path(args.report), result.report.to_json())
+        write_text_atomic(args.report, result.report.to_json())
     if args.qonnx:
         _write_qonnx(result, args.qonnx, options)
     if args.backend == "tvm":
@@ -405,12 +404,6 @@ def _write_qonnx(result, path: str, options) -> None:
             hint="use --target fpga or --integer-only",
         )
     save_model(to_qonnx(result.qdq_model, dict(options.input_shapes) or None), path)
-
-
-def _write_text_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:

