@@ -176,9 +176,15 @@ def configs(quick: bool) -> dict[str, Callable]:
         out["qcompile gpu (mse; CPU EP here, no GPU)"] = _qcompile("gpu", "mse")
         out["qcompile cpu (mse, integer-only)"] = _qcompile("cpu", "mse", integer_only=True)
         out["qcompile fpga (w8a8, pow2 scales)"] = _qcompile("fpga", "mse")
+        out["qcompile fpga (w8a8, pow2 scales, bias correction)"] = _qcompile(
+            "fpga", "mse", bias_correction=True
+        )
         out["qcompile fpga (w8a8, float scales)"] = _qcompile("fpga", "mse", pow2_scales=False)
         out["qcompile fpga (w4a8, float scales)"] = _qcompile(
             "fpga", "mse", pow2_scales=False, weight_bits=4
+        )
+        out["qcompile fpga (w4a8, float scales, bias correction)"] = _qcompile(
+            "fpga", "mse", pow2_scales=False, weight_bits=4, bias_correction=True
         )
     out[f"qcompile cpu (mixed precision, <= {MIXED_DROP:.1%} drop)"] = _mixed("cpu", "accuracy")
     out[f"qcompile cpu (mixed precision, <= {MIXED_DROP:.1%} top-1 changes)"] = _mixed(

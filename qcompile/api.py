@@ -28,6 +28,7 @@ from qcompile.passes.manager import pass_name, run_phase
 from qcompile.passes.prequantized import DequantizeQDQ, quantized_ops
 from qcompile.passes.smoothing import ChannelObserver, find_smooth_groups
 from qcompile.quantize import mixed
+from qcompile.quantize.bias_correction import ChannelMeanObserver, correction_inputs
 from qcompile.quantize.calibration import CalibrationStats, calibrate, extra_outputs
 from qcompile.quantize.data import Feed, ImageSpec, input_specs, open_calibration, read_labels
 from qcompile.quantize.integer import LowerToIntegerOnly
@@ -260,6 +261,26 @@ def _compile(
     # clone(), not a protobuf round trip: external-data tensors keep their base directory
     fp32_model = graph_model.clone()
 
+    # Bias correction (asked for): needs the FP32 reference taken above, and its own run.
+    bias_records = []
+    if options.bias_correction and pipe.correct_bias is not None and "BiasCorrection" not in skip:
+        axes = correction_inputs(graph_model, plan)
+        if axes:
+            mean_stats = calibrate(
+                graph_model,
+                data,
+                list(axes),
+                lambda t: ChannelMeanObserver(t, axes[t]),
+                ort_backend.runner_factory(threads=options.threads),
+                holdout_every=options.holdout_every,
+                max_batches=options.max_calib_batches,
+                token_mask=token_mask,
+            )
+            means = {t: o.mean for t, o in mean_stats.observers.items() if o.mean is not None}
+            graph_model, bias_records = run_phase(
+                graph_model, "quantize", pipe.correct_bias(plan, means), skip=skip
+            )
+
     # Quantize and lower.
     quantize_passes = pipe.quantize(plan, qparams)
     graph_model, q_records = run_phase(graph_model, "quantize", quantize_passes, skip=skip)
@@ -303,7 +324,7 @@ def _compile(
                 "modified": r.modified,
                 "skipped": r.skipped,
             }
-            for r in (*records, *smooth_records, *q_records, *l_records)
+            for r in (*records, *smooth_records, *bias_records, *q_records, *l_records)
         ],
         quantized_ops=dict(collections.Counter(op_types[n] for n in plan.nodes)),
         skipped_nodes=dict(plan.skipped),
@@ -399,7 +420,7 @@ def _compile_choosing_equalization(
     return best
 
 
-ACCURACY_PASSES = ("CrossLayerEqualization", "SmoothQuant", "FuseForQuantization")
+ACCURACY_PASSES = ("CrossLayerEqualization", "SmoothQuant", "FuseForQuantization", "BiasCorrection")
 
 
 def _pass_effects(model, target, calibration, image_spec, options, result) -> list[dict]:
@@ -846,7 +867,7 @@ def _tensors_of(model: ir.Model, node_name: str) -> set[str]:
     return set()
 
 
-OPTIONAL_QUANTIZE_PASSES = frozenset({"SmoothQuant", "QuantizeEmbeddings"})
+OPTIONAL_QUANTIZE_PASSES = frozenset({"SmoothQuant", "QuantizeEmbeddings", "BiasCorrection"})
 
 
 def _disabled_passes(pipe, options: CompileOptions) -> frozenset[str]:

@@ -101,6 +101,17 @@ def _add_model_options(p: argparse.ArgumentParser) -> None:
         help="also smooth inputs without a foldable producer, inserting a Mul",
     )
     p.add_argument(
+        "--bias-correction",
+        action="store_true",
+        help="correct each biased layer's output mean for weight rounding (one more "
+        "calibration run; helps most with per-tensor, 4-bit or power-of-two weights)",
+    )
+    p.add_argument(
+        "--smooth-shift",
+        action="store_true",
+        help="also centre LayerNorm-fed channels (OS+/RepQ-ViT shift, folded into β and biases)",
+    )
+    p.add_argument(
         "--disable-pass",
         action="append",
         default=[],
@@ -295,6 +306,8 @@ def _options(args: argparse.Namespace, **extra):
         smoothquant=not args.no_smoothquant,
         smooth_alpha=args.smooth_alpha,
         smooth_explicit=args.smooth_explicit,
+        smooth_shift=args.smooth_shift,
+        bias_correction=args.bias_correction,
         token_mask=None if args.token_mask == "none" else args.token_mask,
         disabled_passes=tuple(args.disable_pass),
         integer_only=args.integer_only,
@@ -491,6 +504,9 @@ def cmd_passes(args: argparse.Namespace) -> int:
         print("  rewrite:  " + " → ".join(pass_name(p) for p in pipe.rewrite))
         print(f"  calibrate: {pipe.calibrate.method}")
         print(f"  smooth:   {'SmoothQuant' if pipe.smooth else '(none)'}")
+        if pipe.correct_bias is not None:
+            names = " → ".join(pass_name(p) for p in pipe.correct_bias(QuantPlan(), {}))
+            print(f"  bias:     {names} (with --bias-correction)")
         quantize = pipe.quantize(QuantPlan(), {})  # constructed only, to read the names
         print("  quantize: " + " → ".join(pass_name(p) for p in quantize))
         print("  lower:    " + " → ".join(pass_name(p) for p in pipe.lower))

@@ -119,10 +119,15 @@ class CompileOptions:
     per_channel: bool = True
     quantize_softmax: bool = False
     # SmoothQuant on linear layers fed by a LayerNorm (α searched per group when None);
-    # smooth_explicit also smooths inputs with no foldable producer via an inserted Mul.
+    # smooth_explicit also smooths inputs with no foldable producer via an inserted Mul;
+    # smooth_shift also centres each channel (folded into β and the consumers' biases);
+    # off by default: on MiniLM it moved top-5 agreement 0.935 -> 0.928 (noise level).
     smoothquant: bool = True
     smooth_alpha: float | None = None
     smooth_explicit: bool = False
+    smooth_shift: bool = False
+    # subtract (Q(W) − W)·E[x] from Conv/Gemm/MatMul biases (one more calibration run)
+    bias_correction: bool = False
     # pass names (as `qcompile passes` lists them) to leave out of the pipeline
     disabled_passes: tuple[str, ...] = ()
     exclude: tuple[NodeMatcher, ...] = ()

@@ -6,6 +6,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import onnx_ir as ir
 
 from qcompile.quantize.observers import CalibMethod, Observer, make_observer
@@ -16,6 +17,8 @@ from qcompile.targets.profile import TargetProfile
 QuantizePhase = Callable[[QuantPlan, Mapping[str, QParams]], list[ir.passes.PassBase]]
 # smooth(groups, channel statistics) -> passes; statistics come from a calibration run
 SmoothPhase = Callable[[Sequence[Any], Mapping[str, Any]], list[ir.passes.PassBase]]
+# correct_bias(plan, per-channel input means) -> passes run before quantize (opt-in)
+BiasPhase = Callable[[QuantPlan, Mapping[str, np.ndarray]], list[ir.passes.PassBase]]
 
 
 @dataclass(frozen=True)
@@ -41,3 +44,4 @@ class Pipeline:
     quantize: QuantizePhase
     lower: list[ir.passes.PassBase]
     smooth: SmoothPhase | None = None  # runs between rewrite and calibration
+    correct_bias: BiasPhase | None = None  # runs before quantize when asked

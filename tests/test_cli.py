@@ -53,7 +53,28 @@ def test_bench_and_passes(cnn_path, cnn_calib, tmp_path, capsys):
     )
     assert "median latency" in capsys.readouterr().out
     assert main(["passes"]) == 0
-    assert "InsertQDQ" in capsys.readouterr().out
+    listing = capsys.readouterr().out
+    assert "InsertQDQ" in listing and "BiasCorrection (with --bias-correction)" in listing
+
+
+def test_bias_correction_and_smooth_shift_flags(cnn_path, cnn_calib, tmp_path):
+    out, report = tmp_path / "q.onnx", tmp_path / "r.json"
+    code = compile_cli(
+        cnn_path,
+        cnn_calib,
+        out,
+        "--quiet",
+        "--bench-runs",
+        "0",
+        "--bias-correction",
+        "--smooth-shift",
+        "--report",
+        str(report),
+    )
+    assert code == 0
+    passes = {p["name"]: p for p in json.loads(report.read_text())["passes"]}
+    assert passes["BiasCorrection"]["modified"]
+    onnx.checker.check_model(onnx.load(out), full_check=True)
 
 
 def test_disable_pass(cnn_path, cnn_calib, tmp_path, capsys):

@@ -42,3 +42,20 @@ def values_by_name(graph: ir.Graph) -> dict[str, ir.Value]:
             if out.name:
                 values[out.name] = out
     return values
+
+
+def matmul_bias(node: ir.Node, n_out: int) -> tuple[ir.Node, int] | None:
+    """(Add node, input index) of a MatMul's bias: the Add that alone reads the MatMul's
+    output, with a constant operand of shape [n_out] (or [1, ..., n_out]); None if absent."""
+    out = node.outputs[0]
+    uses = list(out.uses())
+    if len(uses) != 1 or uses[0].node.op_type != "Add" or out.is_graph_output():
+        return None
+    add = uses[0].node
+    other = 1 - uses[0].idx
+    bias = const_array(add.inputs[other])
+    if bias is None or bias.ndim == 0 or bias.shape[-1] != n_out:
+        return None
+    if any(d != 1 for d in bias.shape[:-1]):
+        return None
+    return add, other

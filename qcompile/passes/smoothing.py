@@ -11,9 +11,17 @@ elementwise op in front of the quantizer. (Folding it into a per-channel Quantiz
 (scale σ·s) with a per-tensor DequantizeLinear σ is exact, but ORT's per-axis
 QuantizeLinear measured 6x slower than the Mul it saves on MiniLM, so we do not.)
 
-α is searched per group on calibration rows by the output error of the quantized
-product (SmoothQuant's own recipe), unless fixed. Statistics come from the calibration
-stage as a constructor argument, so the pass stays model → model.
+Channel shift (Outlier Suppression+, the shift half of RepQ-ViT's reparameterization):
+post-LayerNorm channels are not only of different widths but centred at different
+places (β), and one per-tensor zero point cannot centre them all. With δ_j the middle of
+channel j's range, X = X̃·diag(s) + δ: the LayerNorm writes X̃ = (X − δ)/s (β' = (β − δ)/s)
+and every consumer adds δ·W back to its bias (a Gemm's C, or the constant of the Add
+after a MatMul), so FP32 outputs stay the same. A group is shifted only when every
+consumer has such a bias and the shifted product quantizes with less error.
+
+α (and shift or not) is searched per group on calibration rows by the output error of
+the quantized product (SmoothQuant's own recipe), unless fixed. Statistics come from the
+calibration stage as a constructor argument, so the pass stays model → model.
 """
 
 from __future__ import annotations
@@ -25,7 +33,7 @@ from dataclasses import dataclass
 import numpy as np
 import onnx_ir as ir
 
-from qcompile.ir.graph import add_initializer, const_array
+from qcompile.ir.graph import add_initializer, const_array, matmul_bias
 from qcompile.quantize.observers import Observer
 from qcompile.quantize.qparams import QuantSpec, fake_quantize, range_to_qparams
 
@@ -42,11 +50,12 @@ class SmoothGroup:
 
 
 class ChannelObserver(Observer):
-    """Per-channel max|x| over the last axis, plus a bounded random sample of rows."""
+    """Per-channel min/max over the last axis, plus a bounded random sample of rows."""
 
     def __init__(self, name: str = "", max_rows: int = 512, seed: int = 0) -> None:
         super().__init__(name)
-        self.absmax: np.ndarray | None = None
+        self.cmin: np.ndarray | None = None
+        self.cmax: np.ndarray | None = None
         self.rows: np.ndarray | None = None
         self.max_rows = max_rows
         self.seen_rows = 0
@@ -57,8 +66,9 @@ class ChannelObserver(Observer):
         if self.unbounded or x.size == 0:
             return
         rows = np.asarray(x, np.float32).reshape(-1, x.shape[-1])
-        m = np.abs(rows).max(axis=0)
-        self.absmax = m if self.absmax is None else np.maximum(self.absmax, m)
+        lo, hi = rows.min(axis=0), rows.max(axis=0)
+        self.cmin = lo if self.cmin is None else np.minimum(self.cmin, lo)
+        self.cmax = hi if self.cmax is None else np.maximum(self.cmax, hi)
         if self.rows is None:
             self.rows = np.empty((self.max_rows, rows.shape[1]), np.float32)
         # reservoir sampling: a uniform sample of every row seen, in fixed memory
@@ -70,6 +80,18 @@ class ChannelObserver(Observer):
                 if j < self.max_rows:
                     self.rows[j] = row
             self.seen_rows += 1
+
+    @property
+    def absmax(self) -> np.ndarray | None:
+        if self.cmin is None or self.cmax is None:
+            return None
+        return np.maximum(np.abs(self.cmin), np.abs(self.cmax))
+
+    @property
+    def center(self) -> np.ndarray:
+        """Middle of each channel's range: the shift δ that centres it on zero."""
+        assert self.cmin is not None and self.cmax is not None
+        return ((self.cmin.astype(np.float64) + self.cmax) / 2.0).astype(np.float32)
 
     @property
     def sample(self) -> np.ndarray:
@@ -153,7 +175,8 @@ def quantized_product_error(
 
 
 class SmoothQuant(ir.passes.InPlacePass):
-    """Fold per-channel smoothing scales into LayerNorm (or an explicit Mul) and weights.
+    """Fold per-channel smoothing scales (and shifts) into LayerNorm or an explicit Mul,
+    the scales into the consumers' weights and the shifts into their biases.
 
     Requires: channel statistics for every group's activation.
     Ensures: FP32 outputs unchanged up to float rounding.
@@ -166,6 +189,7 @@ class SmoothQuant(ir.passes.InPlacePass):
         act_spec: QuantSpec,
         weight_spec: QuantSpec,
         alpha: float | None = None,
+        shift: bool = True,
     ) -> None:
         super().__init__()
         self.groups = list(groups)
@@ -173,7 +197,9 @@ class SmoothQuant(ir.passes.InPlacePass):
         self.act_spec = act_spec
         self.weight_spec = weight_spec
         self.alpha = alpha
+        self.shift = shift
         self.chosen: dict[str, float] = {}  # activation -> alpha used
+        self.shifted: set[str] = set()  # activations whose channels were centred
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         graph = model.graph
@@ -185,39 +211,54 @@ class SmoothQuant(ir.passes.InPlacePass):
                 continue
             consumers = [nodes[c] for c in group.consumers]
             weights = [_weight_rows(c) for c in consumers]
-            alpha, s = self._choose(obs, weights)
+            slots = [_bias_slot(c) for c in consumers]
+            can_shift = self.shift and group.producer is not None and None not in slots
+            alpha, s, delta = self._choose(obs, weights, can_shift)
             self.chosen[group.activation] = alpha
-            smoothed = self._smoothed_input(graph, nodes, group, s)
-            for consumer in consumers:
+            smoothed = self._smoothed_input(graph, nodes, group, s, delta)
+            for consumer, w, slot in zip(consumers, weights, slots, strict=True):
+                if delta is not None:
+                    _add_to_bias(
+                        graph, consumer, slot, (delta.astype(np.float64) @ w).astype(np.float32)
+                    )
                 self._scale_weight(graph, consumer, s)
                 consumer.replace_input_with(0, smoothed)
+            if delta is not None:
+                self.shifted.add(group.activation)
             modified = True
         if modified:
             graph.sort()
         return ir.passes.PassResult(model, modified)
 
-    def _choose(self, obs: ChannelObserver, weights: list[np.ndarray]) -> tuple[float, np.ndarray]:
-        if self.alpha is not None:
-            return self.alpha, smoothing_scales(obs.absmax, weights, self.alpha)
+    def _choose(
+        self, obs: ChannelObserver, weights: list[np.ndarray], can_shift: bool
+    ) -> tuple[float, np.ndarray, np.ndarray | None]:
+        """(α, s, δ or None) with the least quantized-product error on the sample rows;
+        doing nothing is a candidate too, so the pass never makes a group worse."""
         w = np.concatenate(weights, axis=1).astype(np.float32)
-        ref = obs.sample @ w
-
-        def error(s: np.ndarray) -> float:
-            return quantized_product_error(obs.sample, w, ref, s, self.act_spec, self.weight_spec)
-
+        alphas = ALPHA_GRID if self.alpha is None else (self.alpha,)
+        shifts: list[np.ndarray | None] = [None, obs.center] if can_shift else [None]
         best = None
-        for alpha in ALPHA_GRID:
-            s = smoothing_scales(obs.absmax, weights, alpha)
-            err = error(s)
-            if best is None or err < best[0]:
-                best = (err, alpha, s)
-        none = error(np.ones_like(best[2]))  # never worse than not smoothing at all
-        if none <= best[0]:
-            return 0.0, np.ones_like(best[2])
-        return best[1], best[2]
+        for delta in shifts:
+            rows = obs.sample if delta is None else obs.sample - delta
+            width = obs.absmax if delta is None else (obs.cmax - obs.cmin) / 2.0
+            ref = rows @ w
+            candidates = [(a, smoothing_scales(width, weights, a)) for a in alphas]
+            if self.alpha is None:
+                candidates.append((0.0, np.ones(w.shape[0], np.float32)))
+            for alpha, s in candidates:
+                err = quantized_product_error(rows, w, ref, s, self.act_spec, self.weight_spec)
+                if best is None or err < best[0]:
+                    best = (err, alpha, s, delta)
+        return best[1], best[2], best[3]
 
     def _smoothed_input(
-        self, graph: ir.Graph, nodes: dict[str, ir.Node], group: SmoothGroup, s: np.ndarray
+        self,
+        graph: ir.Graph,
+        nodes: dict[str, ir.Node],
+        group: SmoothGroup,
+        s: np.ndarray,
+        delta: np.ndarray | None,
     ) -> ir.Value:
         x = next(out for n in graph for out in n.outputs if out.name == group.activation)
         inv = (1.0 / s).astype(np.float32)
@@ -234,7 +275,8 @@ class SmoothQuant(ir.passes.InPlacePass):
             const_array(ln.inputs[2]).astype(np.float32)
             if len(ln.inputs) > 2 and ln.inputs[2] is not None
             else np.zeros_like(gamma)
-        ) * inv
+        )
+        beta = (beta if delta is None else beta - delta) * inv
         g = add_initializer(graph, f"{ln.name}_smooth_gamma", gamma)
         b = add_initializer(graph, f"{ln.name}_smooth_beta", beta)
         others = [u for u in x.uses() if u.node.name not in group.consumers]
@@ -267,3 +309,29 @@ class SmoothQuant(ir.passes.InPlacePass):
         node.replace_input_with(
             1, add_initializer(graph, f"{node.inputs[1].name}_smoothed", scaled)
         )
+
+
+def _bias_slot(node: ir.Node) -> tuple[ir.Node, int] | None:
+    """Where the consumer's bias lives: (node, input index) of a Gemm's C, or of the
+    constant operand of the Add that alone reads a MatMul's output; None if it has none."""
+    if node.op_type == "Gemm":
+        if node.attributes.get_float("beta", 1.0) == 0.0:
+            return None
+        c = node.inputs[2] if len(node.inputs) > 2 else None
+        return (node, 2) if c is None or const_array(c) is not None else None
+    return matmul_bias(node, _weight_rows(node).shape[1])
+
+
+def _add_to_bias(graph: ir.Graph, node: ir.Node, slot: tuple[ir.Node, int], dw: np.ndarray) -> None:
+    """bias += δ·W (scaled by α/β for a Gemm: Y = α·A·B + β·C)."""
+    owner, idx = slot
+    if owner.op_type == "Gemm":
+        alpha = owner.attributes.get_float("alpha", 1.0)
+        beta = owner.attributes.get_float("beta", 1.0)
+        dw = dw * np.float32(alpha / beta)
+    old = const_array(owner.inputs[idx]) if idx < len(owner.inputs) else None
+    bias = dw if old is None else (old.astype(np.float32) + dw).astype(old.dtype)
+    name = owner.inputs[idx].name if old is not None else f"{node.name}_bias"
+    if idx >= len(owner.inputs):
+        owner.resize_inputs(idx + 1)
+    owner.replace_input_with(idx, add_initializer(graph, f"{name}_shifted", bias))

@@ -15,7 +15,8 @@ from qcompile.passes.canonicalize import canonicalize
 from qcompile.passes.equalization import CrossLayerEqualization
 from qcompile.passes.fusion import FuseForQuantization
 from qcompile.passes.smoothing import SmoothQuant
-from qcompile.pipeline import Calibration, Pipeline, QuantizePhase, SmoothPhase
+from qcompile.pipeline import BiasPhase, Calibration, Pipeline, QuantizePhase, SmoothPhase
+from qcompile.quantize.bias_correction import BiasCorrection
 from qcompile.quantize.embeddings import QuantizeEmbeddings
 from qcompile.quantize.integer import LowerToIntegerOnly
 from qcompile.quantize.qdq import InsertQDQ
@@ -49,8 +50,21 @@ def rewrite() -> list[ir.passes.PassBase]:
 
 def smooth(profile: TargetProfile, options: CompileOptions) -> SmoothPhase:
     return lambda groups, stats: [
-        SmoothQuant(groups, stats, profile.activation, profile.weight, options.smooth_alpha)
+        SmoothQuant(
+            groups,
+            stats,
+            profile.activation,
+            profile.weight,
+            options.smooth_alpha,
+            shift=options.smooth_shift,
+        )
     ]
+
+
+def correct_bias(profile: TargetProfile) -> BiasPhase:
+    """--bias-correction: fold (Q(W) − W)·E[x] out of the biases before QDQ insertion,
+    so the int32 biases InsertQDQ writes carry the correction."""
+    return lambda plan, means: [BiasCorrection(plan, means, profile.weight)]
 
 
 def quantize(profile: TargetProfile, options: CompileOptions) -> QuantizePhase:
@@ -86,6 +100,7 @@ def pipeline(options: CompileOptions, profile: TargetProfile = PROFILE) -> Pipel
         rewrite=rewrite(),
         smooth=smooth(profile, options),
         calibrate=Calibration(options.calib_method, options.percentile),
+        correct_bias=correct_bias(profile),
         quantize=quantize(profile, options),
         lower=lower(options),
     )

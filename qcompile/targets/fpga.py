@@ -52,6 +52,7 @@ def pipeline(options: CompileOptions, profile: TargetProfile | None = None) -> P
         profile=profile,
         rewrite=cpu.rewrite(),
         calibrate=Calibration(options.calib_method, options.percentile),
+        correct_bias=cpu.correct_bias(profile),
         quantize=lambda plan, qparams: [InsertQDQ(plan, qparams, profile)],
         lower=cpu.lower(integer),
     )

@@ -39,6 +39,7 @@ def pipeline(options: CompileOptions, profile: TargetProfile = PROFILE) -> Pipel
         rewrite=cpu.rewrite(),
         smooth=cpu.smooth(profile, options),
         calibrate=Calibration(options.calib_method, options.percentile),
+        correct_bias=cpu.correct_bias(profile),
         quantize=cpu.quantize(profile, options),
         lower=cpu.lower(options),
     )
