@@ -31,6 +31,7 @@ import numpy as np
 import onnxruntime as ort
 
 from models import datasets, zoo
+from qcompile.backends import ort as ort_backend
 
 HERE = Path(__file__).parent
 logger = logging.getLogger("benchmarks.compare")
@@ -155,9 +156,7 @@ def _bit_exact(path: Path, feed) -> bool:
 
     from qcompile.quantize.reference import run_reference
 
-    opts = ort.SessionOptions()
-    opts.add_session_config_entry("session.disable_quant_qdq", "1")
-    sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    sess = ort_backend.make_session(path, qdq_fusions=False)
     ours = run_reference(onnx.load(str(path)), feed)
     return all(np.array_equal(a, b) for a, b in zip(sess.run(None, feed), ours, strict=True))
 

@@ -36,8 +36,10 @@ def _sqnr(ref: np.ndarray, got: np.ndarray) -> float:
     return float("inf") if noise == 0 else 10 * np.log10(float(np.sum(ref**2)) / noise)
 
 
-def _ort_ms(model, feed, threads: int, runs: int) -> tuple[float, list[np.ndarray]]:
-    sess = ort_backend.make_session(model, threads=threads)
+def _ort_ms(
+    model, feed, threads: int, runs: int, qdq_fusions: bool = True
+) -> tuple[float, list[np.ndarray]]:
+    sess = ort_backend.make_session(model, threads=threads, qdq_fusions=qdq_fusions)
     out = sess.run(None, dict(feed))
     return ort_backend.bench({"m": sess}, feed, runs=runs)["m"], out
 
@@ -61,7 +63,9 @@ def measure(name: str, threads: int, runs: int, tune: bool, trials: int) -> list
         integer_only=True,
         input_shapes=shapes,
     )
-    _, integer_out = _ort_ms(integer.model, feed, threads, 1)
+    # the integer-only graph's own semantics: ORT's QDQ fusions would rewrite its float
+    # islands (Softmax, LayerNorm) into fused kernels that round differently
+    _, integer_out = _ort_ms(integer.model, feed, threads, 1, qdq_fusions=False)
     builds = [("TVM llvm untuned, FP32", str(path), fp32_out, 0)]
     builds.append(("TVM llvm untuned, qcompile integer-only", integer.model, integer_out, 0))
     if tune:

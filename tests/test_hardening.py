@@ -14,6 +14,7 @@ from hypothesis import HealthCheck, given, settings
 
 import qcompile
 from models import builders
+from qcompile.backends.ort import make_session
 from qcompile.errors import QCompileError
 from qcompile.quantize.reference import run_reference
 from tests.conftest import FAST, sha256
@@ -22,11 +23,7 @@ from tests.test_passes import random_graph
 
 def _run(model, feed, disable_qdq_fusion: bool = False):
     proto = model if isinstance(model, onnx.ModelProto) else ir.to_proto(model)
-    opts = ort.SessionOptions()
-    if disable_qdq_fusion:
-        opts.add_session_config_entry("session.disable_quant_qdq", "1")
-    sess = ort.InferenceSession(proto.SerializeToString(), opts, providers=["CPUExecutionProvider"])
-    return sess.run(None, feed)
+    return make_session(proto, qdq_fusions=not disable_qdq_fusion).run(None, feed)
 
 
 def _vad_feeds(n: int = 10) -> list[dict]:

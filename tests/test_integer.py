@@ -12,6 +12,7 @@ from onnx import numpy_helper
 
 import qcompile
 from models import builders
+from qcompile.backends.ort import make_session
 from qcompile.errors import QCompileError
 from qcompile.quantize.dyadic import Dyadic, requantize, to_dyadic
 from qcompile.quantize.integer import OutQuant, _Emitter, float_ops_between
@@ -22,10 +23,7 @@ I32_MIN, I32_MAX = -(2**31), 2**31 - 1
 
 
 def _session(proto: onnx.ModelProto, disable_qdq_fusion: bool = False) -> ort.InferenceSession:
-    opts = ort.SessionOptions()
-    if disable_qdq_fusion:
-        opts.add_session_config_entry("session.disable_quant_qdq", "1")
-    return ort.InferenceSession(proto.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+    return make_session(proto, qdq_fusions=not disable_qdq_fusion)
 
 
 def _python_requantize(acc: int, m: int, s: int, zp: int, lo: int, hi: int) -> int:

@@ -88,10 +88,16 @@ def session_options(
     threads: int | None = None,
     opt_level: OptLevel = OptLevel.ORT_ENABLE_ALL,
     optimized_model_path: str | None = None,
+    qdq_fusions: bool = True,
 ) -> ort.SessionOptions:
+    """qdq_fusions=False runs a graph exactly as written: ORT's QDQ fusions rewrite
+    DequantizeLinear → float op → QuantizeLinear islands into its own integer kernels,
+    which round differently from the float ops an integer-only graph spells out."""
     opts = ort.SessionOptions()
     opts.graph_optimization_level = opt_level
     opts.log_severity_level = 3
+    if not qdq_fusions:
+        opts.add_session_config_entry("session.disable_quant_qdq", "1")
     if threads:
         opts.intra_op_num_threads = threads
         opts.inter_op_num_threads = 1
@@ -110,6 +116,7 @@ def make_session(
     threads: int | None = None,
     opt_level: OptLevel = OptLevel.ORT_ENABLE_ALL,
     optimized_model_path: str | None = None,
+    qdq_fusions: bool = True,
 ) -> ort.InferenceSession:
     """An InferenceSession for an in-memory or on-disk model.
 
@@ -117,7 +124,7 @@ def make_session(
     (`add_external_initializers`), so building a session neither copies the weights into a
     protobuf nor hits protobuf's 2 GB limit.
     """
-    opts = session_options(threads, opt_level, optimized_model_path)
+    opts = session_options(threads, opt_level, optimized_model_path, qdq_fusions)
     usable = [p for p in providers if p in available_providers()] or ["CPUExecutionProvider"]
     if isinstance(model, (str, os.PathLike)):
         return _new_session(str(model), opts, usable)
