@@ -47,13 +47,26 @@ def _build(model):
     return tvm_backend.TVMRunner(executable, names), mod
 
 
+def _compute_lines(mod) -> list[str]:
+    """The Relax module's convolutions and matrix products."""
+    return [
+        line for line in mod.script().splitlines() if "R.nn.conv2d(" in line or "R.matmul(" in line
+    ]
+
+
 def test_fp32_and_qdq_models_match_onnx_runtime(feeds):
     fp32 = builders.cnn(size=32)
     qdq = qcompile.compile(fp32, calibration=feeds, **FAST).model
     for model, floor in ((fp32, 80.0), (qdq, 40.0)):
-        runner, _ = _build(model)
+        runner, mod = _build(model)
         for feed in feeds[:2]:
             assert _sqnr(_ort(model, feed)[0], runner.run(feed)[0]) > floor
+    # the QDQ graph was lowered to integer ops before import: int32 compute, not
+    # dequantize → float conv → quantize
+    compute = _compute_lines(mod)
+    assert compute and all('dtype="int32"' in line for line in compute), compute
+    _, float_mod = tvm_backend.compile_model(qdq, input_shapes=SHAPES, integer_compute=False)[1:]
+    assert not any('dtype="int32"' in line for line in _compute_lines(float_mod))
 
 
 @pytest.mark.parametrize("build", [lambda: builders.cnn(size=32), builders.mlp])
@@ -71,9 +84,7 @@ def test_integer_only_models_are_bit_exact_and_compute_in_integers(build, feeds)
     for feed in data[:3]:
         np.testing.assert_array_equal(runner.run(feed)[0], _ort(integer, feed)[0])
     # every convolution / matrix product runs on int32, none on dequantized floats
-    compute = [
-        line for line in mod.script().splitlines() if "R.nn.conv2d(" in line or "R.matmul(" in line
-    ]
+    compute = _compute_lines(mod)
     assert compute and all('dtype="int32"' in line for line in compute), compute
 
 

@@ -3,7 +3,10 @@ running, export.
 
 - `prepare`: our own pre-lowering passes: every dynamic input dim pinned (the Relax ONNX
   frontend cannot emit ops on unknown shapes: "emit_te only supports Tensor that has
-  ShapeExpr shape"), constants folded, com.microsoft Gelu written as ONNX Gelu.
+  ShapeExpr shape"), constants folded, com.microsoft Gelu written as ONNX Gelu, and QDQ
+  graphs lowered to integer-only ops (our LowerToIntegerOnly): the frontend imports a
+  DequantizeLinear → Conv → QuantizeLinear chain as a float conv between a dequantize and
+  a quantize, so without this a QDQ model would compute in float.
 - `import_relax`: the Relax ONNX frontend, plus a ConvInteger converter it lacks (int32
   convolution of zero-point-centred integers, the ONNX definition), so integer-only
   graphs lower to integer compute.
@@ -82,14 +85,19 @@ def cuda_available() -> bool:
 def prepare(
     model: ir.Model | onnx.ModelProto | str | os.PathLike,
     input_shapes: Mapping[str, Sequence[int]] | None = None,
+    *,
+    integer_compute: bool = True,
 ) -> tuple[onnx.ModelProto, dict[str, list[int]]]:
-    """Pin shapes, fold constants, use standard ops; returns the proto and the shapes."""
+    """Pin shapes, fold constants, use standard ops, QDQ → integer ops (unless
+    integer_compute=False); returns the proto and the shapes."""
     from qcompile.ir.io import load_model
     from qcompile.ir.shapes import infer_shapes, pin_input_shapes
     from qcompile.passes.canonicalize import canonicalize
     from qcompile.passes.manager import run_phase
 
     model = load_model(model)  # a copy: the caller's graph or file is never touched
+    if integer_compute:
+        lower_qdq(model)
     shapes = {k: list(v) for k, v in (input_shapes or {}).items()}
     for value in model.graph.inputs:
         if value.name in shapes:
@@ -115,6 +123,23 @@ def prepare(
     _fold_constant_of_shape(model)
     infer_shapes(model)
     return ir.to_proto(model), shapes
+
+
+def lower_qdq(model: ir.Model) -> int:
+    """Lower a QDQ graph's DQ → op → Q chains to integer ops in place; returns how many
+    ops became integer (0 for FP32 or already integer-only graphs). Ops with no integer
+    form stay float between their quantizers, as in `--integer-only`."""
+    from qcompile.quantize.integer import LowerToIntegerOnly
+
+    if not any(n.op_type == "DequantizeLinear" for n in model.graph):
+        return 0
+    model.graph.sort()
+    lowering = LowerToIntegerOnly()
+    lowering(model)
+    count = sum(lowering.lowered.values())
+    if count:
+        logger.info("TVM: %d QDQ ops lowered to integer ops (%s)", count, dict(lowering.lowered))
+    return count
 
 
 def _fold_constant_of_shape(model: ir.Model) -> None:
@@ -335,9 +360,10 @@ def compile_model(
     input_shapes: Mapping[str, Sequence[int]] | None = None,
     tune_trials: int = 0,
     work_dir: str | os.PathLike | None = None,
+    integer_compute: bool = True,
 ):
     """prepare → import → build; returns (executable, input names, Relax module)."""
-    proto, shapes = prepare(model, input_shapes)
+    proto, shapes = prepare(model, input_shapes, integer_compute=integer_compute)
     mod = import_relax(proto, shapes)
     executable = build(mod, target or host_target(), tune_trials=tune_trials, work_dir=work_dir)
     return executable, [v.name for v in proto.graph.input], mod
