@@ -46,6 +46,7 @@ def cnn_calib(tmp_path: Path) -> Path:
 
 
 FAST = {"progress": False, "bench_runs": 0}
+QUIET = ("--quiet", "--bench-runs", "0")  # the CLI's equivalent of FAST
 
 
 def compile_cli(model, calib, out, *extra) -> int:

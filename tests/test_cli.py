@@ -6,7 +6,7 @@ import onnx
 import onnxruntime as ort
 
 from qcompile.cli import main
-from tests.conftest import compile_cli, sha256
+from tests.conftest import QUIET, compile_cli, sha256
 
 
 def test_compile_writes_model_and_report(cnn_path, cnn_calib, tmp_path, capsys):
@@ -46,7 +46,7 @@ def test_inspect_explains_decisions(cnn_path, capsys):
 
 def test_bench_and_passes(cnn_path, cnn_calib, tmp_path, capsys):
     out = tmp_path / "q.onnx"
-    assert compile_cli(cnn_path, cnn_calib, out, "--quiet", "--bench-runs", "0") == 0
+    assert compile_cli(cnn_path, cnn_calib, out, *QUIET) == 0
     assert (
         main(["bench", str(cnn_path), str(out), "--input-shape", "input=1,3,32,32", "--runs", "3"])
         == 0
@@ -59,18 +59,8 @@ def test_bench_and_passes(cnn_path, cnn_calib, tmp_path, capsys):
 
 def test_bias_correction_and_smooth_shift_flags(cnn_path, cnn_calib, tmp_path):
     out, report = tmp_path / "q.onnx", tmp_path / "r.json"
-    code = compile_cli(
-        cnn_path,
-        cnn_calib,
-        out,
-        "--quiet",
-        "--bench-runs",
-        "0",
-        "--bias-correction",
-        "--smooth-shift",
-        "--report",
-        str(report),
-    )
+    flags = ("--bias-correction", "--smooth-shift", "--report", str(report))
+    code = compile_cli(cnn_path, cnn_calib, out, *QUIET, *flags)
     assert code == 0
     passes = {p["name"]: p for p in json.loads(report.read_text())["passes"]}
     assert passes["BiasCorrection"]["modified"]
@@ -100,19 +90,8 @@ def test_disable_pass(cnn_path, cnn_calib, tmp_path, capsys):
     else:
         raise AssertionError("unknown pass name accepted")
     out = tmp_path / "q.onnx"
-    assert (
-        compile_cli(
-            cnn_path,
-            cnn_calib,
-            out,
-            "--quiet",
-            "--bench-runs",
-            "0",
-            "--disable-pass",
-            "FuseForQuantization",
-        )
-        == 0
-    )
+    flags = ("--disable-pass", "FuseForQuantization")
+    assert compile_cli(cnn_path, cnn_calib, out, *QUIET, *flags) == 0
 
 
 def test_bundled_example_compiles_as_the_readme_says(tmp_path):
