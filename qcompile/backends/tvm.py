@@ -262,6 +262,18 @@ def build(
         work_dir = str(work_dir or Path.home() / ".cache" / "qcompile" / "tvm-tuning")
         os.makedirs(work_dir, exist_ok=True)
         mod = _tune(relax.transform.LegalizeOps()(mod), tvm_target, work_dir, tune_trials)
+    else:
+        # dlight's CPU rules (GEMV, reductions: parallel + vectorized); dlight has none for
+        # convolutions or matrix products on CPUs, which stay plain loops until tuned
+        from tvm.s_tir import dlight as dl
+
+        with tvm_target:
+            mod = tvm.ir.transform.Sequential(
+                [
+                    relax.transform.LegalizeOps(),
+                    dl.ApplyDefaultSchedule(dl.cpu.GEMV(), dl.cpu.Reduction()),
+                ]
+            )(mod)
     return tvm.compile(mod, target=tvm_target)
 
 
