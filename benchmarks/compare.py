@@ -142,6 +142,18 @@ def _qcompile(target: str, method: str, **options) -> Callable:
     return run
 
 
+def _attention(**options) -> Callable:
+    """An fpga row for models with attention (a Softmax feeding a MatMul): MiniLM."""
+    run = _qcompile("fpga", "mse", pow2_scales=False, **options)
+
+    def attention_only(src: Path, dst: Path, task) -> dict:
+        if task.name != "minilm":
+            raise _Skip
+        return run(src, dst, task)
+
+    return attention_only
+
+
 def _common_shapes(task) -> dict[str, tuple[int, ...]] | None:
     feeds = [*task.calibration, *task.evaluation, task.bench_feed]
     shapes = {k: tuple(v.shape) for k, v in feeds[0].items()}
@@ -184,6 +196,13 @@ def configs(quick: bool) -> dict[str, Callable]:
         )
         out["qcompile fpga (w4a8, float scales, bias correction)"] = _qcompile(
             "fpga", "mse", pow2_scales=False, weight_bits=4, bias_correction=True
+        )
+        # attention probabilities at 4 bits: log2 (shift-add attention·V) vs uniform
+        out["qcompile fpga (w8a8, float scales, log2 4-bit attention probs)"] = _attention(
+            softmax_log2_bits=4
+        )
+        out["qcompile fpga (w8a8, float scales, uniform 4-bit attention probs)"] = _attention(
+            overrides=("op:Where:activation_bits=4",)  # BERT masks the Softmax with a Where
         )
     out[f"qcompile cpu (mixed precision, <= {MIXED_DROP:.1%} drop)"] = _mixed("cpu", "accuracy")
     out[f"qcompile cpu (mixed precision, <= {MIXED_DROP:.1%} top-1 changes)"] = _mixed(

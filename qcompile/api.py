@@ -460,6 +460,11 @@ def _compile_mixed(
 ) -> CompileResult:
     """Mixed precision under a budget (qcompile.quantize.mixed): compile all-INT8 once,
     measure per-layer sensitivity and cost, solve, verify, repair, compile the choice."""
+    if options.softmax_log2_bits is not None:
+        raise QCompileError(
+            "mixed precision does not model the log2 Softmax quantizer yet",
+            hint="drop --softmax-log2, or search without a budget",
+        )
     start = time.perf_counter()
     plain = dataclasses.replace(
         options,
@@ -743,6 +748,12 @@ def _kept_as_is(
 def _check_bit_widths(profile, options: CompileOptions) -> None:
     if profile.name == "fpga":
         return
+    if options.softmax_log2_bits is not None:
+        raise QCompileError(
+            f"a log2 Softmax quantizer needs shift arithmetic, which '{profile.name}' "
+            "(ONNX Runtime's kernels) does not run",
+            hint="compile with --target fpga",
+        )
     asked = options.weight_bits != 8 or options.activation_bits != 8
     asked |= any(o.weight_bits or o.activation_bits for o in options.overrides)
     if asked:

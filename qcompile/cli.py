@@ -62,6 +62,13 @@ def _add_model_options(p: argparse.ArgumentParser) -> None:
         "--activation-bits", type=int, default=8, help="FPGA target: activation bits (2-8)"
     )
     p.add_argument(
+        "--softmax-log2",
+        type=int,
+        metavar="BITS",
+        default=None,
+        help="FPGA target: log2 quantizer (2-4 bits) on Softmax outputs feeding a MatMul",
+    )
+    p.add_argument(
         "--float-scales",
         action="store_true",
         help="FPGA target: float scales (dyadic requantization) instead of powers of two",
@@ -313,6 +320,7 @@ def _options(args: argparse.Namespace, **extra):
         integer_only=args.integer_only,
         already_quantized=args.already_quantized,
         weight_bits=args.weight_bits,
+        softmax_log2_bits=args.softmax_log2,
         activation_bits=args.activation_bits,
         pow2_scales=not args.float_scales,
         fpga_macs_per_cycle=args.fpga_macs_per_cycle,

@@ -164,6 +164,9 @@ class CompileOptions:
     weight_bits: int = 8
     activation_bits: int = 8
     pow2_scales: bool = True
+    # FPGA target: Softmax outputs read by a MatMul (attention probabilities) get a log2
+    # quantizer of this many bits (2-4), so attention·V is a shift-add (RepQ-ViT)
+    softmax_log2_bits: int | None = None
     # FPGA cost model: 8x8-bit MACs per cycle the fabric budget fits, and its clock
     fpga_macs_per_cycle: int = 256
     fpga_clock_mhz: float = 200.0
@@ -209,6 +212,11 @@ class CompileOptions:
             )
         _check_bits(self.weight_bits, "weight_bits")
         _check_bits(self.activation_bits, "activation_bits")
+        if self.softmax_log2_bits is not None and self.softmax_log2_bits not in (2, 3, 4):
+            raise QCompileError(
+                f"softmax_log2_bits must be 2, 3 or 4, got {self.softmax_log2_bits}",
+                hint="4 bits keep probabilities down to 2^-14; more would need more thresholds",
+            )
         if self.fpga_macs_per_cycle < 1 or self.fpga_clock_mhz <= 0:
             raise QCompileError("fpga_macs_per_cycle and fpga_clock_mhz must be positive")
         if self.max_accuracy_drop is not None and not 0.0 <= self.max_accuracy_drop < 1.0:

@@ -37,6 +37,7 @@ import onnx_ir.passes.common as common_passes
 
 from qcompile.ir.graph import const_array
 from qcompile.quantize.dyadic import Dyadic, shift_constants, to_dyadic
+from qcompile.quantize.log2 import levels, log2_codes, power_table
 from qcompile.targets.profile import PASSTHROUGH_OPS
 
 logger = logging.getLogger(__name__)
@@ -400,7 +401,23 @@ class LowerToIntegerOnly(ir.passes.InPlacePass):
         return self._linear(node, emit, graph, transpose_b=bool(a.get_int("transB", 0)))
 
     def _matmul(self, node: ir.Node, emit: _Emitter, graph: ir.Graph) -> str | None:
+        if log2_codes(node.inputs[0]) is not None:
+            return self._log2_matmul(node, emit, graph)
         return self._linear(node, emit, graph, transpose_b=False)
+
+    def _log2_matmul(self, node: ir.Node, emit: _Emitter, graph: ir.Graph) -> str | None:
+        """p̂·V with log2-coded p̂: Σ_k 2^(S−c_k)·(v_k − z) in int32, at scale 2^−S·s_v
+        (log2.py): the powers of two come from a lookup table on the codes."""
+        codes, bits = log2_codes(node.inputs[0])
+        v = self._int_view(node.inputs[1])
+        if not isinstance(v, IntAct):
+            return "second input not quantized per tensor"
+        table = emit.const("log2_powers", power_table(bits))
+        index = emit.cast(codes, ir.DataType.INT64, "log2_index")
+        powers = emit.op("Gather", [table, index], ir.DataType.INT32, "log2_powers_of_codes")
+        centered = emit.centered(v, ir.DataType.INT32, "v")
+        acc = emit.op("MatMul", [powers, centered], ir.DataType.INT32, "acc")
+        return self._close(node, emit, graph, acc, v.scale * 2.0 ** -(levels(bits) - 1), (), -1)
 
     def _linear(
         self, node: ir.Node, emit: _Emitter, graph: ir.Graph, *, transpose_b: bool

@@ -79,6 +79,8 @@ class QuantPlan:
     tensor_bits: dict[str, int] = field(default_factory=dict)
     # MatMuls that get INT4 block weights and FP32 activations instead (MatMulNBits)
     int4_nodes: set[str] = field(default_factory=set)
+    # post-Softmax tensors with a log2 quantizer (fpga): tensor -> bits
+    log2_tensors: dict[str, int] = field(default_factory=dict)
 
     @property
     def calibrated_tensors(self) -> list[str]:
@@ -386,7 +388,32 @@ def build_plan(
                     override.calib_method or options.calib_method,
                     override.percentile or options.percentile,
                 )
+
+    # 7. Attention probabilities: the first input of a two-activation MatMul that comes
+    # from a Softmax gets a log2 quantizer when asked (fpga).
+    if options.softmax_log2_bits is not None:
+        for node in nodes:
+            if node.op_type != "MatMul" or node.name not in plan.nodes:
+                continue
+            probs = node.inputs[0]
+            if _const(node.inputs[1]) is not None or probs.name not in plan.tensors:
+                continue
+            if plan.tensors[probs.name] == probs.name and _after_softmax(probs):
+                plan.log2_tensors[probs.name] = options.softmax_log2_bits
     return plan
+
+
+def _after_softmax(value: ir.Value, depth: int = 4) -> bool:
+    """Produced by a Softmax, directly or through masking/layout ops (BERT's Where)."""
+    producer = value.producer()
+    if producer is None or depth == 0:
+        return False
+    if producer.op_type == "Softmax":
+        return True
+    if producer.op_type in ("Where", "Reshape", "Transpose", "Identity", "Cast"):
+        data = producer.inputs[1:] if producer.op_type == "Where" else producer.inputs[:1]
+        return any(v is not None and _after_softmax(v, depth - 1) for v in data)
+    return False
 
 
 CONTROL_FLOW_OPS = frozenset({"If", "Loop", "Scan"})

@@ -19,6 +19,7 @@ import onnx_ir as ir
 
 from qcompile.errors import QCompileError
 from qcompile.ir.graph import add_initializer, values_by_name
+from qcompile.quantize.log2 import insert_log2_pair
 from qcompile.quantize.observers import weight_qparams
 from qcompile.quantize.plan import QuantPlan
 from qcompile.quantize.qparams import QParams, quantize
@@ -140,6 +141,14 @@ class InsertQDQ(ir.passes.InPlacePass):
                 array = value.const_value.numpy().astype(np.float32)
                 dq_out = self._quantize_weight(graph, names, value, array, qp)
                 q_out = None
+            elif tensor in self.plan.log2_tensors:
+                q_out, dq_out = insert_log2_pair(
+                    graph,
+                    value,
+                    self.plan.log2_tensors[tensor],
+                    names.make,
+                    lambda base, array: self._initializer(graph, names, base, array),
+                )
             else:
                 q_out, dq_out = self._qdq_pair(graph, names, value, qp)
                 q_outputs[tensor] = q_out
