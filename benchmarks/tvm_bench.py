@@ -5,9 +5,9 @@
 For each model: ORT FP32, ORT running qcompile's CPU INT8 model, and TVM (llvm, this CPU's
 own -mcpu) building, untuned, the FP32 model, the CPU INT8 QDQ model (which TVM's
 pre-lowering turns into integer ops) and qcompile's integer-only model (ops with no
-integer form left as float islands); then the FP32 and INT8 models tuned with
-MetaSchedule (`--tune-trials`, database in a scratch dir) on the models named by
-`--tune`. Parity compares TVM with ORT running the same graph: the FP32 and QDQ models
+integer form left as float islands); then the FP32 model tuned with MetaSchedule
+(`--tune-trials` over its convolution and matrix-product tasks, database in a scratch
+dir) on the models named by `--tune`. Parity compares TVM with ORT running the same graph: the FP32 and QDQ models
 as ORT deploys them, the integer-only graph as written (QDQ fusions off), which is the
 graph's own semantics, so there "bit-exact" is expected. Latency: median of `--runs`
 runs of the model's benchmark feed. Writes benchmarks/TVM.md, which compare.py folds
@@ -78,7 +78,6 @@ def measure(name: str, threads: int, runs: int, tune: bool, trials: int) -> list
     ]
     if tune:
         builds.append((f"TVM llvm tuned ({trials} trials), FP32", str(path), fp32_out, trials))
-        builds.append((f"TVM llvm tuned ({trials} trials), {qdq}", int8.model, int8_out, trials))
     for label, model, reference, n in builds:
         t0 = time.perf_counter()
         try:
