@@ -39,7 +39,10 @@ from qcompile.quantize.qparams import QuantSpec, fake_quantize, range_to_qparams
 
 logger = logging.getLogger(__name__)
 
-ALPHA_GRID = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
+# α = 1 is RepQ-ViT's scale reparameterization: s_j ∝ channel j's range, so per-tensor
+# quantization of X/s is per-channel quantization of X (with --smooth-shift, its zero
+# points too); the error search picks it only where the weights can take the ranges.
+ALPHA_GRID = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
 
 
 @dataclass(frozen=True)
