@@ -278,12 +278,20 @@ def build(
 
 
 TUNED_OPS = ("conv2d", "matmul", "dense")  # substrings of MetaSchedule task names
+TRIALS_PER_TASK = 16
 
 
 def _tune(mod, target, work_dir: str, trials: int):
-    """MetaSchedule over every TIR function, records in work_dir's database, applied."""
+    """MetaSchedule over the heaviest convolution/matrix-product tasks, records in
+    work_dir's database, applied.
+
+    The budget goes to the tasks with the most FLOPs (× occurrences), TRIALS_PER_TASK
+    each: MetaSchedule's own scheduler hands its first round to tasks in extraction
+    order, num_trials_per_iter at a time, so a few dozen trials would reach one task,
+    not necessarily a heavy one."""
     from tvm import relax
     from tvm.s_tir import meta_schedule as ms
+    from tvm.s_tir.analysis import estimate_tir_flops
 
     try:
         import xgboost  # noqa: F401
@@ -291,18 +299,25 @@ def _tune(mod, target, work_dir: str, trials: int):
         cost_model = "xgb"
     except ImportError:  # XGBoost is optional: without it, candidates are drawn at random
         cost_model = "random"
-    database = ms.relax_integration.tune_relax(
-        mod=mod,
-        params={},
-        target=target,
+    tasks = [
+        t
+        for t in ms.relax_integration.extract_tasks(mod, target, params={})
+        if any(op in t.task_name for op in TUNED_OPS)
+    ]
+    tasks.sort(key=lambda t: -estimate_tir_flops(t.dispatched[0]) * t.weight)
+    chosen = tasks[: max(1, trials // TRIALS_PER_TASK)]
+    logger.info("TVM tuning %d of %d compute tasks", len(chosen), len(tasks))
+    contexts, weights = ms.relax_integration.extracted_tasks_to_tune_contexts(
+        extracted_tasks=chosen, work_dir=work_dir, seed=0
+    )
+    database = ms.tune.tune_tasks(
+        tasks=contexts,
+        task_weights=weights,
         work_dir=work_dir,
-        # the trials go to convolutions and matrix products, where the time is: spread
-        # over every elementwise task as well, a few dozen trials reach almost none
-        op_names=list(TUNED_OPS),
         max_trials_global=trials,
-        num_trials_per_iter=min(64, max(trials, 1)),
+        max_trials_per_task=TRIALS_PER_TASK,
+        num_trials_per_iter=TRIALS_PER_TASK,
         cost_model=cost_model,
-        seed=0,
     )
     with target, database:
         return relax.transform.MetaScheduleApplyDatabase(work_dir)(mod)
