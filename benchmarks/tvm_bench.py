@@ -57,19 +57,25 @@ def measure(name: str, threads: int, runs: int, tune: bool, trials: int) -> list
     path = zoo.fetch(name)
     task = datasets.task_data(name, path)
     feed = task.bench_feed
+    calibration = task.calibration
     if name in CROP:
         side = CROP[name]
-        feed = {k: np.ascontiguousarray(v[..., :side, :side]) for k, v in feed.items()}
+
+        def crop(f):
+            return {k: np.ascontiguousarray(v[..., :side, :side]) for k, v in f.items()}
+
+        # the integer-only compile pins the input shape, so its calibration is cropped too
+        feed, calibration = crop(feed), [crop(f) for f in calibration]
     shapes = {k: tuple(v.shape) for k, v in feed.items()}
     rows = []
     fp32_ms, fp32_out = _ort_ms(str(path), feed, threads, runs)
     rows.append({"config": "ORT FP32", "ms": fp32_ms})
-    int8 = qcompile.compile(path, calibration=task.calibration, progress=False, bench_runs=0)
+    int8 = qcompile.compile(path, calibration=calibration, progress=False, bench_runs=0)
     int8_ms, int8_out = _ort_ms(int8.model, feed, threads, runs)
     rows.append({"config": "ORT, qcompile cpu INT8 (QDQ)", "ms": int8_ms})
     integer = qcompile.compile(
         path,
-        calibration=task.calibration,
+        calibration=calibration,
         progress=False,
         bench_runs=0,
         integer_only=True,
