@@ -97,3 +97,22 @@ def test_bias_correction_keeps_int32_biases_on_cpu():
     int32 = [t for t in model.graph.initializer if t.data_type == TensorProto.INT32]
     assert int32
     assert result.report.min_output_sqnr_db > 25.0
+
+
+def test_matmul_bias_adds_stay_integer_on_the_integer_only_target():
+    # the plan names a MatMul's bias Add operand; the corrected bias must keep that name
+    # (a renamed copy went unquantized and the integer-only lowering refused the Add)
+    proto = builders.transformer_block()
+    feeds = [{"input": builders.token_embeddings(2, seed=i)} for i in range(6)]
+    shapes = {"input": feeds[0]["input"].shape}
+    result = qcompile.compile(
+        proto,
+        target="fpga",
+        calibration=feeds,
+        input_shapes=shapes,
+        weight_bits=4,
+        bias_correction=True,
+        **FAST,
+    )
+    assert any(p["name"] == "BiasCorrection" and p["modified"] for p in result.report.passes)
+    assert "Add" in result.report.integer_ops

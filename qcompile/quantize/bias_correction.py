@@ -26,7 +26,7 @@ from collections.abc import Mapping
 import numpy as np
 import onnx_ir as ir
 
-from qcompile.ir.graph import add_initializer, const_array, matmul_bias
+from qcompile.ir.graph import const_array, matmul_bias
 from qcompile.quantize.observers import Observer, weight_qparams
 from qcompile.quantize.plan import QuantPlan
 from qcompile.quantize.qparams import QuantSpec, fake_quantize
@@ -135,12 +135,12 @@ class BiasCorrection(ir.passes.InPlacePass):
             shift = output_shift(node, w32, w_hat, mean)
             if node.op_type == "Gemm":
                 shift = shift / node.attributes.get_float("beta", 1.0)
+            value = owner.inputs[idx]
+            if len(value.uses()) != 1 or value.is_graph_input():
+                continue  # a shared bias cannot take one layer's correction
             corrected = bias.astype(np.float64) - np.broadcast_to(shift, bias.shape[-1:])
-            owner.replace_input_with(
-                idx,
-                add_initializer(
-                    graph, f"{owner.inputs[idx].name}_bc", corrected.astype(bias.dtype)
-                ),
-            )
+            # in place, keeping the name: the plan names a MatMul's bias Add operand
+            # (integer-only targets quantize it), so a renamed copy would go unquantized
+            value.const_value = ir.tensor(corrected.astype(bias.dtype), name=value.name)
             self.corrected[node.name] = float(np.abs(shift).max(initial=0.0))
         return ir.passes.PassResult(model, bool(self.corrected))
