@@ -49,6 +49,27 @@ FAST = {"progress": False, "bench_runs": 0}
 QUIET = ("--quiet", "--bench-runs", "0")  # the CLI's equivalent of FAST
 
 
+def compile_transformer_fpga(**options):
+    """The small transformer block compiled for the fpga target (shapes pinned, float
+    scales); returns the result and its feeds."""
+    import qcompile
+    from models import builders
+
+    proto = builders.transformer_block()
+    feeds = [{"input": builders.token_embeddings(2, seed=i)} for i in range(8)]
+    shapes = {"input": feeds[0]["input"].shape}
+    result = qcompile.compile(
+        proto,
+        target="fpga",
+        calibration=feeds,
+        input_shapes=shapes,
+        pow2_scales=False,
+        **options,
+        **FAST,
+    )
+    return result, feeds
+
+
 def compile_cli(model, calib, out, *extra) -> int:
     """`qcompile compile MODEL -o OUT --calib CALIB [extra...]` through the CLI entry point."""
     from qcompile.cli import main

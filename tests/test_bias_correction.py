@@ -11,7 +11,7 @@ from onnx import TensorProto, helper, numpy_helper
 import qcompile
 from models import builders
 from qcompile.quantize.bias_correction import ChannelMeanObserver, output_shift
-from tests.conftest import FAST
+from tests.conftest import FAST, compile_transformer_fpga
 
 
 def _run_single(node: onnx.NodeProto, x: np.ndarray, w: np.ndarray, out_rank: int) -> np.ndarray:
@@ -102,17 +102,6 @@ def test_bias_correction_keeps_int32_biases_on_cpu():
 def test_matmul_bias_adds_stay_integer_on_the_integer_only_target():
     # the plan names a MatMul's bias Add operand; the corrected bias must keep that name
     # (a renamed copy went unquantized and the integer-only lowering refused the Add)
-    proto = builders.transformer_block()
-    feeds = [{"input": builders.token_embeddings(2, seed=i)} for i in range(6)]
-    shapes = {"input": feeds[0]["input"].shape}
-    result = qcompile.compile(
-        proto,
-        target="fpga",
-        calibration=feeds,
-        input_shapes=shapes,
-        weight_bits=4,
-        bias_correction=True,
-        **FAST,
-    )
+    result, _ = compile_transformer_fpga(weight_bits=4, bias_correction=True)
     assert any(p["name"] == "BiasCorrection" and p["modified"] for p in result.report.passes)
     assert "Add" in result.report.integer_ops

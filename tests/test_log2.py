@@ -18,7 +18,7 @@ from qcompile.quantize.log2 import (
     power_table,
 )
 from qcompile.quantize.reference import run_reference
-from tests.conftest import FAST
+from tests.conftest import FAST, compile_transformer_fpga
 
 
 @pytest.mark.parametrize("bits", [2, 3, 4])
@@ -40,24 +40,8 @@ def test_codes_round_minus_log2_and_saturate_to_zero(bits):
     assert table[-1] == 0
 
 
-def _compile(**kw):
-    proto = builders.transformer_block()
-    feeds = [{"input": builders.token_embeddings(2, seed=i)} for i in range(8)]
-    shapes = {"input": feeds[0]["input"].shape}
-    result = qcompile.compile(
-        proto,
-        target="fpga",
-        calibration=feeds,
-        input_shapes=shapes,
-        pow2_scales=False,
-        **kw,
-        **FAST,
-    )
-    return result, feeds
-
-
 def test_attention_times_v_becomes_an_integer_shift_add_that_is_bit_exact():
-    result, feeds = _compile(softmax_log2_bits=3)
+    result, feeds = compile_transformer_fpga(softmax_log2_bits=3)
     assert result.plan.log2_tensors == {"softmax_out": 3}
     proto = ir.to_proto(result.model)
     onnx.checker.check_model(proto, full_check=True)
@@ -75,8 +59,8 @@ def test_attention_times_v_becomes_an_integer_shift_add_that_is_bit_exact():
 
 
 def test_log2_beats_a_uniform_quantizer_of_the_same_width():
-    log2, _ = _compile(softmax_log2_bits=3)
-    uniform, _ = _compile(overrides=("softmax:activation_bits=3",))
+    log2, _ = compile_transformer_fpga(softmax_log2_bits=3)
+    uniform, _ = compile_transformer_fpga(overrides=("softmax:activation_bits=3",))
     # measured: 17.8 vs 13.9 dB
     assert log2.report.min_output_sqnr_db > uniform.report.min_output_sqnr_db + 2.0
 
