@@ -7,11 +7,11 @@ own -mcpu) building, untuned, the FP32 model, the CPU INT8 QDQ model (which TVM'
 pre-lowering turns into integer ops) and qcompile's integer-only model (ops with no
 integer form left as float islands); then the FP32 model tuned with MetaSchedule
 (`--tune-trials` over its convolution and matrix-product tasks, database in a scratch
-dir) on the models named by `--tune`. Parity compares TVM with ORT running the same graph: the FP32 and QDQ models
-as ORT deploys them, the integer-only graph as written (QDQ fusions off), which is the
-graph's own semantics, so there "bit-exact" is expected. Latency: median of `--runs`
-runs of the model's benchmark feed. Writes benchmarks/TVM.md, which compare.py folds
-into RESULTS.md.
+dir) on the models named by `--tune`. Parity compares TVM with ORT running the same
+graph: the FP32 and QDQ models as ORT deploys them, the integer-only graph as written
+(QDQ fusions off), which is the graph's own semantics, so there "bit-exact" is expected.
+Latency: median of `--runs` runs of the model's benchmark feed. Writes
+benchmarks/TVM.md, which compare.py folds into RESULTS.md.
 """
 
 from __future__ import annotations

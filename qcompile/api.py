@@ -192,19 +192,29 @@ def _compile(
     # Smooth: migrate activation outliers into weights (needs its own statistics).
     smooth_records = []
     token_mask = _token_mask_input(specs, options.token_mask)
+
+    def observe(
+        model: ir.Model, tensors: list[str], observer_for, progress: bool = False
+    ) -> CalibrationStats:
+        """One run over the calibration data: the same feeds, batch limit, hold-out and
+        token mask for SmoothQuant's, the plan's and bias correction's statistics."""
+        return calibrate(
+            model,
+            data,
+            tensors,
+            observer_for,
+            ort_backend.runner_factory(threads=options.threads),
+            holdout_every=options.holdout_every,
+            max_batches=options.max_calib_batches,
+            progress=progress,
+            total=data.count,
+            token_mask=token_mask,
+        )
+
     if pipe.smooth is not None and options.smoothquant and "SmoothQuant" not in skip:
         groups = find_smooth_groups(graph_model, explicit=options.smooth_explicit)
         if groups:
-            channel_stats = calibrate(
-                graph_model,
-                data,
-                [g.activation for g in groups],
-                ChannelObserver,
-                ort_backend.runner_factory(threads=options.threads),
-                holdout_every=options.holdout_every,
-                max_batches=options.max_calib_batches,
-                token_mask=token_mask,
-            )
+            channel_stats = observe(graph_model, [g.activation for g in groups], ChannelObserver)
             graph_model, smooth_records = run_phase(
                 graph_model, "smooth", pipe.smooth(groups, channel_stats.observers), verify=verify
             )
@@ -225,21 +235,9 @@ def _compile(
             hint="run `qcompile inspect` to see each node's reason",
         )
 
-    def run_calibration(tensors: list[str], progress: bool) -> CalibrationStats:
-        return calibrate(
-            graph_model,
-            data,
-            tensors,
-            pipe.calibrate.observer_for(plan),
-            ort_backend.runner_factory(threads=options.threads),
-            holdout_every=options.holdout_every,
-            max_batches=options.max_calib_batches,
-            progress=progress,
-            total=data.count,
-            token_mask=token_mask,
-        )
-
-    stats = run_calibration(plan.calibrated_tensors, options.progress)
+    stats = observe(
+        graph_model, plan.calibrated_tensors, pipe.calibrate.observer_for(plan), options.progress
+    )
     record_observed_shapes(graph_model, stats.observed)
     unbounded = {t for t, obs in stats.observers.items() if obs.unbounded}
     if unbounded:
@@ -247,7 +245,7 @@ def _compile(
         plan = _demote(graph_model, plan, unbounded, profile, options)
         missing = [t for t in plan.calibrated_tensors if t not in stats.observers]
         if missing:  # demotion can expose tensors the first plan read through others
-            extra = run_calibration(missing, False)
+            extra = observe(graph_model, missing, pipe.calibrate.observer_for(plan))
             stats.observers.update(extra.observers)
             stats.observed.update(extra.observed)
             stats.run_seconds += extra.run_seconds
@@ -266,16 +264,7 @@ def _compile(
     if options.bias_correction and pipe.correct_bias is not None and "BiasCorrection" not in skip:
         axes = correction_inputs(graph_model, plan)
         if axes:
-            mean_stats = calibrate(
-                graph_model,
-                data,
-                list(axes),
-                lambda t: ChannelMeanObserver(t, axes[t]),
-                ort_backend.runner_factory(threads=options.threads),
-                holdout_every=options.holdout_every,
-                max_batches=options.max_calib_batches,
-                token_mask=token_mask,
-            )
+            mean_stats = observe(graph_model, list(axes), lambda t: ChannelMeanObserver(t, axes[t]))
             means = {t: o.mean for t, o in mean_stats.observers.items() if o.mean is not None}
             graph_model, bias_records = run_phase(
                 graph_model, "quantize", pipe.correct_bias(plan, means), skip=skip

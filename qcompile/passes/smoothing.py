@@ -193,7 +193,7 @@ class SmoothQuant(ir.passes.InPlacePass):
         act_spec: QuantSpec,
         weight_spec: QuantSpec,
         alpha: float | None = None,
-        shift: bool = True,
+        shift: bool = False,
     ) -> None:
         super().__init__()
         self.groups = list(groups)

@@ -20,7 +20,6 @@ so it runs in the quantize phase, after the FP32 reference is taken.
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Mapping
 
 import numpy as np
@@ -124,20 +123,16 @@ class BiasCorrection(ir.passes.InPlacePass):
             if slot is None or mean is None or w is None:
                 continue
             owner, idx = slot
-            bias = const_array(owner.inputs[idx])
-            if bias is None:
-                continue
-            spec = self.weight_spec
-            if use.node in self.plan.weight_bits:
-                spec = dataclasses.replace(spec, bits=self.plan.weight_bits[use.node])
+            value = owner.inputs[idx]
+            bias = const_array(value)
+            if bias is None or len(value.uses()) != 1 or value.is_graph_input():
+                continue  # no constant bias, or a shared one that cannot take this correction
             w32 = w.astype(np.float32)
+            spec = self.plan.weight_spec(use.node, self.weight_spec)
             w_hat = fake_quantize(w32.copy(), weight_qparams(w32, spec, use.axis))
             shift = output_shift(node, w32, w_hat, mean)
             if node.op_type == "Gemm":
                 shift = shift / node.attributes.get_float("beta", 1.0)
-            value = owner.inputs[idx]
-            if len(value.uses()) != 1 or value.is_graph_input():
-                continue  # a shared bias cannot take one layer's correction
             corrected = bias.astype(np.float64) - np.broadcast_to(shift, bias.shape[-1:])
             # in place, keeping the name: the plan names a MatMul's bias Add operand
             # (integer-only targets quantize it), so a renamed copy would go unquantized

@@ -17,6 +17,7 @@ Rules (chosen so ORT's CPU EP and TensorRT fuse the result into integer kernels)
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from dataclasses import dataclass, field
 from typing import Literal
@@ -25,6 +26,7 @@ import numpy as np
 import onnx_ir as ir
 
 from qcompile.options import CompileOptions
+from qcompile.quantize.qparams import QuantSpec
 from qcompile.quantize.weight_only import int4_eligible
 from qcompile.targets.profile import TargetProfile
 
@@ -81,6 +83,11 @@ class QuantPlan:
     int4_nodes: set[str] = field(default_factory=set)
     # post-Softmax tensors with a log2 quantizer (fpga): tensor -> bits
     log2_tensors: dict[str, int] = field(default_factory=dict)
+
+    def weight_spec(self, node: str, default: QuantSpec) -> QuantSpec:
+        """The spec `node`'s weight is quantized with: the target's, or its bit override."""
+        bits = self.weight_bits.get(node)
+        return default if bits is None else dataclasses.replace(default, bits=bits)
 
     @property
     def calibrated_tensors(self) -> list[str]:

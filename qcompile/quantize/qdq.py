@@ -10,7 +10,6 @@ reproduces them exactly.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 from collections.abc import Mapping
 
@@ -180,10 +179,7 @@ class InsertQDQ(ir.passes.InPlacePass):
             node = nodes[w.node]
             value = node.inputs[w.input_index]
             array = value.const_value.numpy().astype(np.float32)
-            spec = self.weight_spec
-            if w.node in self.plan.weight_bits:
-                spec = dataclasses.replace(spec, bits=self.plan.weight_bits[w.node])
-            qp = weight_qparams(array, spec, w.axis)
+            qp = weight_qparams(array, self.plan.weight_spec(w.node, self.weight_spec), w.axis)
             bias = biases.get(w.node)
             x_qp = effective_qparams(self.plan, self.qparams, bias.activation) if bias else None
             if bias is not None:
