@@ -111,8 +111,15 @@ def measure(name: str, threads: int, runs: int, tune: bool, trials: int) -> list
         runner = tvm_backend.TVMRunner(executable, names)
         t0 = time.perf_counter()
         got = runner.run(feed)
-        # untuned builds of the big models take seconds to a minute per run: 3 runs there
-        ms = runner.bench(feed, runs=runs if time.perf_counter() - t0 < 1.0 else 3)
+        first = time.perf_counter() - t0
+        # untuned builds of the big models take seconds to minutes per run: 3 runs there,
+        # and over 10 s a run, one more run after this first (warm-up) one
+        if first < 1.0:
+            ms = runner.bench(feed, runs=runs)
+        elif first < 10.0:
+            ms = runner.bench(feed, runs=3)
+        else:
+            ms = runner.bench(feed, runs=1, warmup=0)
         rows.append(
             {
                 "config": label,

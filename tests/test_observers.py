@@ -53,6 +53,58 @@ def test_histogram_streaming_equals_one_shot():
     assert np.abs(streamed.hist - expect).sum() <= 0.001 * allx.size
 
 
+def _large_batches(n=6, size=1 << 20, seed=1, one_sided=False):
+    """Large heavy-tailed batches (sampled by the observer) with a few far outliers each."""
+    rng = np.random.default_rng(seed)
+    for _ in range(n):
+        x = rng.standard_t(3.0, size).astype(np.float32)
+        x[rng.integers(0, size, 5)] = rng.uniform(30.0, 60.0, 5).astype(np.float32)
+        yield np.maximum(x, 0.0) if one_sided else x
+
+
+@pytest.mark.parametrize("one_sided", [False, True])
+def test_large_tensors_count_tails_exactly_and_sample_the_body(one_sided):
+    """Above HISTOGRAM_SAMPLE values a batch's body comes from a weighted strided sample,
+    its tails from every value: the tails equal the full histogram's, the totals agree."""
+    from qcompile.quantize import observers
+
+    data = list(_large_batches(one_sided=one_sided))
+    assert data[0].size >= 4 * observers.HISTOGRAM_SAMPLE
+    sampled = HistogramObserver("t", bins=4096)
+    for x in data:
+        sampled.observe(x)
+    full = HistogramObserver("t", bins=4096)
+    try:
+        saved, observers.HISTOGRAM_SAMPLE = observers.HISTOGRAM_SAMPLE, 1 << 40
+        for x in data:
+            full.observe(x)
+    finally:
+        observers.HISTOGRAM_SAMPLE = saved
+    assert sampled.radius == full.radius
+    total = sum(x.size for x in data)
+    assert sampled.hist.sum() + sampled.zeros == pytest.approx(total, rel=1e-6)
+    assert full.hist.sum() + full.zeros == total
+    # in the tails every value is counted, the outliers included
+    fold_s, fold_f = sampled.abs_hist(), full.abs_hist()
+    tail_mass = 0.5 * observers.TAIL_FRACTION * total
+    tail_start = int(np.searchsorted(-np.cumsum(fold_f[::-1])[::-1], -tail_mass))
+    np.testing.assert_array_equal(fold_s[tail_start:], fold_f[tail_start:])
+    far = int(np.ceil(25.0 / (sampled.radius / fold_s.size)))  # bin of |x| = 25
+    far_values = sum(int((np.abs(x) >= far * sampled.radius / fold_s.size).sum()) for x in data)
+    assert far_values >= len(data) * 5 and fold_s[far:].sum() == far_values
+    # the sampled body has the full body's shape (relative L1 error, bins merged by 4)
+    coarse = tail_start - tail_start % 4
+    assert coarse >= 16
+    body_s = fold_s[:coarse].reshape(-1, 4).sum(axis=1)
+    body_f = fold_f[:coarse].reshape(-1, 4).sum(axis=1)
+    assert np.abs(body_s - body_f).sum() < 0.01 * body_f.sum()
+    # and the method that reads the histogram chooses (almost) the same range
+    spec = S8 if not one_sided else U8
+    got = read_as(sampled, "mse").clip_range(spec)
+    want = read_as(full, "mse").clip_range(spec)
+    assert got == pytest.approx(want, rel=0.02)
+
+
 def test_histogram_memory_is_fixed():
     obs = HistogramObserver("t", bins=1024)
     for x in batches(n=50, heavy=True):
