@@ -29,7 +29,12 @@ from qcompile.passes.prequantized import DequantizeQDQ, quantized_ops
 from qcompile.passes.smoothing import ChannelObserver, find_smooth_groups
 from qcompile.quantize import mixed
 from qcompile.quantize.bias_correction import ChannelMeanObserver, correction_inputs
-from qcompile.quantize.calibration import CalibrationStats, calibrate, extra_outputs
+from qcompile.quantize.calibration import (
+    CalibrationStats,
+    calibrate,
+    extra_outputs,
+    observer_clock,
+)
 from qcompile.quantize.data import Feed, ImageSpec, input_specs, open_calibration, read_labels
 from qcompile.quantize.integer import LowerToIntegerOnly
 from qcompile.quantize.observers import AUTO_METHODS, HistogramObserver, read_as
@@ -110,7 +115,7 @@ def compile(  # noqa: A001 - the public name users expect
         options = make_options(**option_kwargs)
     elif option_kwargs:
         raise QCompileError("pass either options= or keyword options, not both")
-    with ort_backend.clocked() as clock:
+    with ort_backend.clocked() as clock, observer_clock() as observers:
         if (
             options.max_accuracy_drop is not None
             or options.size_budget_mb
@@ -133,6 +138,7 @@ def compile(  # noqa: A001 - the public name users expect
     report.compile_seconds = time.perf_counter() - start
     report.ort_session_seconds = clock.session_seconds
     report.ort_run_seconds = clock.run_seconds
+    report.observer_seconds = observers.seconds
     return result
 
 

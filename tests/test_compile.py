@@ -232,6 +232,9 @@ def test_report_has_tensor_and_output_metrics(cnn_path, cnn_calib, tmp_path):
     assert report.tensors and all(t.sqnr_db > 15 for t in report.tensors)
     assert report.latency_fp32_ms > 0 and report.latency_quantized_ms > 0
     assert report.calib_batches >= 1 and report.holdout_batches >= 1
+    # the compile-time split: ORT, observers and the rest are measured, not inferred
+    assert report.ort_run_seconds > 0 and report.observer_seconds > 0
+    assert 0 < report.qcompile_seconds < report.compile_seconds
     assert (tmp_path / "q.onnx").exists()
     data = report.to_dict()
     assert data["speedup"] > 0 and data["outputs"][0]["name"] == "logits"

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import contextlib
+import contextvars
 import logging
 import os
 import time
@@ -48,6 +49,29 @@ class CalibrationStats:
         if tensor not in self.observers:
             raise QCompileError("tensor was not calibrated", tensor=tensor)
         return self.observers[tensor].qparams(spec)
+
+
+@dataclass
+class ObserverClock:
+    """Wall time spent in observers over every calibration run of a compile (SmoothQuant's,
+    the plan's, bias correction's), for the report's compile-time split."""
+
+    seconds: float = 0.0
+
+
+_CLOCK: contextvars.ContextVar[ObserverClock | None] = contextvars.ContextVar(
+    "observer_clock", default=None
+)
+
+
+@contextlib.contextmanager
+def observer_clock() -> Iterator[ObserverClock]:
+    clock = ObserverClock()
+    token = _CLOCK.set(clock)
+    try:
+        yield clock
+    finally:
+        _CLOCK.reset(token)
 
 
 @contextlib.contextmanager
@@ -147,7 +171,10 @@ def calibrate(
                 stats.observed[name] = (outputs[name].dtype, outputs[name].shape)
             for name in observed_inputs:
                 observers[name].observe(feed[name])
-            stats.observe_seconds += time.perf_counter() - t1
+            observed = time.perf_counter() - t1
+            stats.observe_seconds += observed
+            if (clock := _CLOCK.get()) is not None:
+                clock.seconds += observed
             stats.run_seconds += t1 - t0
             stats.batches += 1
             advance()
