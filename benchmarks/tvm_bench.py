@@ -47,25 +47,11 @@ def _ort_ms(
     return ort_backend.bench({"m": sess}, feed, runs=runs)["m"], out
 
 
-# Untuned TVM runs convolutions as plain loops on one core: PP-OCR det on its 736×736
-# benchmark feed had not finished one run after 27 minutes. Its rows use a crop (it is
-# fully convolutional), ORT's included, so the ratios compare like with like.
-CROP = {"ocr_det": 160}
-
-
 def measure(name: str, threads: int, runs: int, tune: bool, trials: int) -> list[dict]:
     path = zoo.fetch(name)
     task = datasets.task_data(name, path)
     feed = task.bench_feed
     calibration = task.calibration
-    if name in CROP:
-        side = CROP[name]
-
-        def crop(f):
-            return {k: np.ascontiguousarray(v[..., :side, :side]) for k, v in f.items()}
-
-        # the integer-only compile pins the input shape, so its calibration is cropped too
-        feed, calibration = crop(feed), [crop(f) for f in calibration]
     shapes = {k: tuple(v.shape) for k, v in feed.items()}
     rows = []
     fp32_ms, fp32_out = _ort_ms(str(path), feed, threads, runs)

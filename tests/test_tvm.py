@@ -126,3 +126,39 @@ def test_tuning_writes_and_reuses_its_database(tmp_path):
     feed = {"input": builders.features(8)}
     runner = tvm_backend.TVMRunner(executable, ["input"])
     assert _sqnr(_ort(builders.mlp(), feed)[0], runner.run(feed)[0]) > 60
+
+
+SQUEEZE_EXCITE_BUILD = """
+import numpy as np
+from onnx import TensorProto, helper, numpy_helper
+from qcompile.backends import tvm as tvm_backend
+
+w = np.random.default_rng(0).standard_normal((384, 96, 1, 1)).astype(np.float32)
+graph = helper.make_graph(
+    [helper.make_node("Conv", ["x", "w"], ["y"])],
+    "squeeze_excite",
+    [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 96, 1, 1])],
+    [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 384, 1, 1])],
+    [numpy_helper.from_array(w, "w")],
+)
+model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+executable, names, _ = tvm_backend.compile_model(model, input_shapes={"x": (1, 96, 1, 1)})
+x = np.random.default_rng(1).standard_normal((1, 96, 1, 1)).astype(np.float32)
+got = tvm_backend.TVMRunner(executable, names).run({"x": x})[0]
+assert np.allclose(got[0, :, 0, 0], w[:, :, 0, 0] @ x[0, :, 0, 0], atol=1e-4)
+print("ok")
+"""
+
+
+def test_untuned_build_of_a_squeeze_excite_conv_finishes():
+    """PP-OCR det's squeeze-excite 1x1 convolutions (96 -> 384 on a 1x1 map): dlight's CPU
+    GEMV rule made LLVM's code generation run for over 25 minutes on them (a single one
+    over 90 s) instead of well under a second. In a subprocess, so a regression fails
+    here instead of stalling the suite."""
+    done = subprocess.run(
+        [sys.executable, "-c", SQUEEZE_EXCITE_BUILD],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 0 and "ok" in done.stdout, done.stderr[-2000:]
