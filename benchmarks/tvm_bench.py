@@ -157,8 +157,15 @@ def main(argv: list[str] | None = None) -> int:
         f"`python -m benchmarks.tvm_bench --models {args.models} --tune {args.tune} "
         f"--tune-trials {args.tune_trials} --runs {args.runs}` on "
         f"{platform.processor() or platform.machine()}, {args.threads} threads for both; "
-        "latency = median of the runs on the model's benchmark feed. Parity: TVM's output "
-        "vs ORT running the same graph (dB; ∞ = identical).",
+        f"latency = median of {args.runs} runs on the model's benchmark feed (3 for builds "
+        "over a second a run, 1 after the warm-up run for builds over 10 s). Parity: TVM's "
+        "output vs ORT running the same graph (dB; ∞ = identical); integer-only graphs run "
+        "in ORT as written (QDQ fusions off). Their float islands (ops with no integer form, "
+        "kept float by `--allow-float`) are computed by each runtime in its own float order, "
+        "so a rounding that lands on a quantization boundary can flip one code and the "
+        "difference propagates; graphs without islands are bit-exact. Tuning: MetaSchedule, "
+        f"XGBoost cost model, {args.tune_trials} trials on the heaviest convolution/"
+        "matrix-product tasks (16 each).",
         "",
         "| model | config | latency ms | latency ÷ ORT FP32 | build/tune s | parity dB | "
         "bit-exact |",

@@ -89,10 +89,13 @@ def session_options(
     opt_level: OptLevel = OptLevel.ORT_ENABLE_ALL,
     optimized_model_path: str | None = None,
     qdq_fusions: bool = True,
+    spinning: bool = True,
 ) -> ort.SessionOptions:
     """qdq_fusions=False runs a graph exactly as written: ORT's QDQ fusions rewrite
     DequantizeLinear → float op → QuantizeLinear islands into its own integer kernels,
-    which round differently from the float ops an integer-only graph spells out."""
+    which round differently from the float ops an integer-only graph spells out.
+    spinning=False stops idle worker threads from spinning after a run (always so when
+    `threads` is given)."""
     opts = ort.SessionOptions()
     opts.graph_optimization_level = opt_level
     opts.log_severity_level = 3
@@ -101,6 +104,7 @@ def session_options(
     if threads:
         opts.intra_op_num_threads = threads
         opts.inter_op_num_threads = 1
+    if threads or not spinning:
         # Idle worker threads must not spin: with several sessions timed interleaved, one
         # session's spinning threads would steal the cores from the next one's run.
         opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
@@ -117,6 +121,7 @@ def make_session(
     opt_level: OptLevel = OptLevel.ORT_ENABLE_ALL,
     optimized_model_path: str | None = None,
     qdq_fusions: bool = True,
+    spinning: bool = True,
 ) -> ort.InferenceSession:
     """An InferenceSession for an in-memory or on-disk model.
 
@@ -124,7 +129,7 @@ def make_session(
     (`add_external_initializers`), so building a session neither copies the weights into a
     protobuf nor hits protobuf's 2 GB limit.
     """
-    opts = session_options(threads, opt_level, optimized_model_path, qdq_fusions)
+    opts = session_options(threads, opt_level, optimized_model_path, qdq_fusions, spinning)
     usable = [p for p in providers if p in available_providers()] or ["CPUExecutionProvider"]
     if isinstance(model, (str, os.PathLike)):
         return _new_session(str(model), opts, usable)
@@ -194,7 +199,8 @@ def runner_factory(
     def factory(model: ir.Model, outputs: Sequence[str]):
         _fill_missing_output_types(model, outputs)
         try:
-            sess = make_session(model, providers=providers, threads=threads)
+            # the observers use the cores between runs: spinning workers would slow them
+            sess = make_session(model, providers=providers, threads=threads, spinning=False)
         except Exception as exc:
             raise QCompileError(
                 f"ONNX Runtime cannot load the FP32 model: {exc}",
