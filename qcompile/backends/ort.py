@@ -18,6 +18,7 @@ import onnx
 import onnx_ir as ir
 import onnxruntime as ort
 
+from qcompile.clocks import bound
 from qcompile.errors import QCompileError
 
 logger = logging.getLogger(__name__)
@@ -43,15 +44,9 @@ class OrtClock:
 _CLOCK: contextvars.ContextVar[OrtClock | None] = contextvars.ContextVar("ort_clock", default=None)
 
 
-@contextlib.contextmanager
-def clocked():
+def clocked() -> contextlib.AbstractContextManager[OrtClock]:
     """Account every session built and run in this context (threads started inside included)."""
-    clock = OrtClock()
-    token = _CLOCK.set(clock)
-    try:
-        yield clock
-    finally:
-        _CLOCK.reset(token)
+    return bound(_CLOCK, OrtClock())
 
 
 class TimedSession(ort.InferenceSession):

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx_ir as ir
 
+from qcompile.clocks import bound
 from qcompile.errors import QCompileError
 from qcompile.ir.graph import values_by_name
 from qcompile.quantize.data import Feed
@@ -64,14 +65,8 @@ _CLOCK: contextvars.ContextVar[ObserverClock | None] = contextvars.ContextVar(
 )
 
 
-@contextlib.contextmanager
-def observer_clock() -> Iterator[ObserverClock]:
-    clock = ObserverClock()
-    token = _CLOCK.set(clock)
-    try:
-        yield clock
-    finally:
-        _CLOCK.reset(token)
+def observer_clock() -> contextlib.AbstractContextManager[ObserverClock]:
+    return bound(_CLOCK, ObserverClock())
 
 
 @contextlib.contextmanager
