@@ -29,14 +29,9 @@ import qcompile
 from models import datasets, zoo
 from qcompile.backends import ort as ort_backend
 from qcompile.backends import tvm as tvm_backend
+from qcompile.quantize.qparams import sqnr_db
 
 HERE = Path(__file__).parent
-
-
-def _sqnr(ref: np.ndarray, got: np.ndarray) -> float:
-    ref = ref.astype(np.float64)
-    noise = float(np.sum((ref - got) ** 2))
-    return float("inf") if noise == 0 else 10 * np.log10(float(np.sum(ref**2)) / noise)
 
 
 def _ort_ms(
@@ -51,17 +46,16 @@ def measure(name: str, threads: int, runs: int, tune: bool, trials: int) -> list
     path = zoo.fetch(name)
     task = datasets.task_data(name, path)
     feed = task.bench_feed
-    calibration = task.calibration
     shapes = {k: tuple(v.shape) for k, v in feed.items()}
     rows = []
     fp32_ms, fp32_out = _ort_ms(str(path), feed, threads, runs)
     rows.append({"config": "ORT FP32", "ms": fp32_ms})
-    int8 = qcompile.compile(path, calibration=calibration, progress=False, bench_runs=0)
+    int8 = qcompile.compile(path, calibration=task.calibration, progress=False, bench_runs=0)
     int8_ms, int8_out = _ort_ms(int8.model, feed, threads, runs)
     rows.append({"config": "ORT, qcompile cpu INT8 (QDQ)", "ms": int8_ms})
     integer = qcompile.compile(
         path,
-        calibration=calibration,
+        calibration=task.calibration,
         progress=False,
         bench_runs=0,
         integer_only=True,
@@ -111,7 +105,7 @@ def measure(name: str, threads: int, runs: int, tune: bool, trials: int) -> list
                 "config": label,
                 "ms": ms,
                 "build_s": build_s,
-                "parity_db": _sqnr(reference[0], got[0]),
+                "parity_db": sqnr_db(reference[0], got[0]),
                 "exact": all(np.array_equal(a, b) for a, b in zip(reference, got, strict=True)),
             }
         )

@@ -15,6 +15,7 @@ import pytest
 import qcompile
 from models import builders
 from qcompile.backends import tvm as tvm_backend
+from qcompile.quantize.qparams import sqnr_db
 from tests.conftest import FAST
 
 pytestmark = pytest.mark.skipif(
@@ -36,12 +37,6 @@ def _ort(model, feed):
     )
 
 
-def _sqnr(ref, got):
-    ref = ref.astype(np.float64)
-    noise = np.sum((ref - got) ** 2)
-    return np.inf if noise == 0 else 10 * np.log10(np.sum(ref**2) / noise)
-
-
 def _build(model):
     executable, names, mod = tvm_backend.compile_model(model, input_shapes=SHAPES)
     return tvm_backend.TVMRunner(executable, names), mod
@@ -60,7 +55,7 @@ def test_fp32_and_qdq_models_match_onnx_runtime(feeds):
     for model, floor in ((fp32, 80.0), (qdq, 40.0)):
         runner, mod = _build(model)
         for feed in feeds[:2]:
-            assert _sqnr(_ort(model, feed)[0], runner.run(feed)[0]) > floor
+            assert sqnr_db(_ort(model, feed)[0], runner.run(feed)[0]) > floor
     # the QDQ graph was lowered to integer ops before import: int32 compute, not
     # dequantize → float conv → quantize
     compute = _compute_lines(mod)
@@ -99,7 +94,7 @@ def test_cuda_target_builds_without_a_gpu():
     if tvm_backend.cuda_available():
         runner = tvm_backend.TVMRunner(executable, ["input"], device="cuda")
         feed = {"input": builders.features(8)}
-        assert _sqnr(_ort(builders.mlp(), feed)[0], runner.run(feed)[0]) > 60
+        assert sqnr_db(_ort(builders.mlp(), feed)[0], runner.run(feed)[0]) > 60
 
 
 def test_export_writes_a_library_and_a_runner(tmp_path, feeds):
@@ -125,7 +120,7 @@ def test_tuning_writes_and_reuses_its_database(tmp_path):
     assert records and any(p.stat().st_size > 0 for p in records)
     feed = {"input": builders.features(8)}
     runner = tvm_backend.TVMRunner(executable, ["input"])
-    assert _sqnr(_ort(builders.mlp(), feed)[0], runner.run(feed)[0]) > 60
+    assert sqnr_db(_ort(builders.mlp(), feed)[0], runner.run(feed)[0]) > 60
 
 
 SQUEEZE_EXCITE_BUILD = """
