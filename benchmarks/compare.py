@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from models import datasets, zoo
+from benchmarks import datasets, zoo
 from qcompile.backends import ort as ort_backend
 
 HERE = Path(__file__).parent
@@ -166,7 +166,7 @@ def _bit_exact(path: Path, feed) -> bool:
     """ORT (QDQ fusions off: they would rewrite float islands) equals the numpy reference."""
     import onnx
 
-    from qcompile.quantize.reference import run_reference
+    from qcompile.backends.reference import run_reference
 
     sess = ort_backend.make_session(path, qdq_fusions=False)
     ours = run_reference(onnx.load(str(path)), feed)

@@ -4,7 +4,7 @@
 
 Each zoo model is compiled for the CPU target twice: on its benchmark calibration set, and
 on that set repeated `k` times (same feeds; only the amount of work changes). The report's
-clocks (qcompile.backends.ort.OrtClock, qcompile.quantize.calibration.ObserverClock) split
+clocks (qcompile.backends.ort.OrtClock, qcompile.calibrate.runner.ObserverClock) split
 the wall time into
 - ORT run: inside InferenceSession.run (calibration, SmoothQuant statistics, measuring),
 - ORT sessions: building InferenceSessions,
@@ -25,7 +25,7 @@ import statistics
 from pathlib import Path
 
 import qcompile
-from models import datasets, zoo
+from benchmarks import datasets, zoo
 
 HERE = Path(__file__).parent
 

@@ -26,10 +26,10 @@ from pathlib import Path
 import numpy as np
 
 import qcompile
-from models import datasets, zoo
+from benchmarks import datasets, zoo
 from qcompile.backends import ort as ort_backend
 from qcompile.backends import tvm as tvm_backend
-from qcompile.quantize.qparams import sqnr_db
+from qcompile.numerics.qparams import sqnr_db
 
 HERE = Path(__file__).parent
 

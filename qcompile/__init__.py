@@ -1,6 +1,6 @@
 """qcompile: an ONNX graph-level quantization compiler."""
 
-from qcompile.api import CompileResult, compile, make_options
+from qcompile.api import CompileResult, build_tvm, compile, export_qonnx, make_options
 from qcompile.errors import QCompileError
 from qcompile.options import CompileOptions, NodeMatcher, NodeOverride
 
@@ -12,6 +12,8 @@ __all__ = [
     "NodeMatcher",
     "NodeOverride",
     "QCompileError",
+    "build_tvm",
     "compile",
+    "export_qonnx",
     "make_options",
 ]

@@ -7,10 +7,10 @@ from dataclasses import dataclass, field
 
 import onnx_ir as ir
 
+from qcompile.data.feeds import input_specs
 from qcompile.ir.shapes import infer_shapes
 from qcompile.options import CompileOptions
 from qcompile.passes.manager import run_phase
-from qcompile.quantize.data import input_specs
 from qcompile.quantize.plan import QuantPlan, build_plan
 from qcompile.targets import get_target
 

@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Any, get_args
+from typing import Any, Literal, get_args
 
 from qcompile.errors import QCompileError
-from qcompile.quantize.observers import CALIB_METHODS, CalibMethod
+
+CalibMethod = Literal["minmax", "percentile", "entropy", "mse", "auto"]
+CALIB_METHODS: tuple[str, ...] = ("minmax", "percentile", "entropy", "mse", "auto")
 
 
 def _check_method(method: str | None, what: str) -> None:
@@ -170,7 +172,7 @@ class CompileOptions:
     # FPGA cost model: 8x8-bit MACs per cycle the fabric budget fits, and its clock
     fpga_macs_per_cycle: int = 256
     fpga_clock_mhz: float = 200.0
-    # Mixed precision (qcompile.quantize.mixed): an accuracy budget (0.005 = 0.5% drop of
+    # Mixed precision (qcompile.strategies.mixed): an accuracy budget (0.005 = 0.5% drop of
     # `metric`: "cosine", "top1" (agreement with FP32's arg-max), "accuracy" (against
     # `labels`: one class per verification sample, in order; an array or a .npy path) or
     # a callable(fp32_outs, quant_outs) -> drop) with the least latency (cpu/gpu) or

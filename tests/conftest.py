@@ -1,15 +1,14 @@
-"""Shared fixtures: the small models from models/builders.py, written to disk, and data."""
+"""Shared fixtures: the small models from tests/builders.py, written to disk, and data."""
 
 from __future__ import annotations
 
 import hashlib
 from pathlib import Path
 
+import builders
 import numpy as np
 import onnx
 import pytest
-
-from models import builders
 
 
 def sha256(path: Path) -> str:
@@ -52,8 +51,9 @@ QUIET = ("--quiet", "--bench-runs", "0")  # the CLI's equivalent of FAST
 def compile_transformer_fpga(**options):
     """The small transformer block compiled for the fpga target (shapes pinned, float
     scales); returns the result and its feeds."""
+    import builders
+
     import qcompile
-    from models import builders
 
     proto = builders.transformer_block()
     feeds = [{"input": builders.token_embeddings(2, seed=i)} for i in range(8)]

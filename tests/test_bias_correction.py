@@ -1,6 +1,7 @@
 """Bias correction: the shift it removes is exactly what weight rounding adds to E[y],
 and it pays off where weights are coarse (4-bit, per-tensor, power-of-two)."""
 
+import builders
 import numpy as np
 import onnx
 import onnx_ir as ir
@@ -9,7 +10,6 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 import qcompile
-from models import builders
 from qcompile.quantize.bias_correction import ChannelMeanObserver, output_shift
 from tests.conftest import FAST, compile_transformer_fpga
 

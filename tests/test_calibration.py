@@ -2,18 +2,18 @@
 
 import tracemalloc
 
+import builders
 import numpy as np
 
-from models import builders
 from qcompile.backends.ort import runner_factory
+from qcompile.calibrate.runner import calibrate
 from qcompile.ir import load_model
 from qcompile.options import CompileOptions
 from qcompile.passes.canonicalize import canonicalize
 from qcompile.passes.manager import run_phase
-from qcompile.pipeline import Calibration
-from qcompile.quantize.calibration import calibrate
 from qcompile.quantize.plan import build_plan
 from qcompile.targets import cpu
+from qcompile.targets.pipeline import Calibration
 
 
 def _setup(method="entropy"):

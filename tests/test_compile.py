@@ -1,5 +1,6 @@
 """End-to-end compile of the small models: validity, placement, accuracy, exact qparams."""
 
+import builders
 import numpy as np
 import onnx
 import onnxruntime as ort
@@ -8,9 +9,8 @@ from onnx import numpy_helper
 from onnx.reference import ReferenceEvaluator
 
 import qcompile
-from models import builders
 from qcompile.backends.ort import optimized_op_counts
-from qcompile.quantize.qparams import QuantSpec, range_to_qparams
+from qcompile.numerics.qparams import QuantSpec, range_to_qparams
 from tests.conftest import FAST
 
 U8 = QuantSpec(bits=8, signed=False, symmetric=False)

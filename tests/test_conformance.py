@@ -15,7 +15,7 @@ import warnings
 import numpy as np
 import pytest
 
-from qcompile.quantize.reference import run_reference
+from qcompile.backends.reference import run_reference
 
 OPS = (
     "QuantizeLinear",

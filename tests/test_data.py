@@ -3,8 +3,8 @@
 import numpy as np
 import pytest
 
+from qcompile.data.feeds import ImageSpec, InputSpec, open_calibration
 from qcompile.errors import QCompileError
-from qcompile.quantize.data import ImageSpec, InputSpec, open_calibration
 
 IMG = InputSpec("input", np.dtype(np.float32), (None, 3, 8, 8))
 IMG_B2 = InputSpec("input", np.dtype(np.float32), (2, 3, 8, 8))

@@ -5,11 +5,11 @@ import subprocess
 import sys
 from pathlib import Path
 
-from models import datasets
+from benchmarks import datasets
 
 ROOT = Path(__file__).resolve().parents[1]
 DIGEST = (
-    "import hashlib; from models import datasets; "
+    "import hashlib; from benchmarks import datasets; "
     "print(hashlib.sha256('|'.join(datasets.docstring_sentences()).encode()).hexdigest())"
 )
 

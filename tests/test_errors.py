@@ -4,13 +4,13 @@ import os
 import shutil
 from pathlib import Path
 
+import builders
 import numpy as np
 import onnx
 import pytest
 from onnx import TensorProto, helper
 
 import qcompile
-from models import builders
 from qcompile.errors import QCompileError
 from tests.conftest import FAST, compile_cli, sha256
 
@@ -195,7 +195,7 @@ def test_cli_internal_error_exit_1(cnn_path, cnn_calib, tmp_path, monkeypatch, c
     def boom(*a, **k):
         raise ZeroDivisionError("simulated bug")
 
-    monkeypatch.setattr("qcompile.api.build_plan", boom)
+    monkeypatch.setattr("qcompile.driver.compile.build_plan", boom)
     code = compile_cli(cnn_path, cnn_calib, tmp_path / "q.onnx", "--quiet")
     err = capsys.readouterr().err
     assert code == 1 and "Traceback" in err and "simulated bug" in err

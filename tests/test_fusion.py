@@ -2,6 +2,7 @@
 
 import collections
 
+import builders
 import numpy as np
 import onnx
 import onnx_ir as ir
@@ -10,7 +11,6 @@ import pytest
 from onnx import numpy_helper
 
 import qcompile
-from models import builders
 from qcompile.ir import load_model
 from qcompile.passes.canonicalize import canonicalize
 from qcompile.passes.fusion import FuseForQuantization

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 
+import builders
 import numpy as np
 import onnx
 import onnx_ir as ir
@@ -13,10 +14,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 
 import qcompile
-from models import builders
 from qcompile.backends.ort import make_session
+from qcompile.backends.reference import run_reference
 from qcompile.errors import QCompileError
-from qcompile.quantize.reference import run_reference
 from tests.conftest import FAST, sha256
 from tests.test_passes import random_graph
 

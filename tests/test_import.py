@@ -1,5 +1,6 @@
 """Import: paths, bytes, protos, external data, opset upgrade, Constant nodes, shapes."""
 
+import builders
 import numpy as np
 import onnx
 import onnx_ir as ir
@@ -7,7 +8,6 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 import qcompile
-from models import builders
 from qcompile.errors import QCompileError
 from qcompile.ir import load_model, pin_input_shapes, save_model
 from qcompile.ir.shapes import parse_input_shapes

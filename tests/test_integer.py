@@ -3,6 +3,7 @@ interpreter, no float between the quantizers, islands, and sub-8-bit widths."""
 
 from __future__ import annotations
 
+import builders
 import numpy as np
 import onnx
 import onnx_ir as ir
@@ -11,12 +12,11 @@ import pytest
 from onnx import numpy_helper
 
 import qcompile
-from models import builders
 from qcompile.backends.ort import make_session
+from qcompile.backends.reference import run_reference
 from qcompile.errors import QCompileError
-from qcompile.quantize.dyadic import Dyadic, requantize, to_dyadic
-from qcompile.quantize.integer import OutQuant, _Emitter, float_ops_between
-from qcompile.quantize.reference import run_reference
+from qcompile.lower.integer_only import OutQuant, _Emitter, float_ops_between
+from qcompile.numerics.dyadic import Dyadic, requantize, to_dyadic
 from tests.conftest import FAST
 
 I32_MIN, I32_MAX = -(2**31), 2**31 - 1

@@ -2,14 +2,15 @@
 attention·V that ONNX Runtime and the numpy reference agree on bit for bit, and better
 accuracy than a uniform quantizer of the same width."""
 
+import builders
 import numpy as np
 import onnx
 import onnx_ir as ir
 import pytest
 
 import qcompile
-from models import builders
 from qcompile.backends.ort import make_session
+from qcompile.backends.reference import run_reference
 from qcompile.errors import QCompileError
 from qcompile.quantize.log2 import (
     levels,
@@ -17,7 +18,6 @@ from qcompile.quantize.log2 import (
     log2_quantize,
     power_table,
 )
-from qcompile.quantize.reference import run_reference
 from tests.conftest import FAST, compile_transformer_fpga
 
 

@@ -4,15 +4,15 @@ from __future__ import annotations
 
 import itertools
 
+import builders
 import numpy as np
 import onnx_ir as ir
 import onnxruntime as ort
 import pytest
 
 import qcompile
-from models import builders
 from qcompile.errors import QCompileError
-from qcompile.quantize import mixed
+from qcompile.strategies import mixed
 from qcompile.targets.cpu import PROFILE as CPU_PROFILE
 from tests.conftest import FAST, compile_cli
 

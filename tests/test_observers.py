@@ -1,8 +1,7 @@
 import numpy as np
 import pytest
 
-from qcompile.errors import QCompileError
-from qcompile.quantize.observers import (
+from qcompile.calibrate.observers import (
     EntropyObserver,
     HistogramObserver,
     MinMaxObserver,
@@ -12,7 +11,8 @@ from qcompile.quantize.observers import (
     read_as,
     weight_qparams,
 )
-from qcompile.quantize.qparams import QuantSpec, fake_quantize, range_to_qparams
+from qcompile.errors import QCompileError
+from qcompile.numerics.qparams import QuantSpec, fake_quantize, range_to_qparams
 
 U8 = QuantSpec(bits=8, signed=False, symmetric=False)
 S8 = QuantSpec(bits=8, signed=True, symmetric=True)

@@ -1,5 +1,6 @@
 """Canonicalization keeps FP32 outputs, is idempotent, keeps user node names."""
 
+import builders
 import numpy as np
 import onnx
 import onnx_ir as ir
@@ -10,7 +11,6 @@ from hypothesis import strategies as st
 from onnx import TensorProto, helper, numpy_helper
 
 import qcompile
-from models import builders
 from qcompile.ir import load_model
 from qcompile.passes.canonicalize import canonicalize
 from qcompile.passes.manager import run_phase

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import builders
 import numpy as np
 import onnx_ir as ir
 import onnxruntime as ort
@@ -9,7 +10,6 @@ import pytest
 from onnx import numpy_helper
 
 import qcompile
-from models import builders
 from qcompile.backends.qonnx import QONNX_DOMAIN, execute, qonnx_available, to_qonnx
 from qcompile.errors import QCompileError
 from tests.conftest import FAST, compile_cli

@@ -4,7 +4,7 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from qcompile.quantize.qparams import QuantSpec, dequantize, quantize, range_to_qparams, sqnr_db
+from qcompile.numerics.qparams import QuantSpec, dequantize, quantize, range_to_qparams, sqnr_db
 
 U8 = QuantSpec(bits=8, signed=False, symmetric=False)
 S8 = QuantSpec(bits=8, signed=True, symmetric=True)

@@ -1,5 +1,6 @@
 """SmoothQuant: FP32 outputs unchanged, outliers moved into weights, accuracy gained."""
 
+import builders
 import numpy as np
 import onnx
 import onnx_ir as ir
@@ -10,8 +11,8 @@ from hypothesis import strategies as st
 from onnx import TensorProto, helper, numpy_helper
 
 import qcompile
-from models import builders
 from qcompile.backends.ort import runner_factory
+from qcompile.calibrate.runner import calibrate
 from qcompile.ir import load_model
 from qcompile.passes.canonicalize import canonicalize
 from qcompile.passes.manager import run_phase
@@ -21,7 +22,6 @@ from qcompile.passes.smoothing import (
     find_smooth_groups,
     smoothing_scales,
 )
-from qcompile.quantize.calibration import calibrate
 from qcompile.targets import cpu
 from tests.conftest import FAST
 

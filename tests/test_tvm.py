@@ -7,15 +7,15 @@ from __future__ import annotations
 import subprocess
 import sys
 
+import builders
 import numpy as np
 import onnx_ir as ir
 import onnxruntime as ort
 import pytest
 
 import qcompile
-from models import builders
 from qcompile.backends import tvm as tvm_backend
-from qcompile.quantize.qparams import sqnr_db
+from qcompile.numerics.qparams import sqnr_db
 from tests.conftest import FAST
 
 pytestmark = pytest.mark.skipif(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import builders
 import numpy as np
 import onnx
 import onnx_ir as ir
@@ -10,10 +11,9 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 import qcompile
-from models import builders
 from qcompile.errors import QCompileError
-from qcompile.quantize import mixed
 from qcompile.quantize.weight_only import Int4Spec, dequantize_int4, quantize_int4
+from qcompile.strategies import mixed
 from tests.conftest import FAST
 
 

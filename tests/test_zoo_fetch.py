@@ -6,7 +6,7 @@ import zipfile
 
 import pytest
 
-from models import zoo
+from benchmarks import zoo
 from qcompile.errors import QCompileError
 
 

@@ -18,7 +18,7 @@ def test_zoo_model_compiles_for_cpu_and_keeps_task_accuracy(name, tmp_path):
     import onnxruntime as ort
 
     import qcompile
-    from models import datasets, zoo
+    from benchmarks import datasets, zoo
 
     path = zoo.fetch(name)
     task = datasets.task_data(name, path)
@@ -42,9 +42,9 @@ def test_orientation_integer_only_is_bit_exact_and_as_accurate_as_qdq(target, tm
     import onnxruntime as ort
 
     import qcompile
-    from models import datasets, zoo
-    from qcompile.quantize.integer import float_ops_between
-    from qcompile.quantize.reference import run_reference
+    from benchmarks import datasets, zoo
+    from qcompile.backends.reference import run_reference
+    from qcompile.lower.integer_only import float_ops_between
 
     path = zoo.fetch("orientation")
     task = datasets.task_data("orientation", path)

@@ -23,8 +23,7 @@ import onnx
 import onnx_ir as ir
 
 from qcompile.errors import QCompileError
-from qcompile.ir.graph import const_array
-from qcompile.quantize.qdq import required_source_quantizer
+from qcompile.ir.graph import const_array, required_source_quantizer
 
 QONNX_DOMAIN = "qonnx.custom_op.general"
 

@@ -129,7 +129,7 @@ def lower_qdq(model: ir.Model) -> int:
     """Lower a QDQ graph's DQ → op → Q chains to integer ops in place; returns how many
     ops became integer (0 for FP32 or already integer-only graphs). Ops with no integer
     form stay float between their quantizers, as in `--integer-only`."""
-    from qcompile.quantize.integer import LowerToIntegerOnly
+    from qcompile.lower.integer_only import LowerToIntegerOnly
 
     if not any(n.op_type == "DequantizeLinear" for n in model.graph):
         return 0

@@ -5,6 +5,8 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 
+from qcompile.errors import QCompileError
+
 
 def add_initializer(
     graph: ir.Graph, base: str, array: np.ndarray, taken: set[str] | None = None
@@ -59,3 +61,24 @@ def matmul_bias(node: ir.Node, n_out: int) -> tuple[ir.Node, int] | None:
     if any(d != 1 for d in bias.shape[:-1]):
         return None
     return add, other
+
+
+def source_quantizer(dq: ir.Node) -> ir.Node | None:
+    """The QuantizeLinear whose integers a DequantizeLinear reads, through the integer
+    Clip that narrows sub-8-bit activations; None when there is none."""
+    q = dq.inputs[0].producer()
+    if q is not None and q.op_type == "Clip":
+        q = q.inputs[0].producer()
+    return q if q is not None and q.op_type == "QuantizeLinear" else None
+
+
+def required_source_quantizer(dq: ir.Node, hint: str) -> ir.Node:
+    """source_quantizer(), or an error naming the DequantizeLinear that has none."""
+    q = source_quantizer(dq)
+    if q is None:
+        raise QCompileError(
+            "a DequantizeLinear reads integers that no QuantizeLinear produced",
+            node=dq.name,
+            hint=hint,
+        )
+    return q

@@ -17,7 +17,7 @@ import numpy as np
 import onnx_ir as ir
 
 from qcompile.errors import QCompileError
-from qcompile.quantize.qdq import required_source_quantizer
+from qcompile.ir.graph import required_source_quantizer
 
 QDQ_OPS = frozenset({"QuantizeLinear", "DequantizeLinear"})
 OPERATOR_FORMAT_OPS = frozenset(

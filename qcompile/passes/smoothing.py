@@ -33,9 +33,9 @@ from dataclasses import dataclass
 import numpy as np
 import onnx_ir as ir
 
+from qcompile.calibrate.observers import Observer
 from qcompile.ir.graph import add_initializer, const_array, matmul_bias
-from qcompile.quantize.observers import Observer
-from qcompile.quantize.qparams import QuantSpec, fake_quantize, range_to_qparams
+from qcompile.numerics.qparams import QuantSpec, fake_quantize, range_to_qparams
 
 logger = logging.getLogger(__name__)
 

@@ -25,10 +25,10 @@ from collections.abc import Mapping
 import numpy as np
 import onnx_ir as ir
 
+from qcompile.calibrate.observers import Observer, weight_qparams
 from qcompile.ir.graph import const_array, matmul_bias
-from qcompile.quantize.observers import Observer, weight_qparams
+from qcompile.numerics.qparams import QuantSpec, fake_quantize
 from qcompile.quantize.plan import QuantPlan
-from qcompile.quantize.qparams import QuantSpec, fake_quantize
 
 CORRECTABLE_OPS = frozenset({"Conv", "Gemm", "MatMul"})
 

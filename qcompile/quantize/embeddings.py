@@ -16,9 +16,9 @@ import logging
 import numpy as np
 import onnx_ir as ir
 
+from qcompile.calibrate.observers import weight_qparams
 from qcompile.ir.graph import add_initializer
-from qcompile.quantize.observers import weight_qparams
-from qcompile.quantize.qparams import QuantSpec, quantize
+from qcompile.numerics.qparams import QuantSpec, quantize
 
 logger = logging.getLogger(__name__)
 

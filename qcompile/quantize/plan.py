@@ -25,10 +25,10 @@ from typing import Literal
 import numpy as np
 import onnx_ir as ir
 
+from qcompile.numerics.qparams import QuantSpec
 from qcompile.options import CompileOptions
-from qcompile.quantize.qparams import QuantSpec
+from qcompile.profile import TargetProfile
 from qcompile.quantize.weight_only import int4_eligible
-from qcompile.targets.profile import TargetProfile
 
 logger = logging.getLogger(__name__)
 

@@ -16,13 +16,13 @@ from collections.abc import Mapping
 import numpy as np
 import onnx_ir as ir
 
+from qcompile.calibrate.observers import weight_qparams
 from qcompile.errors import QCompileError
 from qcompile.ir.graph import add_initializer, values_by_name
+from qcompile.numerics.qparams import QParams, quantize
+from qcompile.profile import TargetProfile
 from qcompile.quantize.log2 import insert_log2_pair
-from qcompile.quantize.observers import weight_qparams
 from qcompile.quantize.plan import QuantPlan
-from qcompile.quantize.qparams import QParams, quantize
-from qcompile.targets.profile import TargetProfile
 
 logger = logging.getLogger(__name__)
 
@@ -343,27 +343,6 @@ def _dequantize_node(
     out.name = names.make(f"{base}_dequantized")
     out.dtype, out.shape = ir.DataType.FLOAT, shape
     return dq
-
-
-def source_quantizer(dq: ir.Node) -> ir.Node | None:
-    """The QuantizeLinear whose integers a DequantizeLinear reads, through the integer
-    Clip that narrows sub-8-bit activations; None when there is none."""
-    q = dq.inputs[0].producer()
-    if q is not None and q.op_type == "Clip":
-        q = q.inputs[0].producer()
-    return q if q is not None and q.op_type == "QuantizeLinear" else None
-
-
-def required_source_quantizer(dq: ir.Node, hint: str) -> ir.Node:
-    """source_quantizer(), or an error naming the DequantizeLinear that has none."""
-    q = source_quantizer(dq)
-    if q is None:
-        raise QCompileError(
-            "a DequantizeLinear reads integers that no QuantizeLinear produced",
-            node=dq.name,
-            hint=hint,
-        )
-    return q
 
 
 def q_dtype(qp: QParams) -> np.dtype:

@@ -1,24 +1,31 @@
-"""Targets: one file each, holding the profile (data) and the pipeline (the compiler's story)."""
+"""Targets: one file each, holding the profile (data) and the pipeline (the compiler's story).
+
+A target is registered here by name; everything outside this package reads its
+capabilities from its profile and never compares target names.
+"""
 
 from __future__ import annotations
 
+import importlib
+from types import ModuleType
+
 from qcompile.errors import QCompileError
-from qcompile.targets.profile import TargetProfile
 
-TARGETS = ("cpu", "gpu", "fpga")
+# name -> module with PROFILE and pipeline(options); one line per target
+REGISTRY: dict[str, str] = {
+    "cpu": "qcompile.targets.cpu",
+    "gpu": "qcompile.targets.gpu",
+    "fpga": "qcompile.targets.fpga",
+    "npu": "qcompile.targets.npu",
+}
+TARGETS = tuple(REGISTRY)
 
 
-def get_target(name: str):
+def get_target(name: str) -> ModuleType:
     """The target module (with PROFILE and pipeline()) for a target name."""
-    if name == "cpu":
-        from qcompile.targets import cpu as module
-    elif name == "gpu":
-        from qcompile.targets import gpu as module
-    elif name == "fpga":
-        from qcompile.targets import fpga as module
-    else:
+    if name not in REGISTRY:
         raise QCompileError(f"unknown target '{name}'", hint=f"choose one of {', '.join(TARGETS)}")
-    return module
+    return importlib.import_module(REGISTRY[name])
 
 
-__all__ = ["TARGETS", "TargetProfile", "get_target"]
+__all__ = ["REGISTRY", "TARGETS", "get_target"]

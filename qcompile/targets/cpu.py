@@ -10,24 +10,24 @@ from __future__ import annotations
 import onnx_ir as ir
 import onnx_ir.passes.common as common_passes
 
+from qcompile.lower.integer_only import LowerToIntegerOnly
+from qcompile.numerics.qparams import QuantSpec
 from qcompile.options import CompileOptions
 from qcompile.passes.canonicalize import canonicalize
 from qcompile.passes.equalization import CrossLayerEqualization
 from qcompile.passes.fusion import FuseForQuantization
 from qcompile.passes.smoothing import SmoothQuant
-from qcompile.pipeline import BiasPhase, Calibration, Pipeline, QuantizePhase, SmoothPhase
-from qcompile.quantize.bias_correction import BiasCorrection
-from qcompile.quantize.embeddings import QuantizeEmbeddings
-from qcompile.quantize.integer import LowerToIntegerOnly
-from qcompile.quantize.qdq import InsertQDQ
-from qcompile.quantize.qparams import QuantSpec
-from qcompile.quantize.weight_only import Int4WeightOnly
-from qcompile.targets.profile import (
+from qcompile.profile import (
     ARITH_OPS,
     COMPUTE_OPS,
     TargetProfile,
     integer_only_variant,
 )
+from qcompile.quantize.bias_correction import BiasCorrection
+from qcompile.quantize.embeddings import QuantizeEmbeddings
+from qcompile.quantize.qdq import InsertQDQ
+from qcompile.quantize.weight_only import Int4WeightOnly
+from qcompile.targets.pipeline import BiasPhase, Calibration, Pipeline, QuantizePhase, SmoothPhase
 
 PROFILE = TargetProfile(
     name="cpu",
@@ -39,6 +39,7 @@ PROFILE = TargetProfile(
     # HardSwish has no integer kernel in ORT; our fusions rewrite it to x·HardSigmoid(x).
     arith_ops=ARITH_OPS - {"HardSwish"},
     execution_providers=("CPUExecutionProvider",),
+    int4_weights=True,
 )
 
 

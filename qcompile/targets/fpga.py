@@ -12,12 +12,12 @@ from __future__ import annotations
 
 import dataclasses
 
+from qcompile.numerics.qparams import QuantSpec
 from qcompile.options import CompileOptions
-from qcompile.pipeline import Calibration, Pipeline
+from qcompile.profile import ARITH_OPS, COMPUTE_OPS, TABLE_OPS, TargetProfile
 from qcompile.quantize.qdq import InsertQDQ
-from qcompile.quantize.qparams import QuantSpec
 from qcompile.targets import cpu
-from qcompile.targets.profile import ARITH_OPS, COMPUTE_OPS, TABLE_OPS, TargetProfile
+from qcompile.targets.pipeline import Calibration, Pipeline
 
 PROFILE = TargetProfile(
     name="fpga",
@@ -30,6 +30,11 @@ PROFILE = TargetProfile(
     arith_ops=(ARITH_OPS - {"Softmax"}) | TABLE_OPS,
     remove_clamping_activations=False,
     integer_only=True,
+    bit_widths=frozenset(range(2, 9)),
+    log2_softmax=True,
+    cost_model="fpga",
+    mixed_precision="weight-bits",
+    default_backend="qonnx",
 )
 
 

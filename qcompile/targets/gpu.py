@@ -7,11 +7,11 @@ activations stay in the graph (a symmetric zero point cannot clamp them away).
 
 from __future__ import annotations
 
+from qcompile.numerics.qparams import QuantSpec
 from qcompile.options import CompileOptions
-from qcompile.pipeline import Calibration, Pipeline
-from qcompile.quantize.qparams import QuantSpec
+from qcompile.profile import COMPUTE_OPS, TargetProfile, integer_only_variant
 from qcompile.targets import cpu
-from qcompile.targets.profile import COMPUTE_OPS, TargetProfile, integer_only_variant
+from qcompile.targets.pipeline import Calibration, Pipeline
 
 PROFILE = TargetProfile(
     name="gpu",
@@ -27,6 +27,7 @@ PROFILE = TargetProfile(
         "CUDAExecutionProvider",
         "CPUExecutionProvider",
     ),
+    int4_weights=True,
 )
 
 

@@ -13,7 +13,7 @@ import sys
 import traceback
 
 from qcompile.errors import find_qcompile_error
-from qcompile.quantize.observers import CALIB_METHODS
+from qcompile.options import CALIB_METHODS
 from qcompile.targets import TARGETS
 
 logger = logging.getLogger("qcompile")
@@ -334,8 +334,8 @@ def cmd_compile(args: argparse.Namespace) -> int:
     from rich.console import Console
 
     from qcompile.api import compile as compile_model
+    from qcompile.data.feeds import ImageSpec
     from qcompile.ir.io import check_output_path, write_text_atomic
-    from qcompile.quantize.data import ImageSpec
 
     check_output_path(args.output, inputs=(args.model,))
     for extra_output in (args.report, args.qonnx):
@@ -465,9 +465,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from rich.table import Table
 
     from qcompile.backends import ort as ort_backend
+    from qcompile.data.feeds import input_specs, open_calibration
     from qcompile.ir.io import load_model
     from qcompile.ir.shapes import parse_input_shapes, pin_input_shapes
-    from qcompile.quantize.data import input_specs, open_calibration
 
     model = load_model(args.model)
     pin_input_shapes(model, parse_input_shapes(args.input_shape))
@@ -522,7 +522,7 @@ def cmd_passes(args: argparse.Namespace) -> int:
 
 
 def cmd_zoo(args: argparse.Namespace) -> int:
-    from models import zoo
+    from benchmarks import zoo
 
     if args.zoo_command == "list":
         for name, entry in zoo.ZOO.items():

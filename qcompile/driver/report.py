@@ -30,10 +30,38 @@ class OutputReport:
     cosine: float
 
 
+# Bumped when a field changes meaning or goes away (docs/report.md lists the fields).
+SCHEMA_VERSION = 2
+
+
+def options_record(options: Any) -> dict[str, Any]:
+    """The options a compile used, as plain JSON values (node patterns as strings)."""
+
+    def plain(value: Any) -> Any:
+        if callable(value) and not isinstance(value, type):
+            return getattr(value, "__name__", "callable")
+        if isinstance(value, (list, tuple)):
+            return [plain(v) for v in value]
+        if isinstance(value, dict):
+            return {k: plain(v) for k, v in value.items()}
+        if hasattr(value, "pattern") and len(vars(value)) == 1:  # NodeMatcher
+            return value.pattern
+        if hasattr(value, "__dataclass_fields__"):
+            return {k: plain(v) for k, v in vars(value).items()}
+        if isinstance(value, float) and not math.isfinite(value):
+            return str(value)
+        return value
+
+    return {k: plain(v) for k, v in vars(options).items()}
+
+
 @dataclass
 class CompileReport:
     target: str
     input_model: str | None = None
+    schema_version: int = SCHEMA_VERSION
+    # every CompileOptions field as used (after a strategy's choices)
+    options: dict[str, Any] = field(default_factory=dict)
     output_model: str | None = None
     calib_method: str = ""
     # --calib-method auto: output SQNR (dB) of each method tried on calibration feeds
@@ -43,6 +71,8 @@ class CompileReport:
     holdout_is_calibration: bool = False
     calib_seconds: float = 0.0
     calib_model_seconds: float = 0.0
+    # statistics came from an earlier variant of the same job (a strategy's), not a run
+    calibration_reused: bool = False
     compile_seconds: float = 0.0
     ort_run_seconds: float = 0.0  # inside ONNX Runtime running a model (calibration, measuring)
     ort_session_seconds: float = 0.0  # inside ONNX Runtime building sessions

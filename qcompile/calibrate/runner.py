@@ -21,12 +21,12 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx_ir as ir
 
+from qcompile.calibrate.observers import Observer
 from qcompile.clocks import bound
+from qcompile.data.feeds import Feed
 from qcompile.errors import QCompileError
 from qcompile.ir.graph import values_by_name
-from qcompile.quantize.data import Feed
-from qcompile.quantize.observers import Observer
-from qcompile.quantize.qparams import QParams, QuantSpec
+from qcompile.numerics.qparams import QParams, QuantSpec
 
 logger = logging.getLogger(__name__)
 
@@ -45,6 +45,7 @@ class CalibrationStats:
     holdout: list[Feed] = field(default_factory=list)
     observed: dict[str, tuple[np.dtype, tuple[int, ...]]] = field(default_factory=dict)
     holdout_is_calibration: bool = False
+    cached: bool = False  # reused from an earlier variant of the same job (no run)
 
     def qparams(self, tensor: str, spec: QuantSpec) -> QParams:
         if tensor not in self.observers:

@@ -9,10 +9,11 @@ from typing import Any
 import numpy as np
 import onnx_ir as ir
 
-from qcompile.quantize.observers import CalibMethod, Observer, make_observer
+from qcompile.calibrate.observers import Observer, make_observer
+from qcompile.numerics.qparams import QParams
+from qcompile.options import CalibMethod
+from qcompile.profile import TargetProfile
 from qcompile.quantize.plan import QuantPlan
-from qcompile.quantize.qparams import QParams
-from qcompile.targets.profile import TargetProfile
 
 QuantizePhase = Callable[[QuantPlan, Mapping[str, QParams]], list[ir.passes.PassBase]]
 # smooth(groups, channel statistics) -> passes; statistics come from a calibration run
@@ -34,6 +35,10 @@ class Calibration:
             return make_observer(method, tensor, percentile=percentile)  # type: ignore[arg-type]
 
         return make
+
+    def key_for(self, plan: QuantPlan) -> Callable[[str], tuple[str, float]]:
+        """What decides a tensor's observer, so statistics are reused only for the same."""
+        return lambda t: plan.tensor_methods.get(t, (self.method, self.percentile))
 
 
 @dataclass(frozen=True)

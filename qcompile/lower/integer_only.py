@@ -36,9 +36,9 @@ import onnx_ir as ir
 import onnx_ir.passes.common as common_passes
 
 from qcompile.ir.graph import const_array
-from qcompile.quantize.dyadic import Dyadic, shift_constants, to_dyadic
+from qcompile.numerics.dyadic import Dyadic, shift_constants, to_dyadic
+from qcompile.profile import PASSTHROUGH_OPS
 from qcompile.quantize.log2 import levels, log2_codes, power_table
-from qcompile.targets.profile import PASSTHROUGH_OPS
 
 logger = logging.getLogger(__name__)
 

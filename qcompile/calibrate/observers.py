@@ -12,17 +12,15 @@ An observer that saw no data, or saw NaN/Inf, raises instead of guessing.
 from __future__ import annotations
 
 import math
-from typing import Literal
 
 import numpy as np
 
 from qcompile.errors import QCompileError
-from qcompile.quantize.qparams import QParams, QuantSpec, range_to_qparams
+from qcompile.numerics.qparams import QParams, QuantSpec, range_to_qparams
+from qcompile.options import CALIB_METHODS, CalibMethod
 
-CalibMethod = Literal["minmax", "percentile", "entropy", "mse", "auto"]
-CALIB_METHODS: tuple[str, ...] = ("minmax", "percentile", "entropy", "mse", "auto")
 # What "auto" tries: the compile keeps whichever gives the best output SQNR on up to 16
-# calibration feeds (qcompile.api._choose_method).
+# calibration feeds (qcompile.strategies.auto_method).
 # Entropy is left out: it collapsed PP-OCR det/rec/cls in benchmarks/RESULTS.md.
 AUTO_METHODS: tuple[str, ...] = ("mse", "percentile", "minmax")
 

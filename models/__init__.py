@@ -1,1 +1,0 @@
-"""Builders for small test models, bundled examples, and the real model zoo fetcher."""

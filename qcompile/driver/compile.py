@@ -1,0 +1,348 @@
+"""The compile driver: one compile of one job, read top to bottom as the data flows.
+
+import → rewrite → smooth → plan → calibrate | choose parameters | → bias correction →
+quantize → lower → check → measure → write.
+
+`prepare` runs everything up to the calibration statistics, `finish` everything after
+the activation parameters are read from them. A strategy that tries several ways of
+reading the statistics (`--calib-method auto`) calls `prepare` once and `finish` with its
+choice; everything else calls `compile_once`. Strategies call the driver, never the
+reverse.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import logging
+from collections.abc import Hashable
+from dataclasses import dataclass, field
+
+import onnx
+import onnx_ir as ir
+
+from qcompile.backends import ort as ort_backend
+from qcompile.calibrate.runner import CalibrationStats, calibrate
+from qcompile.data.feeds import CalibrationSource, Feed, InputSpec, input_specs
+from qcompile.driver import checks
+from qcompile.driver.job import CompileJob, Workspace
+from qcompile.driver.measure import fpga_costs, measure
+from qcompile.driver.report import CompileReport, options_record
+from qcompile.ir.io import check_output_path, save_model, serialized_size
+from qcompile.ir.shapes import infer_shapes, pin_input_shapes, record_observed_shapes
+from qcompile.lower.integer_only import LowerToIntegerOnly
+from qcompile.numerics.qparams import QParams
+from qcompile.passes.manager import PassRecord, pass_name, run_phase
+from qcompile.passes.prequantized import DequantizeQDQ, quantized_ops
+from qcompile.passes.smoothing import ChannelObserver, find_smooth_groups
+from qcompile.quantize.bias_correction import ChannelMeanObserver, correction_inputs
+from qcompile.quantize.plan import QuantPlan, build_plan
+from qcompile.quantize.qdq import InsertQDQ
+from qcompile.targets import get_target
+from qcompile.targets.pipeline import Pipeline
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class CompileResult:
+    model: ir.Model
+    report: CompileReport
+    plan: QuantPlan
+    # the QDQ graph before integer-only lowering (None when the model was not lowered)
+    qdq_model: ir.Model | None = None
+    # the rewritten FP32 graph the plan refers to, and the activation parameters used
+    fp32_model: ir.Model | None = None
+    qparams: dict[str, QParams] = field(default_factory=dict)
+    bench_feed: Feed | None = None  # the held-out feed latency is measured on
+
+
+@dataclass
+class Prepared:
+    """A job compiled up to its calibration statistics."""
+
+    job: CompileJob
+    workspace: Workspace
+    pipe: Pipeline
+    skip: frozenset[str]
+    model: ir.Model  # the rewritten (and smoothed) FP32 graph
+    specs: list[InputSpec]
+    data: CalibrationSource
+    plan: QuantPlan
+    stats: CalibrationStats
+    records: list[PassRecord]
+
+    @property
+    def options(self):
+        return self.job.options
+
+    def observe(self, tensors: list[str], observer_for, key_for, progress=False):
+        return observe(self, self.model, tensors, observer_for, key_for, progress)
+
+    def activation_qparams(self, method: str) -> dict[str, QParams]:
+        return checks.activation_qparams(
+            self.plan, self.stats, self.pipe.profile, method, self.options.percentile
+        )
+
+    def quantized(self, qparams: dict[str, QParams]) -> ir.Model:
+        """A QDQ model of this graph with these parameters, before integer-only lowering."""
+        candidate, _ = run_phase(
+            self.model.clone(), "quantize", self.pipe.quantize(self.plan, qparams), skip=self.skip
+        )
+        candidate, _ = run_phase(
+            candidate, "lower", self.pipe.lower[: _cut(self.pipe)], skip=self.skip
+        )
+        return candidate
+
+
+def check_output(job: CompileJob) -> None:
+    """Refuse a bad output path before any work."""
+    if job.output is not None:
+        inputs = (job.input_path,) if job.input_path else ()
+        check_output_path(job.output, inputs=inputs)
+
+
+def observe(prep, model, tensors, observer_for, key_for, progress=False) -> CalibrationStats:
+    """One run over the calibration data (the same feeds, batch limit, hold-out and token
+    mask for SmoothQuant's, the plan's and bias correction's statistics), or the
+    statistics an earlier variant of the job computed on the same graph."""
+    options = prep.job.options
+    token_mask = checks.token_mask_input(prep.specs, options.token_mask)
+    settings: Hashable = (options.holdout_every, options.max_calib_batches, token_mask)
+
+    def run(names: list[str]) -> CalibrationStats:
+        return calibrate(
+            model,
+            prep.data,
+            names,
+            observer_for,
+            ort_backend.runner_factory(threads=options.threads),
+            holdout_every=options.holdout_every,
+            max_batches=options.max_calib_batches,
+            progress=progress,
+            total=prep.data.count,
+            token_mask=token_mask,
+        )
+
+    return prep.workspace.observe(model, tensors, key_for, run, settings)
+
+
+def prepare(job: CompileJob, workspace: Workspace) -> Prepared | CompileResult:
+    """Import, rewrite, smooth, plan and calibrate; a CompileResult when the input is an
+    already quantized model the options say to keep."""
+    check_output(job)
+    options = job.options
+    pipe = get_target(job.target).pipeline(options)
+    profile = pipe.profile
+    checks.target_supports(profile, options)
+
+    # Import and canonicalize.
+    graph_model = workspace.load(job.model)
+    prequantized = quantized_ops(graph_model)
+    if prequantized:
+        listed = ", ".join(f"{k}×{v}" for k, v in prequantized.items())
+        if options.already_quantized == "error":
+            raise checks.already_quantized_error(listed)
+        if options.already_quantized == "keep":
+            return _kept_as_is(job, graph_model, profile.name, listed)
+        graph_model, _ = run_phase(graph_model, "import", [DequantizeQDQ()])
+        logger.warning("dequantized an already quantized model (%s) to compile it again", listed)
+    if options.input_shapes:
+        pin_input_shapes(graph_model, dict(options.input_shapes))
+    infer_shapes(graph_model)
+    specs = input_specs(graph_model)
+    data = workspace.data(job.calibration, specs, options, job.image_spec)
+    verify = None
+    if options.verify_passes:
+        verify = ort_backend.equivalence_verifier(first_feeds(data, 2))
+    skip = checks.disabled_passes(pipe, options)
+    graph_model, records = run_phase(graph_model, "rewrite", pipe.rewrite, verify=verify, skip=skip)
+    infer_shapes(graph_model)
+    prep = Prepared(
+        job, workspace, pipe, skip, graph_model, specs, data, QuantPlan(), None, records
+    )  # type: ignore[arg-type]
+
+    # Smooth: migrate activation outliers into weights (needs its own statistics).
+    if pipe.smooth is not None and options.smoothquant and "SmoothQuant" not in skip:
+        groups = find_smooth_groups(graph_model, explicit=options.smooth_explicit)
+        if groups:
+            channel_stats = prep.observe(
+                [g.activation for g in groups], ChannelObserver, lambda t: "channel"
+            )
+            graph_model, smooth_records = run_phase(
+                graph_model, "smooth", pipe.smooth(groups, channel_stats.observers), verify=verify
+            )
+            infer_shapes(graph_model)
+            prep.model = graph_model
+            prep.records += smooth_records
+
+    # Plan and calibrate.
+    plan = build_plan(graph_model, profile, options)
+    checks.plan_has_work(plan, profile, options)
+    observer_for = pipe.calibrate.observer_for(plan)
+    stats = prep.observe(
+        plan.calibrated_tensors, observer_for, pipe.calibrate.key_for(plan), options.progress
+    )
+    record_observed_shapes(graph_model, stats.observed)
+    unbounded = {t for t, obs in stats.observers.items() if obs.unbounded}
+    if unbounded:
+        # e.g. attention masks filled with -inf/finfo.min: keep their nodes FP32.
+        plan = checks.demote(graph_model, plan, unbounded, profile, options)
+        missing = [t for t in plan.calibrated_tensors if t not in stats.observers]
+        if missing:  # demotion can expose tensors the first plan read through others
+            extra = prep.observe(
+                missing, pipe.calibrate.observer_for(plan), pipe.calibrate.key_for(plan)
+            )
+            stats = dataclasses.replace(
+                stats,
+                observers={**stats.observers, **extra.observers},
+                observed={**stats.observed, **extra.observed},
+                run_seconds=stats.run_seconds + extra.run_seconds,
+                total_seconds=stats.total_seconds + extra.total_seconds,
+            )
+    prep.plan, prep.stats = plan, stats
+    return prep
+
+
+def finish(
+    prep: Prepared, method: str, method_scores: dict[str, float] | None = None
+) -> CompileResult:
+    """Read the activation parameters with `method`; quantize, lower, check, measure and
+    write."""
+    job, options, pipe, skip = prep.job, prep.options, prep.pipe, prep.skip
+    profile, plan, stats = pipe.profile, prep.plan, prep.stats
+    graph_model = prep.model
+    qparams = prep.activation_qparams(method)
+    # clone(), not a protobuf round trip: external-data tensors keep their base directory
+    fp32_model = graph_model.clone()
+
+    # Bias correction (asked for): needs the FP32 reference taken above, and its own run.
+    records = list(prep.records)
+    if options.bias_correction and pipe.correct_bias is not None and "BiasCorrection" not in skip:
+        axes = correction_inputs(graph_model, plan)
+        if axes:
+            mean_stats = observe(
+                prep,
+                graph_model,
+                list(axes),
+                lambda t: ChannelMeanObserver(t, axes[t]),
+                lambda t: ("mean", axes[t]),
+            )
+            means = {t: o.mean for t, o in mean_stats.observers.items() if o.mean is not None}
+            graph_model, more = run_phase(
+                graph_model, "quantize", pipe.correct_bias(plan, means), skip=skip
+            )
+            records += more
+
+    # Quantize and lower; the QDQ graph is kept when integer-only lowering follows
+    # (QONNX exports it).
+    quantize_passes = pipe.quantize(plan, qparams)
+    graph_model, more = run_phase(graph_model, "quantize", quantize_passes, skip=skip)
+    records += more
+    cut = _cut(pipe)
+    lowering = pipe.lower[cut] if cut is not None else None
+    qdq_model = None
+    graph_model, more = run_phase(graph_model, "lower", pipe.lower[:cut], skip=skip)
+    records += more
+    if lowering is not None and pass_name(lowering) not in skip:
+        qdq_model = graph_model.clone()
+        graph_model, more = run_phase(graph_model, "lower", pipe.lower[cut:], skip=skip)
+        records += more
+    else:
+        lowering = None
+    checks.islands_allowed(lowering, options)
+    proto = ir.to_proto(graph_model)
+    try:
+        onnx.checker.check_model(proto, full_check=True)
+    except Exception as exc:
+        raise RuntimeError(
+            f"the compiled model failed onnx.checker (a qcompile bug): {exc}"
+        ) from exc
+
+    op_types = {node.name: node.op_type for node in fp32_model.graph}
+    insert = next((p for p in quantize_passes if isinstance(p, InsertQDQ)), None)
+    report = CompileReport(
+        target=profile.name,
+        input_model=job.input_path,
+        options=options_record(options),
+        calib_method=method,
+        calib_method_scores=dict(method_scores or {}),
+        calib_batches=stats.batches,
+        holdout_batches=len(stats.holdout),
+        holdout_is_calibration=stats.holdout_is_calibration,
+        calib_seconds=stats.total_seconds,
+        calib_model_seconds=stats.run_seconds,
+        calibration_reused=stats.cached,
+        passes=[
+            {
+                "phase": r.phase,
+                "name": r.name,
+                "seconds": r.seconds,
+                "modified": r.modified,
+                "skipped": r.skipped,
+            }
+            for r in records
+        ],
+        quantized_ops=dict(collections.Counter(op_types[n] for n in plan.nodes)),
+        skipped_nodes=dict(plan.skipped),
+        removed_activations=list(insert.removed_activations) if insert else [],
+        size_fp32_bytes=serialized_size(fp32_model),
+        size_quantized_bytes=proto.ByteSize(),
+        notes=list(profile.notes),
+        integer_only=lowering is not None,
+        integer_ops=dict(lowering.lowered) if lowering else {},
+        float_islands=[dataclasses.asdict(i) for i in lowering.islands] if lowering else [],
+    )
+    if profile.cost_model == "fpga":
+        fpga_costs(report, fp32_model, plan, profile, options, stats.observed)
+    measure(
+        report,
+        fp32_model,
+        graph_model,
+        stats.holdout,
+        plan,
+        qparams,
+        insert.dq_outputs if insert else {},
+        profile.execution_providers,
+        options,
+    )
+    if job.output is not None:
+        save_model(graph_model, job.output)
+        report.output_model = str(job.output)
+    bench_feed = stats.holdout[0] if stats.holdout else None
+    return CompileResult(graph_model, report, plan, qdq_model, fp32_model, qparams, bench_feed)
+
+
+def compile_once(job: CompileJob, workspace: Workspace) -> CompileResult:
+    """One compile with the job's calibration method as given (not `auto`)."""
+    prep = prepare(job, workspace)
+    if isinstance(prep, CompileResult):
+        return prep
+    return finish(prep, job.options.calib_method)
+
+
+def first_feeds(data, n: int) -> list[Feed]:
+    feeds = []
+    for feed in data:
+        feeds.append(feed)
+        if len(feeds) >= n:
+            break
+    return feeds
+
+
+def _cut(pipe: Pipeline) -> int | None:
+    """Where integer-only lowering starts in the lower phase (None: no such pass)."""
+    return next((i for i, p in enumerate(pipe.lower) if isinstance(p, LowerToIntegerOnly)), None)
+
+
+def _kept_as_is(job: CompileJob, model: ir.Model, target: str, listed: str) -> CompileResult:
+    report = CompileReport(
+        target=target,
+        input_model=job.input_path,
+        options=options_record(job.options),
+        notes=[f"already quantized ({listed}): returned unchanged (--already-quantized keep)"],
+    )
+    if job.output is not None:
+        save_model(model, job.output)
+        report.output_model = str(job.output)
+    return CompileResult(model, report, QuantPlan())

@@ -1,0 +1,139 @@
+"""One compile job, and what every variant of it shares.
+
+A `CompileJob` is everything one compile reads: the model, the target, the calibration
+data, the options and where to write. Strategies (calibration method, CLE on/off, pass
+effects, mixed precision) run several variants of one job; a `Workspace` keeps what those
+variants share so it is computed once: the loaded model, the opened calibration data, and
+calibration statistics keyed by graph and data.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import os
+from collections.abc import Callable, Hashable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import onnx_ir as ir
+
+from qcompile.calibrate.observers import Observer
+from qcompile.calibrate.runner import CalibrationStats
+from qcompile.data.feeds import CalibrationSource, ImageSpec, InputSpec, open_calibration
+from qcompile.ir.io import ModelSource, load_model
+from qcompile.options import CompileOptions
+
+CalibrationInput = str | os.PathLike | Mapping[str, np.ndarray] | Iterable[Mapping[str, np.ndarray]]
+
+
+@dataclass(frozen=True)
+class CompileJob:
+    model: ModelSource
+    target: str
+    calibration: CalibrationInput
+    options: CompileOptions
+    output: str | os.PathLike | None = None
+    image_spec: ImageSpec | None = None
+    # data a mixed-precision search checks its budget on (default: the calibration data)
+    verification: CalibrationInput | None = None
+
+    def variant(self, output: str | os.PathLike | None = None, **changes: Any) -> CompileJob:
+        """The same job with other options (and, by default, no output file)."""
+        return dataclasses.replace(
+            self, options=dataclasses.replace(self.options, **changes), output=output
+        )
+
+    @property
+    def input_path(self) -> str | None:
+        return str(self.model) if isinstance(self.model, (str, os.PathLike)) else None
+
+
+def graph_fingerprint(model: ir.Model) -> str:
+    """SHA-256 of the serialized model: two variants that rewrote the graph alike share it."""
+    return hashlib.sha256(ir.to_proto(model).SerializeToString()).hexdigest()
+
+
+# (graph fingerprint, tensor) -> (observer key, observer, observed dtype/shape or None)
+_Entry = tuple[Hashable, Observer, tuple | None]
+
+
+@dataclass
+class _Run:
+    """What a calibration run leaves besides its observers (same data, same hold-out)."""
+
+    batches: int
+    holdout: list
+    holdout_is_calibration: bool
+
+
+@dataclass
+class Workspace:
+    """Per-job state shared by every variant a strategy compiles."""
+
+    _model: ir.Model | None = None
+    _data: dict[Hashable, CalibrationSource] = field(default_factory=dict)
+    _stats: dict[tuple[str, str], _Entry] = field(default_factory=dict)
+    _runs: dict[str, _Run] = field(default_factory=dict)
+    hits: int = 0
+
+    def load(self, source: ModelSource) -> ir.Model:
+        """The input model, loaded (and checked) once; each variant gets its own copy."""
+        if self._model is None:
+            self._model = load_model(source)
+        return self._model.clone()
+
+    def data(
+        self,
+        calibration: CalibrationInput,
+        specs: Sequence[InputSpec],
+        options: CompileOptions,
+        image_spec: ImageSpec | None,
+    ) -> CalibrationSource:
+        """The calibration data for these model inputs, opened once."""
+        key = (tuple(specs), options.calib_batch_size, options.seed, image_spec)
+        if key not in self._data:
+            self._data[key] = open_calibration(
+                calibration,
+                specs,
+                batch_size=options.calib_batch_size,
+                image_spec=image_spec,
+                seed=options.seed,
+            )
+        return self._data[key]
+
+    def observe(
+        self,
+        model: ir.Model,
+        tensors: Sequence[str],
+        key_for: Callable[[str], Hashable],
+        run: Callable[[list[str]], CalibrationStats],
+        settings: Hashable = (),
+    ) -> CalibrationStats:
+        """Statistics of `tensors` on this graph: from the cache when every tensor was
+        observed before with the same observer kind (`key_for(tensor)`), otherwise from
+        one calibration run over them all (`run`), which then fills the cache. `settings`:
+        what else decides the statistics (hold-out, batch limit, token mask)."""
+        graph = f"{graph_fingerprint(model)}|{settings!r}"
+        cached = [self._stats.get((graph, t)) for t in tensors]
+        if tensors and all(
+            e is not None and e[0] == key_for(t) for e, t in zip(cached, tensors, strict=True)
+        ):
+            self.hits += 1
+            meta = self._runs[graph]
+            return CalibrationStats(
+                observers={t: e[1] for t, e in zip(tensors, cached, strict=True)},
+                observed={
+                    t: e[2] for t, e in zip(tensors, cached, strict=True) if e[2] is not None
+                },
+                batches=meta.batches,
+                holdout=list(meta.holdout),
+                holdout_is_calibration=meta.holdout_is_calibration,
+                cached=True,
+            )
+        stats = run(list(tensors))
+        for t, observer in stats.observers.items():
+            self._stats[(graph, t)] = (key_for(t), observer, stats.observed.get(t))
+        self._runs[graph] = _Run(stats.batches, list(stats.holdout), stats.holdout_is_calibration)
+        return stats

@@ -1,0 +1,195 @@
+"""Measuring a compiled model for the report: output and per-tensor agreement with FP32
+on held-out feeds, latency of both, and the FPGA cost model's per-layer rows."""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+import onnx_ir as ir
+
+from qcompile.backends import ort as ort_backend
+from qcompile.calibrate.runner import extra_outputs
+from qcompile.data.feeds import Feed
+from qcompile.driver.report import CompileReport, OutputReport, TensorReport
+from qcompile.numerics.qparams import QParams, fake_quantize
+from qcompile.options import CompileOptions
+from qcompile.quantize.plan import QuantPlan
+from qcompile.quantize.qdq import effective_qparams
+from qcompile.targets.fpga_cost import layer_costs
+
+logger = logging.getLogger(__name__)
+
+
+# Held-out feeds the per-tensor SQNR table is measured on (outputs use them all): it is a
+# diagnostic, and fake-quantizing every activation of every held-out feed in numpy made
+# the report the part of compile time that grew fastest with the calibration set.
+TENSOR_REPORT_FEEDS = 2
+
+
+def measure(
+    report: CompileReport,
+    fp32_model: ir.Model,
+    q_model: ir.Model,
+    feeds: Sequence[Feed],
+    plan: QuantPlan,
+    qparams: Mapping[str, QParams],
+    dq_outputs: Mapping[str, str],
+    providers: Sequence[str],
+    options: CompileOptions,
+) -> None:
+    """Fill the report's accuracy, size and latency from held-out feeds."""
+    make = ort_backend.make_session
+    available = ort_backend.available_providers()
+    if providers and providers[0] not in available:
+        used = next((p for p in providers if p in available), "CPUExecutionProvider")
+        report.notes.append(
+            f"{providers[0]} is not available here: accuracy and latency were measured on {used}"
+        )
+    # Sessions are the expensive part of measuring, so each is built once and reused:
+    # - the FP32 model, instrumented with the quantized tensors as extra outputs, gives both
+    #   the reference outputs and the reference tensors (extra outputs do not change values);
+    # - the deployed quantized model, fully optimized (its optimized graph gives the fused op
+    #   counts), gives the outputs users will see;
+    # - the quantized model, instrumented at its dequantizers, gives per-tensor errors (it
+    #   cannot be the deployed one: reading a dequantizer's output blocks ORT's fusions).
+    on_cpu = providers[0] == "CPUExecutionProvider"
+    if on_cpu:
+        q_sess, optimized = ort_backend.session_and_optimized_graph(
+            q_model, providers=providers, threads=options.threads
+        )
+        report.ort_ops = ort_backend.op_counts(optimized)
+    else:
+        q_sess, optimized = make(q_model, providers=providers, threads=options.threads), None
+    out_names = [o.name for o in q_sess.get_outputs()]
+    inputs = {v.name for v in fp32_model.graph.inputs}
+    tensors = [t for t in plan.tensors if t in dq_outputs]
+    with (
+        extra_outputs(fp32_model, tensors) as fp_added,
+        extra_outputs(q_model, [dq_outputs[t] for t in tensors]) as q_added,
+    ):
+        fp_sess = make(fp32_model, providers=providers, threads=options.threads)
+        q_inst = (
+            make(q_model, threads=options.threads, opt_level=ort_backend.OptLevel.ORT_ENABLE_BASIC)
+            if q_added
+            else None
+        )
+    fp_run = [t for t in tensors if t in set(fp_added)]
+    tensors = [t for t in tensors if (t in inputs or t in fp_run) and dq_outputs[t] in set(q_added)]
+    fp_run = [t for t in fp_run if t in tensors]
+    sums = {name: [0.0] * 5 for name in out_names}  # signal, noise, dot, |a|², |b|²
+    acc = {t: [0.0] * 5 for t in tensors}
+    local = {t: [0.0] * 5 for t in tensors}
+    effective = {t: effective_qparams(plan, qparams, t) for t in tensors}
+    for i, feed in enumerate(feeds):
+        per_tensor = bool(tensors) and i < TENSOR_REPORT_FEEDS
+        fp_all = fp_sess.run(out_names + (fp_run if per_tensor else []), dict(feed))
+        q_out = q_sess.run(out_names, dict(feed))
+        for name, a, b in zip(out_names, fp_all[: len(out_names)], q_out, strict=True):
+            accumulate(sums[name], a, b)
+        if not per_tensor:
+            continue
+        fp_vals = {t: feed[t] for t in tensors if t in inputs}
+        fp_vals.update(zip(fp_run, fp_all[len(out_names) :], strict=True))
+        q_vals = q_inst.run([dq_outputs[t] for t in tensors], dict(feed))
+        for t, q_val in zip(tensors, q_vals, strict=True):
+            accumulate(acc[t], fp_vals[t], q_val)
+            accumulate(local[t], fp_vals[t], fake_quantize(fp_vals[t], effective[t]))
+    report.outputs = [OutputReport(n, sqnr(s), cosine(s)) for n, s in sums.items()]
+    report.tensors = [
+        TensorReport(
+            t,
+            float(effective[t].scale),
+            int(effective[t].zero_point),
+            sqnr(local[t]),
+            sqnr(acc[t]),
+        )
+        for t in tensors
+    ]
+    if options.bench_runs and feeds:
+        bench_latency(report, fp32_model, q_model, feeds[0], providers, options, q_sess, optimized)
+
+
+def bench_latency(
+    report: CompileReport,
+    fp32_model: ir.Model,
+    q_model: ir.Model,
+    feed: Feed,
+    providers: Sequence[str],
+    options: CompileOptions,
+    q_sess=None,
+    optimized: ir.Model | None = None,
+) -> None:
+    """FP32 vs quantized median latency into the report, with a note when INT8 is slower."""
+    make = ort_backend.make_session
+    threads = options.threads or os.cpu_count() or 1
+    f_s = make(fp32_model, providers=providers, threads=threads)
+    q_s = (
+        q_sess
+        if q_sess is not None and threads == options.threads
+        else make(q_model, providers=providers, threads=threads)
+    )
+    lat = ort_backend.bench({"fp32": f_s, "q": q_s}, feed, runs=options.bench_runs)
+    report.latency_fp32_ms, report.latency_quantized_ms = lat["fp32"], lat["q"]
+    report.bench_threads = threads
+    if report.speedup is not None and report.speedup < 1.0 and report.integer_only:
+        report.notes.append(
+            f"integer-only graphs are for integer hardware and bit-exact checks: ONNX "
+            f"Runtime runs their int64 requantization op by op, {1 / report.speedup:.1f}× "
+            "slower than FP32 here; for ONNX Runtime speed compile without --integer-only"
+        )
+    elif report.speedup is not None and report.speedup < 1.0:
+        islands = ort_backend.float_islands_in(optimized or ort_backend.optimized_model(q_model))
+        where = ", ".join(f"{op}×{n}" for op, n in sorted(islands.items())) or "none found"
+        note = (
+            f"the quantized model is {1 / report.speedup:.2f}× SLOWER than FP32 here; float ops "
+            f"between integer kernels: {where}. Try --exclude on them or their neighbours."
+        )
+        report.notes.append(note)
+        logger.warning(note)
+
+
+def accumulate(s: list[float], a: np.ndarray, b: np.ndarray) -> None:
+    """Running Σa², Σ(a−b)², Σab, Σa², Σb² (float32 BLAS dots: dB-level precision is enough)."""
+    a = np.asarray(a, np.float32).ravel()
+    b = np.asarray(b, np.float32).ravel()
+    d = a - b
+    aa = float(np.dot(a, a))
+    s[0] += aa
+    s[1] += float(np.dot(d, d))
+    s[2] += float(np.dot(a, b))
+    s[3] += aa
+    s[4] += float(np.dot(b, b))
+
+
+def sqnr(s: Sequence[float]) -> float:
+    if s[1] == 0.0:
+        return float("inf")
+    if s[0] == 0.0:
+        return float("-inf")
+    return 10.0 * float(np.log10(s[0] / s[1]))
+
+
+def cosine(s: Sequence[float]) -> float:
+    denom = float(np.sqrt(s[3] * s[4]))
+    return 1.0 if denom == 0.0 else s[2] / denom
+
+
+def fpga_costs(
+    report: CompileReport, fp32_model: ir.Model, plan: QuantPlan, profile, options, observed
+) -> None:
+    w_bits, a_bits = {}, {}
+    for node in fp32_model.graph:
+        if plan.nodes.get(node.name) != "compute":
+            continue
+        w_bits[node.name] = plan.weight_bits.get(node.name, profile.weight.bits)
+        source = plan.tensors.get(node.inputs[0].name, node.inputs[0].name)
+        a_bits[node.name] = plan.tensor_bits.get(source, profile.activation.bits)
+    costs = layer_costs(
+        fp32_model, plan.nodes, w_bits, a_bits, options.fpga_macs_per_cycle, observed
+    )
+    report.fpga_layers = [c.to_dict() for c in costs]
+    report.fpga_macs_per_cycle = options.fpga_macs_per_cycle
+    report.fpga_clock_mhz = options.fpga_clock_mhz

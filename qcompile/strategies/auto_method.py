@@ -1,0 +1,71 @@
+"""`--calib-method auto`: one calibration run, read as each of AUTO_METHODS; the method
+whose QDQ model has the best output SQNR on the calibration feeds is kept.
+
+This is the strategy every other strategy compiles through (`compile_single`): with a
+fixed method it is the driver's `compile_once`.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+
+from qcompile.backends import ort as ort_backend
+from qcompile.calibrate.observers import AUTO_METHODS
+from qcompile.driver.compile import (
+    CompileResult,
+    Prepared,
+    compile_once,
+    finish,
+    first_feeds,
+    prepare,
+)
+from qcompile.driver.job import CompileJob, Workspace
+from qcompile.driver.measure import accumulate, sqnr
+
+logger = logging.getLogger(__name__)
+
+# Calibration feeds `--calib-method auto` scores each method on.
+AUTO_SCORE_FEEDS = 16
+
+
+def compile_single(job: CompileJob, workspace: Workspace) -> CompileResult:
+    """One compile; `auto` chooses the calibration method from the one calibration run."""
+    if job.options.calib_method != "auto":
+        return compile_once(job, workspace)
+    prep = prepare(job, workspace)
+    if isinstance(prep, CompileResult):
+        return prep
+    method, scores = choose_method(prep)
+    return finish(prep, method, scores)
+
+
+def choose_method(prep: Prepared) -> tuple[str, dict[str, float]]:
+    """Quantize with each of AUTO_METHODS and keep the method whose QDQ model has the best
+    output SQNR (the worst output's) over the first calibration feeds. Which method wins
+    depends on the model (benchmarks/RESULTS.md has every method per zoo model).
+
+    The feeds are the calibration data itself, held-out ones included: the few held-out
+    feeds alone picked the method that was worse on the evaluation sets of two zoo
+    models, and choosing one of three clipping rules barely fits the data it is scored
+    on."""
+    threads = prep.options.threads
+    feeds = first_feeds(prep.data, AUTO_SCORE_FEEDS)
+    fp32 = ort_backend.make_session(prep.model, threads=threads)
+    reference = [fp32.run(None, dict(f)) for f in feeds]
+    scores: dict[str, float] = {}
+    for method in AUTO_METHODS:
+        candidate = prep.quantized(prep.activation_qparams(method))
+        sess = ort_backend.make_session(candidate, threads=threads)
+        sums: dict[int, list[float]] = collections.defaultdict(lambda: [0.0] * 5)
+        for feed, ref in zip(feeds, reference, strict=True):
+            for i, (a, b) in enumerate(zip(ref, sess.run(None, dict(feed)), strict=True)):
+                accumulate(sums[i], a, b)
+        scores[method] = min(sqnr(s) for s in sums.values())
+    best = max(AUTO_METHODS, key=lambda m: scores[m])  # ties: the earlier (mse first)
+    logger.info(
+        "calibration method %s (calibration-feed output SQNR: %s)",
+        best,
+        ", ".join(f"{m} {v:.1f} dB" for m, v in scores.items()),
+    )
+    return best, scores

@@ -1,0 +1,173 @@
+"""Per-layer sensitivity: one FP32 session with a switch per (layer, candidate)."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+import onnx_ir as ir
+
+from qcompile.backends import ort as ort_backend
+from qcompile.calibrate.observers import weight_qparams
+from qcompile.ir.graph import add_initializer
+from qcompile.numerics.qparams import QParams, fake_quantize
+from qcompile.quantize.plan import QuantPlan
+from qcompile.quantize.qdq import effective_qparams
+from qcompile.quantize.weight_only import Int4Spec, dequantize_int4, quantize_int4
+
+logger = logging.getLogger(__name__)
+
+Feed = Mapping[str, np.ndarray]
+
+
+def switch_model(
+    fp32_model: ir.Model,
+    plan: QuantPlan,
+    qparams: Mapping[str, QParams],
+    specs: Mapping[str, Sequence[tuple[str, object | None]]],
+    *,
+    trace: bool = False,
+) -> tuple[ir.Model, dict[tuple[str, str], str]]:
+    """A copy of the FP32 model where flag inputs switch layers to candidate precisions.
+
+    `specs`: node → [(candidate label, weight QuantSpec, Int4Spec or None)]. A flag
+    fake-quantizes the node's quantized activation inputs and, with a QuantSpec, its
+    weight; with an Int4Spec only the weight (INT4 weight-only keeps FP32 activations).
+    Returns the model and (node, label) → flag input name.
+
+    `trace=True` (HAWQ-V2-style sensitivity, for comparison): a flag adds Gaussian noise
+    of the quantization error's power instead of the error itself — σ² = mean((Q(W) −
+    W)²) on the weight, s²/12 on each activation (a fresh draw every run). The output
+    noise it causes is σ²·tr(JᵀJ): the trace of the Gauss-Newton matrix of the outputs,
+    which is the Hessian of the output MSE (a compiler has no training loss), times the
+    quantization perturbation's power — Hutchinson's estimator with one probe a run.
+    """
+    model = fp32_model.clone()
+    graph = model.graph
+    nodes = {n.name: n for n in graph}
+    flags: dict[tuple[str, str], str] = {}
+    weights = {w.node: w for w in plan.weights}
+    rng = np.random.default_rng(0)
+    make = _noise_nodes if trace else _fake_quant_nodes  # what a switched activation gets
+    for index, (name, candidates) in enumerate(specs.items()):
+        node = nodes[name]
+        use = weights.get(name)
+        w_index = use.input_index if use is not None else None
+        activations: dict[int, QParams] = {}
+        for i, v in enumerate(node.inputs):
+            if v is None or i == w_index or v.name not in plan.tensors or v.const_value is not None:
+                continue
+            activations[i] = effective_qparams(plan, qparams, v.name)
+        originals = {i: node.inputs[i] for i in activations}
+        switched = dict(originals)
+        w_value = node.inputs[w_index] if w_index is not None else None
+        w = w_value.const_value.numpy().astype(np.float32) if w_value is not None else None
+        new_w = w_value
+        for label, spec in candidates:
+            flag = ir.Value(name=f"mp_flag_{index}_{label}", shape=ir.Shape([]))
+            flag.dtype = ir.DataType.BOOL
+            graph.inputs.append(flag)
+            flags[(name, label)] = flag.name
+            weight_only = isinstance(spec, Int4Spec)  # FP32 activations: only W changes
+            if spec is not None and w is not None:
+                if weight_only:
+                    w_q = dequantize_int4(quantize_int4(w, spec))
+                else:
+                    w_q = fake_quantize(w, weight_qparams(w, spec, use.axis)).astype(np.float32)
+                if trace:  # same power, random direction
+                    sigma = float(np.sqrt(np.mean(np.square(w_q - w))))
+                    w_q = (w + sigma * rng.standard_normal(w.shape)).astype(np.float32)
+                w_const = add_initializer(graph, f"mp_w_{index}_{label}", w_q)
+                new_w = _where(graph, node, flag, w_const, new_w, f"mp_wsel_{index}_{label}")
+            for i, qp in activations.items() if not weight_only else ():
+                switched[i] = _if_switch(
+                    graph,
+                    node,
+                    flag,
+                    switched[i],
+                    make(graph, originals[i], qp, f"mp{index}_{i}_{label}"),
+                )
+        if w_index is not None and new_w is not w_value:
+            node.replace_input_with(w_index, new_w)
+        for i, value in switched.items():
+            node.replace_input_with(i, value)
+    return model, flags
+
+
+Branch = tuple[list[ir.Node], ir.Value, str]  # nodes computing a value from x, its name
+
+
+def _fake_quant_nodes(graph: ir.Graph, x: ir.Value, qp: QParams, base: str) -> Branch:
+    scale = add_initializer(graph, f"{base}_scale", np.asarray(qp.scale, np.float32))
+    zp = add_initializer(graph, f"{base}_zp", np.asarray(qp.zero_point))
+    q = ir.node("QuantizeLinear", [x, scale, zp], name=f"{base}_q")
+    q.outputs[0].name = f"{base}_q_out"
+    dq = ir.node("DequantizeLinear", [q.outputs[0], scale, zp], name=f"{base}_dq")
+    dq.outputs[0].name = f"{base}_dq_out"
+    dq.outputs[0].dtype, dq.outputs[0].shape = ir.DataType.FLOAT, x.shape
+    return [q, dq], dq.outputs[0], base
+
+
+def _noise_nodes(graph: ir.Graph, x: ir.Value, qp: QParams, base: str) -> Branch:
+    """x + N(0, s²/12): rounding noise's power at the quantizer's scale (clipping aside)."""
+    sigma = float(np.sqrt(np.mean(np.square(qp.scale)) / 12.0))
+    noise = ir.node("RandomNormalLike", [x], {"scale": sigma, "seed": 1.0}, name=f"{base}_n")
+    noise.outputs[0].name = f"{base}_noise"
+    noisy = ir.node("Add", [x, noise.outputs[0]], name=f"{base}_add")
+    noisy.outputs[0].name = f"{base}_noisy"
+    noisy.outputs[0].dtype, noisy.outputs[0].shape = ir.DataType.FLOAT, x.shape
+    return [noise, noisy], noisy.outputs[0], base
+
+
+def _if_switch(graph: ir.Graph, before: ir.Node, flag: ir.Value, other: ir.Value, branch: Branch):
+    """If(flag) the branch's value, else `other`: unlike Where, only the taken side runs,
+    so a run with one flag on computes one fake quantizer, not every layer's."""
+    nodes, value, base = branch
+    then_graph = ir.Graph([], [value], nodes=nodes, name=f"{base}_then")
+    keep = ir.node("Identity", [other], name=f"{base}_keep")
+    keep.outputs[0].name = f"{base}_kept"
+    keep.outputs[0].dtype, keep.outputs[0].shape = ir.DataType.FLOAT, other.shape
+    else_graph = ir.Graph([], [keep.outputs[0]], nodes=[keep], name=f"{base}_else")
+    switch = ir.node(
+        "If",
+        [flag],
+        {"then_branch": then_graph, "else_branch": else_graph},
+        name=f"{base}_if",
+    )
+    switch.outputs[0].name = f"{base}_switched"
+    switch.outputs[0].dtype, switch.outputs[0].shape = ir.DataType.FLOAT, other.shape
+    graph.insert_before(before, switch)
+    return switch.outputs[0]
+
+
+def _where(graph, before, flag, a, b, name):
+    node = ir.node("Where", [flag, a, b], name=name)
+    node.outputs[0].name = f"{name}_out"
+    node.outputs[0].dtype = ir.DataType.FLOAT
+    graph.insert_before(before, node)
+    return node.outputs[0]
+
+
+def sensitivities(
+    model: ir.Model,
+    flags: Mapping[tuple[str, str], str],
+    feeds: Sequence[Feed],
+    threads: int | None = None,
+) -> dict[tuple[str, str], float]:
+    """Output noise/signal power per (layer, candidate), one run per flag and feed."""
+    sess = ort_backend.make_session(model, threads=threads)
+    off = {name: np.array(False) for name in flags.values()}
+    reference = [sess.run(None, {**feed, **off}) for feed in feeds]
+    signal = sum(float(np.sum(np.square(o.astype(np.float64)))) for out in reference for o in out)
+    result = {}
+    for key, flag in flags.items():
+        noise = 0.0
+        for feed, ref in zip(feeds, reference, strict=True):
+            outs = sess.run(None, {**feed, **off, flag: np.array(True)})
+            noise += sum(
+                float(np.sum(np.square(a.astype(np.float64) - b)))
+                for a, b in zip(ref, outs, strict=True)
+            )
+        result[key] = noise / max(signal, 1e-30)
+    return result
