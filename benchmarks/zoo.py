@@ -282,3 +282,26 @@ def fetch(name: str) -> Path:
         logger.info("building %s", out)
         entry.build(paths, out)
     return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m benchmarks.zoo list | fetch NAME|all`"""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.zoo")
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("list", help="list zoo models")
+    f = sub.add_parser("fetch", help="fetch (and export) a zoo model into the cache")
+    f.add_argument("name", help="model name or 'all'")
+    args = parser.parse_args(argv)
+    if args.command == "list":
+        for name, entry in ZOO.items():
+            print(f"{name:20s} {entry.description}")
+        return 0
+    for name in list(ZOO) if args.name == "all" else [args.name]:
+        print(fetch(name))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -79,7 +79,8 @@ class TargetProfile:
     int4_weights: bool = False
     # A log2 quantizer on attention probabilities (needs shift arithmetic).
     log2_softmax: bool = False
-    # Per-layer cost model the report carries: None, or "fpga" (MACs, BOPs, cycles).
+    # Per-layer cost model the report carries: None, or "layer-cycles" (MACs, BOPs,
+    # cycles of an FPGA-like MAC array: qcompile.targets.fpga_cost).
     cost_model: str | None = None
     # What mixed precision chooses per layer: "fp32-int8-int4" (float or INT8, INT4
     # weights where eligible; fastest under an accuracy budget) or "weight-bits" (a

@@ -441,7 +441,11 @@ def write_examples(folder: Path) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description="write the bundled example model and data")
-    parser.add_argument("folder", nargs="?", default=str(Path(__file__).parent / "examples"))
+    parser.add_argument(
+        "folder",
+        nargs="?",
+        default=str(Path(__file__).resolve().parent.parent / "qcompile" / "examples"),
+    )
     write_examples(Path(parser.parse_args().folder))
 
 

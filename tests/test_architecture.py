@@ -85,9 +85,9 @@ def test_no_package_level_import_cycle():
 
 TARGET_NAMES = ("cpu", "gpu", "fpga", "npu")
 # `x == "fpga"`, `"fpga" in (...)`, `profile.name != "cpu"`, `match name: case "fpga"`...
+_NAMES = "|".join(TARGET_NAMES)
 _COMPARE = re.compile(
-    r"""(==|!=|\bin\b|\bcase\b)\s*\(?\s*["'](%s)["']|["'](%s)["']\s*(==|!=)"""
-    % ("|".join(TARGET_NAMES), "|".join(TARGET_NAMES))
+    rf"""(==|!=|\bin\b|\bcase\b)\s*\(?\s*["']({_NAMES})["']|["']({_NAMES})["']\s*(==|!=)"""
 )
 
 

@@ -1,9 +1,11 @@
 """The CLI end to end: compile writes model + JSON report; inspect, bench, passes."""
 
 import json
+from pathlib import Path
 
 import onnx
 import onnxruntime as ort
+import pytest
 
 from qcompile.cli import main
 from tests.conftest import QUIET, compile_cli, sha256
@@ -98,7 +100,7 @@ def test_bundled_example_compiles_as_the_readme_says(tmp_path):
     """README's first command, minus the install: the bundled model and data work."""
     from pathlib import Path
 
-    examples = Path(__file__).resolve().parent.parent / "models" / "examples"
+    examples = Path(__file__).resolve().parent.parent / "qcompile" / "examples"
     out, report = tmp_path / "cnn.int8.onnx", tmp_path / "cnn.report.json"
     code = compile_cli(
         examples / "cnn.onnx",
@@ -119,3 +121,50 @@ def test_bundled_example_compiles_as_the_readme_says(tmp_path):
         data["outputs"][0]["sqnr_db"] > 30
         and data["size_quantized_bytes"] < 0.35 * data["size_fp32_bytes"]
     )
+
+
+def test_every_option_field_has_one_flag_and_no_cli_default():
+    import dataclasses
+
+    from qcompile.cli.flags import FLAGS, NOT_FLAGS, options_kwargs
+    from qcompile.cli.main import build_parser
+    from qcompile.options import CompileOptions
+
+    fields = {f.name for f in dataclasses.fields(CompileOptions)}
+    flagged = [f.field for f in FLAGS]
+    assert len(flagged) == len(set(flagged))  # one flag per field
+    assert set(flagged) | NOT_FLAGS == fields
+    # nothing given -> nothing set: every default is the dataclass's
+    args = build_parser().parse_args(["compile", "m.onnx", "-o", "o.onnx", "--calib", "c.npz"])
+    assert options_kwargs(args) == {}
+    args = build_parser().parse_args(
+        ["compile", "m.onnx", "-o", "o.onnx", "--calib", "c.npz", "--per-tensor",
+         "--max-accuracy-drop", "0.5%", "--token-mask", "none", "--exclude", "a", "--exclude", "b"]
+    )  # fmt: skip
+    assert options_kwargs(args) == {
+        "per_channel": False,
+        "max_accuracy_drop": 0.005,
+        "token_mask": None,
+        "exclude": ("a", "b"),
+    }
+
+
+def test_options_doc_is_generated_from_the_flags():
+    from qcompile.cli.flags import markdown_table
+
+    doc = (Path(__file__).parent.parent / "docs" / "options.md").read_text()
+    begin, end = "<!-- generated: begin -->\n", "<!-- generated: end -->"
+    assert doc[doc.index(begin) + len(begin) : doc.index(end)] == markdown_table()
+
+
+def test_version_and_verbosity_after_the_subcommand(capsys, cnn_path, cnn_calib, tmp_path):
+    import qcompile
+    from qcompile.cli.main import main
+
+    with pytest.raises(SystemExit) as done:
+        main(["--version"])
+    assert done.value.code == 0
+    assert qcompile.__version__ in capsys.readouterr().out
+    out = tmp_path / "q.onnx"
+    assert compile_cli(cnn_path, cnn_calib, out, "--bench-runs", "0", "-q", "-v") == 0
+    assert out.exists()

@@ -363,3 +363,20 @@ def test_decoder_ops_quantize_and_run(target):
             == inits[next(n for n in proto.graph.node if n.output[0] == resize.input[0]).input[1]]
         )
         assert resize_in
+
+
+def test_report_fields_are_documented_and_record_the_options():
+    """docs/report.md lists every field of the JSON report; the report carries its schema
+    version and the options the compile used."""
+    import json
+    from pathlib import Path
+
+    doc = (Path(__file__).parent.parent / "docs" / "report.md").read_text()
+    result = qcompile.compile(
+        builders.mlp(), calibration={"input": builders.features(20)}, exclude="fc2", **FAST
+    )
+    data = json.loads(result.report.to_json())
+    missing = [k for k in data if f"`{k}`" not in doc]
+    assert not missing, f"report fields not in docs/report.md: {missing}"
+    assert data["schema_version"] == 2
+    assert data["options"]["exclude"] == ["fc2"] and data["options"]["calib_method"] == "mse"

@@ -57,7 +57,7 @@ def test_unsupported_op_names_the_node(tmp_path):
     path = tmp_path / "custom.onnx"
     onnx.save(model, path)
     before = sha256(path)
-    with pytest.raises(QCompileError) as err:
+    with pytest.raises(QCompileError, match="'x'") as err:
         _compile(path, {"input": np.ones((1, 4), np.float32)} | {})
     with pytest.raises(QCompileError, match="FancyOp|my_custom_node|nothing in this model"):
         _compile(path, {"x": np.ones((1, 4), np.float32)})
@@ -158,7 +158,7 @@ def test_output_unwritable(cnn_path, cnn_calib, tmp_path):
 def test_failed_compile_leaves_no_partial_output(cnn_path, tmp_path):
     out = tmp_path / "q.onnx"
     out.write_bytes(b"previous result")
-    with pytest.raises(QCompileError):
+    with pytest.raises(QCompileError, match="calibration set is empty"):
         _compile(cnn_path, [], output=out)
     assert out.read_bytes() == b"previous result"
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []

@@ -4,6 +4,7 @@ degenerate calibration data, large models, and compile fuzzing across every targ
 from __future__ import annotations
 
 import os
+import re
 
 import builders
 import numpy as np
@@ -154,7 +155,13 @@ def test_random_graphs_compile_or_refuse_clearly_on_every_target(target, case):
     try:
         result = qcompile.compile(proto, calibration=calib, **TARGETS[target], **FAST)
     except QCompileError as err:
-        assert err.message  # a refusal names what and why, no traceback from deep inside
+        # a refusal for a reason the target explains, not a failure from deep inside: the
+        # random chains can lack anything the target quantizes, or keep an op float
+        assert re.search(
+            "nothing in this model can be quantized|stay float inside the integer-only graph",
+            err.message,
+        ), err.message
+        assert err.hint
         return
     quantized = ir.to_proto(result.model)
     onnx.checker.check_model(quantized, full_check=True)
@@ -178,6 +185,7 @@ def _room_for_a_2gb_model(folder) -> str | None:
     return None
 
 
+@pytest.mark.slow  # run by `pytest -m slow` (benchmarks), not CI: see README
 def test_model_over_2gb_round_trips_with_external_data(tmp_path):
     """A 2.1 GB FP32 MatMul chain (over protobuf's 2 GB limit): loads from external data,
     compiles, and the result loads in ORT. About a minute on two cores."""

@@ -265,7 +265,7 @@ def test_measurement_cache_makes_a_rerun_skip_the_measurements(tmp_path, monkeyp
         raise AssertionError("measured again despite the cache")
 
     monkeypatch.setattr(mixed, "sensitivities", fail)
-    monkeypatch.setattr(mixed, "node_times_ms", fail)
+    monkeypatch.setattr("qcompile.strategies.mixed.precision.node_times_ms", fail)
     again = qcompile.compile(
         builders.cnn(size=32),
         calibration=feeds,

@@ -66,7 +66,7 @@ def _large_batches(n=6, size=1 << 20, seed=1, one_sided=False):
 def test_large_tensors_count_tails_exactly_and_sample_the_body(one_sided):
     """Above HISTOGRAM_SAMPLE values a batch's body comes from a weighted strided sample,
     its tails from every value: the tails equal the full histogram's, the totals agree."""
-    from qcompile.quantize import observers
+    from qcompile.calibrate import observers
 
     data = list(_large_batches(one_sided=one_sided))
     assert data[0].size >= 4 * observers.HISTOGRAM_SAMPLE

@@ -13,7 +13,7 @@ from onnx import TensorProto, helper, numpy_helper
 import qcompile
 from qcompile.ir import load_model
 from qcompile.passes.canonicalize import canonicalize
-from qcompile.passes.manager import run_phase
+from qcompile.passes.manager import pass_name, run_phase
 from tests.conftest import FAST
 
 MODELS = {
@@ -41,7 +41,8 @@ def test_canonicalize_keeps_fp32_outputs_and_is_idempotent(name):
     model, again = run_phase(model, "rewrite", canonicalize())
     changed = [r.name for r in again if r.modified and r.name not in ("TopologicalSortPass",)]
     assert changed == [], f"second run still modified: {changed}"
-    assert all(r.seconds >= 0 for r in records)
+    assert [r.name for r in records] == [pass_name(p) for p in canonicalize()]
+    assert all(r.seconds > 0 for r in records if r.modified)
 
 
 def test_batchnorm_folded_and_names_kept():
@@ -171,3 +172,20 @@ def test_random_graphs_canonicalize_exactly_and_compile(case):
     out = _outputs(result.model, feed)[0]
     assert np.all(np.isfinite(out))
     onnx.checker.check_model(ir.to_proto(result.model), full_check=True)
+
+
+def test_default_rules_are_onnxscripts_defaults():
+    """canonicalize.DEFAULT_RULES spells out onnxscript's private default rule list from
+    its public names; a release that changes the defaults fails here, not silently."""
+    import re
+
+    from onnxscript import rewriter
+
+    from qcompile.passes.canonicalize import DEFAULT_RULES
+
+    def shape(rule) -> str:  # the pattern as text, anonymous value ids dropped
+        return re.sub(r"anonymous:\d+", "v", str(rule._target_pattern))
+
+    theirs = rewriter._DEFAULT_REWRITE_RULES  # read here only, to guard the copy
+    assert [shape(r) for r in DEFAULT_RULES] == [shape(r) for r in theirs]
+    assert [r.name for r in DEFAULT_RULES] == [r.name for r in theirs]

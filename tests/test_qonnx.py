@@ -61,7 +61,7 @@ def test_cli_writes_qonnx_and_refuses_it_without_integer_lowering(tmp_path, cnn_
         )
         == 2
     )
-    with pytest.raises(QCompileError):
+    with pytest.raises(QCompileError, match="DequantizeLinear|QuantizeLinear|integer"):
         to_qonnx(
             qcompile.compile(
                 builders.mlp(),

@@ -88,8 +88,11 @@ def test_cuda_target_builds_without_a_gpu():
     mod = tvm_backend.import_relax(proto, shapes)
     try:
         executable = tvm_backend.build(mod, tvm_backend.cuda_target())
-    except Exception as exc:  # noqa: BLE001 - say why, do not hide it
-        pytest.skip(f"this TVM cannot generate CUDA code here: {str(exc).splitlines()[0]}")
+    except Exception as exc:  # noqa: BLE001 - only a TVM built without CUDA codegen skips
+        text = str(exc)
+        if not any(k in text.lower() for k in ("cuda", "nvcc", "not enabled", "codegen")):
+            raise
+        pytest.skip(f"this TVM cannot generate CUDA code here: {text.splitlines()[0]}")
     assert executable is not None
     if tvm_backend.cuda_available():
         runner = tvm_backend.TVMRunner(executable, ["input"], device="cuda")
@@ -111,6 +114,7 @@ def test_export_writes_a_library_and_a_runner(tmp_path, feeds):
     assert "output 0: shape (4, 10)" in done.stdout
 
 
+@pytest.mark.slow  # run by `pytest -m slow` (benchmarks), not CI: see README
 def test_tuning_writes_and_reuses_its_database(tmp_path):
     proto, shapes = tvm_backend.prepare(builders.mlp(), {"input": (8, 64)})
     mod = tvm_backend.import_relax(proto, shapes)

@@ -293,7 +293,7 @@ def finish(
         integer_ops=dict(lowering.lowered) if lowering else {},
         float_islands=[dataclasses.asdict(i) for i in lowering.islands] if lowering else [],
     )
-    if profile.cost_model == "fpga":
+    if profile.cost_model == "layer-cycles":
         fpga_costs(report, fp32_model, plan, profile, options, stats.observed)
     measure(
         report,

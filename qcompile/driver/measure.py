@@ -16,8 +16,8 @@ from qcompile.data.feeds import Feed
 from qcompile.driver.report import CompileReport, OutputReport, TensorReport
 from qcompile.numerics.qparams import QParams, fake_quantize
 from qcompile.options import CompileOptions
-from qcompile.quantize.plan import QuantPlan
 from qcompile.quantize.qdq import effective_qparams
+from qcompile.quantize.quant_plan import QuantPlan
 from qcompile.targets.fpga_cost import layer_costs
 
 logger = logging.getLogger(__name__)

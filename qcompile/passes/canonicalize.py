@@ -12,8 +12,9 @@ from __future__ import annotations
 
 import onnx_ir as ir
 import onnx_ir.passes.common as common_passes
-from onnxscript import rewriter
-from onnxscript.optimizer import _constant_folding
+from onnxscript import optimizer
+from onnxscript.rewriter import pattern
+from onnxscript.rewriter.rules import common as rules
 
 from qcompile.passes.naming import NamePreservingRewrite
 
@@ -26,23 +27,74 @@ def _should_fold(node: ir.Node) -> bool | None:
     return False if node.op_type in _NEVER_FOLD else None
 
 
-class FoldConstants(_constant_folding.FoldConstantsPass):
-    """onnxscript's constant folding, sparing Q/DQ of pre-quantized weights."""
+class FoldConstants(ir.passes.InPlacePass):
+    """onnxscript's constant folding (its public `fold_constants`, default size limits),
+    sparing Q/DQ of pre-quantized weights."""
 
-    def __init__(self) -> None:
-        super().__init__(
-            shape_inference=True,
-            input_size_limit=_constant_folding.DEFAULT_CONSTANT_FOLD_INPUT_SIZE_LIMIT,
-            output_size_limit=_constant_folding.DEFAULT_CONSTANT_FOLD_OUTPUT_SIZE_LIMIT,
-            should_fold=_should_fold,
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        result = optimizer.fold_constants(
+            model, onnx_shape_inference=True, should_fold=_should_fold
         )
+        return ir.passes.PassResult(model, bool(result.modified))
+
+
+# onnxscript's default rewrite rules (`onnxscript.rewriter.rewrite` without rules), spelled
+# out from its public rule names in its order: the default list itself is private.
+# tests/test_passes.py checks this list against onnxscript's, so a release that changes
+# its defaults fails a test instead of changing our graphs silently.
+DEFAULT_RULES: tuple[pattern.RewriteRule, ...] = (
+    *rules.mul_by_1_rule.commute(),
+    *rules.add_0_rule.commute(),
+    rules.sub_0_rule,
+    rules.div_by_1_rule,
+    rules.dropout_zero_rule,
+    rules.dropout_inference_rule,
+    rules.two_reshapes_matmul_reshape_rule,
+    rules.one_reshape_matmul_reshape_rule,
+    rules.cast_constant_of_shape_rule,
+    rules.cast_constant_of_shape_without_value_rule,
+    rules.collapse_slice_rule,
+    rules.collapse_slice2_rule,
+    rules.materialize_reshape_shape_rule,
+    rules.min_min_rule,
+    rules.max_max_rule,
+    rules.min_max_rule,
+    rules.max_min_rule,
+    rules.successive_clip_relu_rule,
+    rules.successive_relu_clip_rule,
+    rules.successive_relu_rule,
+    rules.successive_clip_rule,
+    rules.cast_cast_rule,
+    rules.no_op_cast_rule,
+    rules.no_op_expand_rule,
+    rules.flatten_to_reshape_rule,
+    rules.reshape_reshape_rule,
+    rules.slice_split_rule,
+    rules.no_op_transpose_rule,
+    rules.transpose_transpose_rule,
+    rules.unsqueeze_unsqueeze_rule,
+    rules.squeeze_reshape_1d_rule,
+    rules.no_op_dynamic_scatter_nd_rule,
+    rules.no_op_static_scatter_nd_rule,
+    rules.normalize_pad_format_conv_rule,
+    rules.normalize_pad_format_conv_integer_rule,
+    rules.fuse_pad_into_conv_rule,
+    rules.fuse_pad_into_conv_integer_rule,
+    rules.fuse_batchnorm_into_conv_rule,
+    rules.fuse_batchnorm_into_conv_transpose_rule,
+    rules.fuse_batchnorm_into_gemm_rule,
+    rules.remove_optional_bias_from_conv_rule,
+    rules.remove_optional_bias_from_conv_transpose_rule,
+    rules.remove_optional_bias_from_qlinear_conv_rule,
+    rules.remove_optional_bias_from_gemm_rule,
+)
 
 
 class DefaultRewrites(NamePreservingRewrite):
     """onnxscript's default, FP32-exact rewrite rules (includes Conv+BatchNorm folding)."""
 
     def __init__(self) -> None:
-        super().__init__(rewriter._DEFAULT_REWRITE_RULES)
+        super().__init__(pattern.RewriteRuleSet(list(DEFAULT_RULES)))
 
 
 class LiftConstants(common_passes.LiftConstantsToInitializersPass):

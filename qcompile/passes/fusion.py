@@ -14,8 +14,6 @@ import onnx_ir as ir
 import onnx_ir.passes.common as common_passes
 from onnxscript import rewriter
 from onnxscript.rewriter import pattern
-from onnxscript.rewriter.rules.common import _matmul_add_to_gemm
-from onnxscript.rewriter.rules.fusion import _layer_norm
 
 from qcompile.passes.naming import NamePreservingRewrite
 
@@ -205,33 +203,89 @@ def _conv_no_bias_or_const_bias(context, x, w, b, conv_out=None, **_):
     return _conv_add_check(context, x, w, b, conv_out=conv_out)
 
 
-class LayerNormAxesAttributeFusion(_layer_norm.LayerNormFusion):
-    """onnxscript's LayerNorm fusion matches ReduceMean's opset-18 `axes` input only; opset-17
-    exports (what we upgrade to) carry `axes` as an attribute."""
+# -- LayerNormalization from its decomposition, and MatMul + bias -> Gemm --------------------
+# The same rules as onnxscript's LayerNorm fusion and MatMul+Add->Gemm (whose modules are
+# private), written against its public pattern API, with what we need on top: ReduceMean's
+# `axes` as an attribute (opset 17, what we upgrade to) and Gemm only for a constant bias.
+
+_LAYER_NORM_TYPES = frozenset({ir.DataType.FLOAT, ir.DataType.DOUBLE})
+
+
+class LayerNormFusion(pattern.RewriteRuleClassBase):
+    """(x − mean)/sqrt(var + ε)·γ over the last axis -> LayerNormalization (opset 18:
+    ReduceMean's axes as an input)."""
 
     def pattern(self, op, x, scale, epsilon):
-        mean = op.ReduceMean(x, axes=[-1], keepdims=1)
-        deviation = op.Sub(x, mean)
+        return self._normalized(op, x, lambda v: op.ReduceMean(v, [-1], keepdims=1), scale, epsilon)
+
+    @staticmethod
+    def _normalized(op, x, mean_of, scale, epsilon):
+        deviation = op.Sub(x, mean_of(x))
         squared = pattern.OrValue([op.Mul(deviation, deviation), op.Pow(deviation, 2)])
-        variance = op.ReduceMean(squared, axes=[-1], keepdims=1)
-        std_dev = op.Sqrt(op.Add(variance, epsilon))
+        std_dev = op.Sqrt(op.Add(mean_of(squared), epsilon))
         normalized = pattern.OrValue(
             [op.Mul(deviation, op.Reciprocal(std_dev)), op.Div(deviation, std_dev)]
         )
         return op.Mul(normalized, scale)
 
+    def check(self, context, x, epsilon, **_) -> pattern.MatchResult:
+        result = pattern.MatchResult()
+        if x.dtype not in _LAYER_NORM_TYPES:
+            return result.fail("Input is not a float type.", x)
+        self._stash_type = x.dtype
+        eps = _scalar(epsilon)
+        if eps is None:
+            return result.fail("Epsilon is not a constant scalar.", epsilon)
+        self._epsilon = eps
+        return result
 
-class MatMulBiasToGemm(_matmul_add_to_gemm.MatMulAddToGemm):
-    """onnxscript's MatMul+Add -> Gemm, only for a constant 1-D bias: a dynamic addend (an
-    attention mask, a residual) must stay an Add, or the bias quantization breaks."""
+    def rewrite(self, op, x, scale, epsilon, **_):
+        return op.LayerNormalization(
+            x, scale, axis=-1, epsilon=self._epsilon, stash_type=self._stash_type
+        )
 
-    def check(self, context, input_a, input_b, input_c=None, **kwargs):
-        result = super().check(context, input_a, input_b, **kwargs)
-        if not result:
-            return result
+
+class LayerNormAxesAttributeFusion(LayerNormFusion):
+    """The same with ReduceMean's `axes` as an attribute (opset <= 17 exports)."""
+
+    def pattern(self, op, x, scale, epsilon):
+        return self._normalized(
+            op, x, lambda v: op.ReduceMean(v, axes=[-1], keepdims=1), scale, epsilon
+        )
+
+
+class LayerNormBiasFusion(pattern.RewriteRuleClassBase):
+    """LayerNormalization followed by Add of a bias -> LayerNormalization with that bias."""
+
+    def pattern(self, op, x, scale, bias):
+        return op.LayerNormalization(x, scale, _outputs=["normalized"]) + bias
+
+    def rewrite(self, op, x, scale, bias, normalized):
+        node = normalized.producer()
+        return op.LayerNormalization(x, scale, bias, _outputs=len(node.outputs), **node.attributes)
+
+
+class MatMulBiasToGemm(pattern.RewriteRuleClassBase):
+    """Rank-2 MatMul + constant 1-D bias -> Gemm. A dynamic addend (an attention mask, a
+    residual) must stay an Add, or the bias quantization breaks."""
+
+    def pattern(self, op, input_a, input_b, input_c):
+        return op.Add(op.MatMul(input_a, input_b), input_c)
+
+    def check(self, context, input_a, input_b, input_c=None, **_) -> pattern.MatchResult:
+        result = pattern.MatchResult()
+        if not (_has_rank(input_a, 2) and _has_rank(input_b, 2)):
+            return result.fail("Rank of input_a and input_b must be 2")
         if input_c is None or input_c.const_value is None or len(input_c.const_value.shape) != 1:
             return result.fail("the addend is not a constant 1-D bias", input_c)
         return result
+
+    def rewrite(self, op, input_a, input_b, input_c):
+        return op.Gemm(input_a, input_b, input_c)
+
+
+def _has_rank(value: ir.Value | None, rank: int) -> bool:
+    return value is not None and value.shape is not None and value.shape.rank() == rank
 
 
 RULES = rewriter.RewriteRuleSet(
@@ -239,7 +293,8 @@ RULES = rewriter.RewriteRuleSet(
         # onnxscript's own rules, adapted below: decomposed LayerNorm -> LayerNormalization,
         # rank-2 MatMul + constant bias -> Gemm (one QGemm kernel with its int32 bias).
         LayerNormAxesAttributeFusion.rule(),
-        *_layer_norm.layer_normalization_rules,
+        LayerNormFusion.rule(),
+        LayerNormBiasFusion.rule(),
         MatMulBiasToGemm.rule(),
         pattern.RewriteRule(
             _hswish_div_after, _hswish_canonical, _hswish_check, name="HardSwishDivAfter"

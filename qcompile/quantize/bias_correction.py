@@ -28,7 +28,7 @@ import onnx_ir as ir
 from qcompile.calibrate.observers import Observer, weight_qparams
 from qcompile.ir.graph import const_array, matmul_bias
 from qcompile.numerics.qparams import QuantSpec, fake_quantize
-from qcompile.quantize.plan import QuantPlan
+from qcompile.quantize.quant_plan import QuantPlan
 
 CORRECTABLE_OPS = frozenset({"Conv", "Gemm", "MatMul"})
 

@@ -18,11 +18,11 @@ import onnx_ir as ir
 
 from qcompile.calibrate.observers import weight_qparams
 from qcompile.errors import QCompileError
-from qcompile.ir.graph import add_initializer, values_by_name
+from qcompile.ir.graph import add_initializer, source_quantizer, values_by_name
 from qcompile.numerics.qparams import QParams, quantize
 from qcompile.profile import TargetProfile
 from qcompile.quantize.log2 import insert_log2_pair
-from qcompile.quantize.plan import QuantPlan
+from qcompile.quantize.quant_plan import QuantPlan
 
 logger = logging.getLogger(__name__)
 
@@ -95,6 +95,27 @@ class InsertQDQ(ir.passes.InPlacePass):
         self.removed_activations: list[str] = []
         # quantized tensor -> name of its DequantizeLinear output (for reports)
         self.dq_outputs: dict[str, str] = {}
+
+    def ensures(self, model: ir.Model) -> None:
+        """Well-formed pairs: every DequantizeLinear reads a constant or the integers of a
+        QuantizeLinear (through the Clip that narrows sub-8-bit codes), and every
+        QuantizeLinear reads a float tensor."""
+        for node in model.graph:
+            x = node.inputs[0] if node.inputs else None
+            if x is None:
+                continue
+            if (
+                node.op_type == "DequantizeLinear"
+                and x.const_value is None
+                and source_quantizer(node) is None
+                and not _integer_codes(x)
+            ):
+                raise RuntimeError(
+                    f"InsertQDQ left DequantizeLinear {node.name} reading {x.name}, "
+                    "which no QuantizeLinear produced"
+                )
+            if node.op_type == "QuantizeLinear" and x.dtype not in _FLOAT_TYPES:
+                raise RuntimeError(f"InsertQDQ left QuantizeLinear {node.name} on {x.dtype}")
 
     def requires(self, model: ir.Model) -> None:
         missing = [t for t in set(self.plan.tensors.values()) if t not in self.qparams]
@@ -386,3 +407,17 @@ def _fit_bias(w_qp: QParams, bias: np.ndarray, x_qp: QParams, node: str) -> QPar
     else:
         widened = np.maximum(scale, needed).astype(np.float32)
     return QParams(widened, w_qp.zero_point, w_qp.spec, w_qp.axis)
+
+
+_FLOAT_TYPES = frozenset({ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.DOUBLE})
+
+
+def _integer_codes(value: ir.Value) -> bool:
+    """Integer codes computed by integer ops (the log2 quantizer's comparisons) rather
+    than a QuantizeLinear."""
+    producer = value.producer()
+    return (
+        producer is not None
+        and producer.op_type != "DequantizeLinear"
+        and (value.dtype is not None and value.dtype not in _FLOAT_TYPES)
+    )

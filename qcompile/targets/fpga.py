@@ -32,7 +32,7 @@ PROFILE = TargetProfile(
     integer_only=True,
     bit_widths=frozenset(range(2, 9)),
     log2_softmax=True,
-    cost_model="fpga",
+    cost_model="layer-cycles",
     mixed_precision="weight-bits",
     default_backend="qonnx",
 )

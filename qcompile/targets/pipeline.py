@@ -13,7 +13,7 @@ from qcompile.calibrate.observers import Observer, make_observer
 from qcompile.numerics.qparams import QParams
 from qcompile.options import CalibMethod
 from qcompile.profile import TargetProfile
-from qcompile.quantize.plan import QuantPlan
+from qcompile.quantize.quant_plan import QuantPlan
 
 QuantizePhase = Callable[[QuantPlan, Mapping[str, QParams]], list[ir.passes.PassBase]]
 # smooth(groups, channel statistics) -> passes; statistics come from a calibration run

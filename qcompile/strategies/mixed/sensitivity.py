@@ -12,8 +12,8 @@ from qcompile.backends import ort as ort_backend
 from qcompile.calibrate.observers import weight_qparams
 from qcompile.ir.graph import add_initializer
 from qcompile.numerics.qparams import QParams, fake_quantize
-from qcompile.quantize.plan import QuantPlan
 from qcompile.quantize.qdq import effective_qparams
+from qcompile.quantize.quant_plan import QuantPlan
 from qcompile.quantize.weight_only import Int4Spec, dequantize_int4, quantize_int4
 
 logger = logging.getLogger(__name__)
