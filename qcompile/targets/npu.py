@@ -10,9 +10,9 @@ from __future__ import annotations
 
 from qcompile.numerics.qparams import QuantSpec
 from qcompile.options import CompileOptions
-from qcompile.profile import ARITH_OPS, COMPUTE_OPS, TargetProfile, integer_only_variant
+from qcompile.profile import ARITH_OPS, COMPUTE_OPS, TargetProfile
 from qcompile.targets import cpu
-from qcompile.targets.pipeline import Calibration, Pipeline
+from qcompile.targets.pipeline import Pipeline
 
 PROFILE = TargetProfile(
     name="npu",
@@ -28,14 +28,4 @@ PROFILE = TargetProfile(
 
 def pipeline(options: CompileOptions, profile: TargetProfile = PROFILE) -> Pipeline:
     # The CPU target's phases serve unchanged; the profile is what differs.
-    if options.integer_only:
-        profile = integer_only_variant(profile)
-    return Pipeline(
-        profile=profile,
-        rewrite=cpu.rewrite(),
-        smooth=cpu.smooth(profile, options),
-        calibrate=Calibration(options.calib_method, options.percentile),
-        correct_bias=cpu.correct_bias(profile),
-        quantize=cpu.quantize(profile, options),
-        lower=cpu.lower(options),
-    )
+    return cpu.pipeline(options, profile)
