@@ -70,3 +70,17 @@ def test_cli_writes_qonnx_and_refuses_it_without_integer_lowering(tmp_path, cnn_
                 **FAST,
             ).model
         )
+
+
+def test_python_api_exports_qonnx(tmp_path):
+    """qcompile.export_qonnx: the same export as --qonnx, from a CompileResult."""
+    feeds = [{"input": builders.images(4, 32, seed=i)} for i in range(6)]
+    result = qcompile.compile(builders.cnn(size=32), target="fpga", calibration=feeds, **FAST)
+    path = tmp_path / "m.qonnx.onnx"
+    proto = qcompile.export_qonnx(result, path, {"input": (4, 3, 32, 32)})
+    assert path.exists() and any(n.op_type == "Quant" for n in proto.graph.node)
+    got = execute(proto, feeds[0])[0]
+    np.testing.assert_allclose(got, _run(result.qdq_model, feeds[0]), rtol=1e-4, atol=1e-4)
+    cpu = qcompile.compile(builders.cnn(size=32), calibration=feeds, **FAST)
+    with pytest.raises(QCompileError, match="integer-only compile"):
+        qcompile.export_qonnx(cpu)

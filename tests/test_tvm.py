@@ -161,3 +161,17 @@ def test_untuned_build_of_a_squeeze_excite_conv_finishes():
         timeout=60,
     )
     assert done.returncode == 0 and "ok" in done.stdout, done.stderr[-2000:]
+
+
+def test_python_api_builds_a_compiled_model_with_tvm(tmp_path, feeds):
+    """qcompile.build_tvm: the same build as --backend tvm, from a CompileResult."""
+    result = qcompile.compile(
+        builders.cnn(size=32), calibration=feeds, input_shapes=SHAPES, progress=False, bench_runs=0
+    )
+    executable, names = qcompile.build_tvm(result, tmp_path / "tvm", input_shapes=SHAPES)
+    assert (tmp_path / "tvm" / "model.so").exists() and names == ["input"]
+    got = tvm_backend.TVMRunner(executable, names).run(feeds[0])[0]
+    want = ort.InferenceSession(
+        ir.to_proto(result.model).SerializeToString(), providers=["CPUExecutionProvider"]
+    ).run(None, feeds[0])[0]
+    assert sqnr_db(want, got) > 30
