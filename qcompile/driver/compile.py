@@ -18,7 +18,6 @@ import logging
 from collections.abc import Hashable
 from dataclasses import dataclass, field
 
-import onnx
 import onnx_ir as ir
 
 from qcompile.backends import ort as ort_backend
@@ -28,6 +27,8 @@ from qcompile.driver import checks
 from qcompile.driver.job import CompileJob, Workspace
 from qcompile.driver.measure import fpga_costs, measure
 from qcompile.driver.report import CompileReport, options_record
+from qcompile.driver.safety import blame, checked_phase, checker_problem, ort_problem
+from qcompile.errors import QCompileError
 from qcompile.ir.io import check_output_path, save_model, serialized_size
 from qcompile.ir.shapes import infer_shapes, pin_input_shapes, record_observed_shapes
 from qcompile.lower.integer_only import LowerToIntegerOnly
@@ -71,6 +72,7 @@ class Prepared:
     plan: QuantPlan
     stats: CalibrationStats
     records: list[PassRecord]
+    notes: list[str] = field(default_factory=list)  # e.g. passes the safety net left out
 
     @property
     def options(self):
@@ -156,10 +158,18 @@ def prepare(job: CompileJob, workspace: Workspace) -> Prepared | CompileResult:
     if options.verify_passes:
         verify = ort_backend.equivalence_verifier(first_feeds(data, 2))
     skip = checks.disabled_passes(pipe, options)
-    graph_model, records = run_phase(graph_model, "rewrite", pipe.rewrite, verify=verify, skip=skip)
+    # the input model's outputs on one feed: every FP32 rewrite must keep computing them
+    feeds = first_feeds(data, 1)
+    if not feeds:
+        raise QCompileError("the calibration set is empty", hint="give at least one feed")
+    feed = feeds[0]
+    reference = workspace.reference(graph_model, feed)
+    graph_model, records, notes = checked_phase(
+        graph_model, "rewrite", pipe.rewrite, reference, feed, skip=skip, verify=verify
+    )
     infer_shapes(graph_model)
     prep = Prepared(
-        job, workspace, pipe, skip, graph_model, specs, data, QuantPlan(), None, records
+        job, workspace, pipe, skip, graph_model, specs, data, QuantPlan(), None, records, notes
     )  # type: ignore[arg-type]
 
     # Smooth: migrate activation outliers into weights (needs its own statistics).
@@ -169,9 +179,15 @@ def prepare(job: CompileJob, workspace: Workspace) -> Prepared | CompileResult:
             channel_stats = prep.observe(
                 [g.activation for g in groups], ChannelObserver, lambda t: "channel"
             )
-            graph_model, smooth_records = run_phase(
-                graph_model, "smooth", pipe.smooth(groups, channel_stats.observers), verify=verify
+            graph_model, smooth_records, notes = checked_phase(
+                graph_model,
+                "smooth",
+                pipe.smooth(groups, channel_stats.observers),
+                reference,
+                feed,
+                verify=verify,
             )
+            prep.notes += notes
             infer_shapes(graph_model)
             prep.model = graph_model
             prep.records += smooth_records
@@ -251,13 +267,12 @@ def finish(
     else:
         lowering = None
     checks.islands_allowed(lowering, options)
+    for problem_of, what in ((checker_problem, "onnx.checker"), (ort_problem, "ONNX Runtime")):
+        if problem_of(graph_model) is not None:
+            phases = [("quantize", quantize_passes), ("lower", pipe.lower)]
+            culprit = blame(_before_quantize(prep, plan, records), phases, problem_of)
+            raise RuntimeError(f"{what} rejects the compiled model (a qcompile bug): {culprit}")
     proto = ir.to_proto(graph_model)
-    try:
-        onnx.checker.check_model(proto, full_check=True)
-    except Exception as exc:
-        raise RuntimeError(
-            f"the compiled model failed onnx.checker (a qcompile bug): {exc}"
-        ) from exc
 
     op_types = {node.name: node.op_type for node in fp32_model.graph}
     insert = next((p for p in quantize_passes if isinstance(p, InsertQDQ)), None)
@@ -288,7 +303,7 @@ def finish(
         removed_activations=list(insert.removed_activations) if insert else [],
         size_fp32_bytes=serialized_size(fp32_model),
         size_quantized_bytes=proto.ByteSize(),
-        notes=list(profile.notes),
+        notes=[*profile.notes, *prep.notes],
         integer_only=lowering is not None,
         integer_ops=dict(lowering.lowered) if lowering else {},
         float_islands=[dataclasses.asdict(i) for i in lowering.islands] if lowering else [],
@@ -333,6 +348,14 @@ def first_feeds(data, n: int) -> list[Feed]:
 def _cut(pipe: Pipeline) -> int | None:
     """Where integer-only lowering starts in the lower phase (None: no such pass)."""
     return next((i for i, p in enumerate(pipe.lower) if isinstance(p, LowerToIntegerOnly)), None)
+
+
+def _before_quantize(prep: Prepared, plan: QuantPlan, records: list[PassRecord]) -> ir.Model:
+    """The graph the quantize phase started from (bias correction replayed if it ran)."""
+    model = prep.model.clone()
+    if any(r.name == "BiasCorrection" and r.modified for r in records):
+        logger.warning("replaying without bias correction to find the failing pass")
+    return model
 
 
 def _kept_as_is(job: CompileJob, model: ir.Model, target: str, listed: str) -> CompileResult:

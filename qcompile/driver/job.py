@@ -22,6 +22,7 @@ import onnx_ir as ir
 from qcompile.calibrate.observers import Observer
 from qcompile.calibrate.runner import CalibrationStats
 from qcompile.data.feeds import CalibrationSource, ImageSpec, InputSpec, open_calibration
+from qcompile.errors import QCompileError
 from qcompile.ir.io import ModelSource, load_model
 from qcompile.options import CompileOptions
 
@@ -76,7 +77,24 @@ class Workspace:
     _data: dict[Hashable, CalibrationSource] = field(default_factory=dict)
     _stats: dict[tuple[str, str], _Entry] = field(default_factory=dict)
     _runs: dict[str, _Run] = field(default_factory=dict)
+    _reference: Any = None
     hits: int = 0
+
+    def reference(self, model: ir.Model, feed) -> Any:
+        """The input model's outputs on `feed`, computed once per job (the safety net's
+        reference); a model ONNX Runtime cannot run is the user's to fix."""
+        if self._reference is None:
+            from qcompile.driver.safety import run_outputs
+
+            try:
+                self._reference = run_outputs(model, feed)
+            except Exception as exc:
+                raise QCompileError(
+                    f"ONNX Runtime cannot run the input model: {str(exc).splitlines()[0]}",
+                    hint="an op ORT does not implement, or a malformed graph; check the node "
+                    "named above",
+                ) from exc
+        return self._reference
 
     def load(self, source: ModelSource) -> ir.Model:
         """The input model, loaded (and checked) once; each variant gets its own copy."""

@@ -49,7 +49,38 @@ def load_model(source: ModelSource, *, min_opset: int = MIN_OPSET) -> ir.Model:
         model = _load_path(path)
     _check_nonempty(model, path)
     _unknown_dims_as_symbolic(model)
-    return upgrade_opset(model, min_opset, path=path)
+    _initializers_are_not_inputs(model)
+    model = upgrade_opset(model, min_opset, path=path)
+    _raise_ir_version(model)
+    return model
+
+
+def _initializers_are_not_inputs(model: ir.Model) -> None:
+    """IR < 4 requires every initializer to be listed as a graph input; ONNX Runtime
+    treats those as constants, and so do we: they are weights, not inputs to feed."""
+    if model.ir_version >= 4:
+        return
+    inputs = list(model.graph.inputs)
+    weights = [v for v in inputs if v.name in model.graph.initializers]
+    for value in weights:
+        model.graph.inputs.remove(value)
+    if weights:
+        logger.info(
+            "IR %d model: %d initializers listed as inputs are constants",
+            model.ir_version,
+            len(weights),
+        )
+    model.ir_version = 4
+
+
+def _raise_ir_version(model: ir.Model) -> None:
+    """The IR version the model's opsets need (an upgraded opset 17 needs IR 8), so that
+    initializers we add need not be graph inputs."""
+    opsets = [
+        onnx.helper.make_opsetid(domain, version) for domain, version in model.opset_imports.items()
+    ]
+    needed = onnx.helper.find_min_ir_version_for(opsets, ignore_unknown=True)
+    model.ir_version = max(model.ir_version, needed)
 
 
 def _unknown_dims_as_symbolic(model: ir.Model) -> None:

@@ -24,7 +24,13 @@ _NEVER_FOLD = frozenset({"QuantizeLinear", "DequantizeLinear", "DynamicQuantizeL
 
 
 def _should_fold(node: ir.Node) -> bool | None:
-    return False if node.op_type in _NEVER_FOLD else None
+    if node.op_type in _NEVER_FOLD:
+        return False
+    if node.op_type == "ConstantOfShape" and node.inputs[0].const_value is not None:
+        # weights written as ConstantOfShape (ONNX's "light" model-zoo exports): fold them
+        # whatever their size, or nothing would find the weights to quantize
+        return True
+    return None
 
 
 class FoldConstants(ir.passes.InPlacePass):

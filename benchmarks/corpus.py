@@ -1,0 +1,346 @@
+"""The model corpus: models nobody tuned qcompile for, compiled for each target.
+
+`python -m benchmarks.corpus` writes benchmarks/CORPUS.md: one row per model × target with
+the outcome (ok / refused with its reason / bug), output SQNR against FP32, speedup and
+compile seconds. Sources:
+
+- every model in onnx's backend test data (`onnx/backend/test/data/{light,simple,
+  pytorch-converted,pytorch-operator}`, shipped in the onnx wheel) that ONNX Runtime runs;
+- control-flow models (If/Loop/Scan, outer-scope reads, branches ending in Identity) and
+  pre-quantized models (QDQ, QOperator, dynamic) built here (benchmarks/corpus_models.py).
+
+A row is a bug when qcompile raised anything but a QCompileError, or when the compiled
+model's outputs differ from FP32's in name, rank, shape or dtype on a real run.
+`tests/test_corpus.py` runs a small subset with the same checks in CI.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import glob
+import logging
+import os
+import statistics
+import time
+import traceback
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+HERE = Path(__file__).resolve().parent
+BACKEND_SUITES = ("light", "simple", "pytorch-converted", "pytorch-operator")
+
+
+@dataclass
+class CorpusModel:
+    name: str
+    source: str
+    load: Callable[[], onnx.ModelProto]
+    feeds: Callable[[onnx.ModelProto], list[dict[str, np.ndarray]]]
+    tags: tuple[str, ...] = ()
+
+
+@dataclass
+class Row:
+    model: str
+    source: str
+    target: str
+    outcome: str  # ok | refused | bug | skipped
+    reason: str = ""
+    sqnr_db: float | None = None
+    speedup: float | None = None
+    seconds: float = 0.0
+    extra: dict = field(default_factory=dict)
+
+
+# -- feeds -----------------------------------------------------------------------------
+
+
+def _dims(value: onnx.ValueInfoProto) -> list[int]:
+    shape = value.type.tensor_type.shape
+    return [d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else 1 for d in shape.dim]
+
+
+def _graph_inputs(model: onnx.ModelProto) -> list[onnx.ValueInfoProto]:
+    inits = {t.name for t in model.graph.initializer}
+    return [v for v in model.graph.input if v.name not in inits]
+
+
+def calibration_feeds(
+    model: onnx.ModelProto, given: list[dict[str, np.ndarray]], count: int = 10, seed: int = 0
+) -> list[dict[str, np.ndarray]]:
+    """`count` feeds: the given ones, then copies with float inputs perturbed by 10% of
+    their spread (or standard normal data when nothing is given)."""
+    rng = np.random.default_rng(seed)
+    feeds = list(given)
+    base = given or [_random_feed(model, rng)]
+    while len(feeds) < count:
+        src = base[len(feeds) % len(base)]
+        feed = {}
+        for k, v in src.items():
+            if v.dtype.kind == "f" and v.size:
+                spread = float(np.std(v)) or 1.0
+                v = (v + rng.standard_normal(v.shape) * 0.1 * spread).astype(v.dtype)
+            feed[k] = v
+        feeds.append(feed)
+    return feeds
+
+
+def _random_feed(model: onnx.ModelProto, rng: np.random.Generator) -> dict[str, np.ndarray]:
+    feed = {}
+    for v in _graph_inputs(model):
+        dtype = onnx.helper.tensor_dtype_to_np_dtype(v.type.tensor_type.elem_type)
+        shape = _dims(v)
+        if dtype.kind == "f":
+            feed[v.name] = rng.standard_normal(shape).astype(dtype)
+        elif dtype.kind == "b":
+            feed[v.name] = rng.random(shape) > 0.5
+        else:
+            feed[v.name] = rng.integers(0, 4, shape).astype(dtype)
+    return feed
+
+
+def _test_data_feeds(folder: Path, model: onnx.ModelProto) -> list[dict[str, np.ndarray]]:
+    names = [v.name for v in _graph_inputs(model)]
+    feeds = []
+    for data_set in sorted(folder.glob("test_data_set_*")):
+        files = sorted(data_set.glob("input_*.pb"), key=lambda p: int(p.stem.split("_")[1]))
+        if len(files) != len(names):
+            continue
+        feed = {}
+        for name, path in zip(names, files, strict=True):
+            tensor = onnx.TensorProto()
+            tensor.ParseFromString(path.read_bytes())
+            feed[name] = numpy_helper.to_array(tensor)
+        feeds.append(feed)
+    return feeds
+
+
+# -- sources ---------------------------------------------------------------------------
+
+
+def backend_models() -> Iterator[CorpusModel]:
+    root = Path(onnx.__file__).parent / "backend" / "test" / "data"
+    for suite in BACKEND_SUITES:
+        for path in sorted(glob.glob(str(root / suite / "*.onnx"))) + sorted(
+            glob.glob(str(root / suite / "*" / "model.onnx"))
+        ):
+            path = Path(path)
+            name = path.stem if path.name != "model.onnx" else path.parent.name
+            folder = path.parent if path.name == "model.onnx" else None
+
+            def feeds(model, folder=folder):
+                given = _test_data_feeds(folder, model) if folder is not None else []
+                return calibration_feeds(model, given)
+
+            yield CorpusModel(
+                name, f"onnx/{suite}", lambda p=path: onnx.load(str(p)), feeds, (suite,)
+            )
+
+
+def all_models() -> list[CorpusModel]:
+    from benchmarks import corpus_models
+
+    return [*backend_models(), *corpus_models.built_models()]
+
+
+# -- one model -------------------------------------------------------------------------
+
+
+def _session(model: onnx.ModelProto):
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 4
+    opts.intra_op_num_threads = 1
+    return ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+
+
+def _latency_ms(sess, feed, runs: int) -> float:
+    times = []
+    for _ in range(runs):
+        t0 = time.perf_counter()
+        sess.run(None, feed)
+        times.append(time.perf_counter() - t0)
+    return 1e3 * statistics.median(times)
+
+
+def check_outputs(
+    reference: list[np.ndarray], got: list[np.ndarray], names: list[str], got_names: list[str]
+) -> str | None:
+    """What differs between FP32's outputs and the compiled model's besides values."""
+    if names != got_names:
+        return f"output names {got_names} != FP32's {names}"
+    for name, a, b in zip(names, reference, got, strict=True):
+        a, b = np.asarray(a), np.asarray(b)
+        if a.shape != b.shape:
+            return f"output {name}: shape {b.shape} != FP32's {a.shape}"
+        if a.dtype != b.dtype:
+            return f"output {name}: dtype {b.dtype} != FP32's {a.dtype}"
+    return None
+
+
+def sqnr(reference: list[np.ndarray], got: list[np.ndarray]) -> float | None:
+    signal = noise = 0.0
+    for a, b in zip(reference, got, strict=True):
+        a = np.asarray(a)
+        if a.dtype.kind != "f":
+            continue
+        a, b = a.astype(np.float64).ravel(), np.asarray(b, np.float64).ravel()
+        signal += float(np.dot(a, a))
+        noise += float(np.dot(a - b, a - b))
+    if signal == 0.0 and noise == 0.0:
+        return None
+    return float("inf") if noise == 0.0 else 10 * float(np.log10(max(signal, 1e-300) / noise))
+
+
+def run_model(entry: CorpusModel, target: str, bench_runs: int = 10) -> Row:
+    import qcompile
+    from qcompile.errors import find_qcompile_error
+
+    row = Row(entry.name, entry.source, target, "skipped")
+    try:
+        model = entry.load()
+        feeds = entry.feeds(model)
+        sess = _session(model)
+        names = [o.name for o in sess.get_outputs()]
+        reference = [sess.run(None, f) for f in feeds]
+    except Exception as exc:  # noqa: BLE001 - the corpus keeps models ORT runs
+        row.reason = f"ONNX Runtime does not run it: {str(exc).splitlines()[0][:120]}"
+        return row
+    start = time.perf_counter()
+    try:
+        result = qcompile.compile(
+            model, target=target, calibration=feeds, progress=False, bench_runs=0
+        )
+    except Exception as exc:  # noqa: BLE001 - classified below
+        row.seconds = time.perf_counter() - start
+        user = find_qcompile_error(exc)
+        if user is not None:
+            row.outcome, row.reason = "refused", user.message.splitlines()[0][:200]
+        else:
+            row.outcome = "bug"
+            row.reason = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"
+            logging.debug("%s", traceback.format_exc())
+        return row
+    row.seconds = time.perf_counter() - start
+    try:
+        q_model = onnx.ModelProto()
+        q_model.ParseFromString(
+            __import__("onnx_ir").to_proto(result.model).SerializeToString()
+        )
+        q_sess = _session(q_model)
+        got_names = [o.name for o in q_sess.get_outputs()]
+        got = [q_sess.run(None, f) for f in feeds]
+    except Exception as exc:  # noqa: BLE001 - a model we produced that ORT rejects
+        row.outcome, row.reason = "bug", f"ORT rejects the compiled model: {str(exc)[:200]}"
+        return row
+    for ref, out in zip(reference, got, strict=True):
+        problem = check_outputs(ref, out, names, got_names)
+        if problem:
+            row.outcome, row.reason = "bug", problem
+            return row
+    row.outcome = "ok"
+    row.sqnr_db = min(
+        (s for s in (sqnr(r, g) for r, g in zip(reference, got, strict=True)) if s is not None),
+        default=None,
+    )
+    if bench_runs:
+        f32 = _latency_ms(sess, feeds[0], bench_runs)
+        q = _latency_ms(q_sess, feeds[0], bench_runs)
+        row.speedup = f32 / q if q > 0 else None
+    row.extra["quantized_ops"] = sum(result.report.quantized_ops.values())
+    return row
+
+
+# -- the report ------------------------------------------------------------------------
+
+
+def _fmt(x: float | None, spec: str) -> str:
+    if x is None:
+        return "–"
+    if x == float("inf"):
+        return "∞"
+    return format(x, spec)
+
+
+def write_markdown(rows: list[Row], path: Path, command: str, seconds: float) -> None:
+    import onnxruntime
+    import qcompile
+
+    counts: dict[str, dict[str, int]] = {}
+    for r in rows:
+        counts.setdefault(r.target, {}).setdefault(r.outcome, 0)
+        counts[r.target][r.outcome] += 1
+    lines = [
+        "# qcompile model corpus",
+        "",
+        f"Generated by `{command}` — do not edit by hand.",
+        "",
+        f"- date: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; total {seconds:.0f} s",
+        f"- qcompile {qcompile.__version__}, onnx {onnx.__version__}, onnxruntime "
+        f"{onnxruntime.__version__}; latency: median of single-thread runs, FP32 and "
+        "compiled model in one process",
+        "- outcome: `ok` (compiled, ORT runs it, outputs match FP32's names/shapes/dtypes), "
+        "`refused` (a QCompileError: the reason), `bug` (anything else), `skipped` (ORT does "
+        "not run the FP32 model)",
+        "",
+        "| target | " + " | ".join(("ok", "refused", "bug", "skipped")) + " |",
+        "|---|---|---|---|---|",
+    ]
+    for target, c in counts.items():
+        lines.append(
+            f"| {target} | "
+            + " | ".join(str(c.get(k, 0)) for k in ("ok", "refused", "bug", "skipped"))
+            + " |"
+        )
+    lines += [
+        "",
+        "| model | source | target | outcome | SQNR dB | speedup | compile s | reason |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        reason = r.reason.replace("|", "\\|").replace("\n", " ")
+        lines.append(
+            f"| {r.model} | {r.source} | {r.target} | {r.outcome} | {_fmt(r.sqnr_db, '.1f')} | "
+            f"{_fmt(r.speedup, '.2f')} | {r.seconds:.2f} | {reason} |"
+        )
+    path.write_text("\n".join(lines) + "\n")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.corpus")
+    parser.add_argument("--targets", default="cpu", help="comma-separated targets")
+    parser.add_argument("--only", default=None, help="substring of model names to keep")
+    parser.add_argument("--bench-runs", type=int, default=10)
+    parser.add_argument("--out", default=str(HERE / "CORPUS.md"))
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.ERROR)
+    for noisy in ("qcompile", "onnxscript", "onnx_ir"):
+        logging.getLogger(noisy).setLevel(logging.ERROR)
+    start = time.perf_counter()
+    rows = []
+    for entry in all_models():
+        if args.only and args.only not in entry.name:
+            continue
+        for target in args.targets.split(","):
+            row = run_model(entry, target, args.bench_runs)
+            rows.append(row)
+            print(
+                f"{row.model:45s} {target:5s} {row.outcome:8s} {_fmt(row.sqnr_db, '.1f'):>6s} "
+                f"{_fmt(row.speedup, '.2f'):>5s} {row.reason[:90]}",
+                flush=True,
+            )
+    command = "python -m benchmarks.corpus " + " ".join(argv or [])
+    write_markdown(rows, Path(args.out), command.strip(), time.perf_counter() - start)
+    return 0
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    raise SystemExit(main())
