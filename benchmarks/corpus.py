@@ -43,6 +43,7 @@ class CorpusModel:
     load: Callable[[], onnx.ModelProto]
     feeds: Callable[[onnx.ModelProto], list[dict[str, np.ndarray]]]
     tags: tuple[str, ...] = ()
+    options: dict = field(default_factory=dict)  # compile options the row needs
 
 
 @dataclass
@@ -216,7 +217,7 @@ def run_model(entry: CorpusModel, target: str, bench_runs: int = 10) -> Row:
     start = time.perf_counter()
     try:
         result = qcompile.compile(
-            model, target=target, calibration=feeds, progress=False, bench_runs=0
+            model, target=target, calibration=feeds, progress=False, bench_runs=0, **entry.options
         )
     except Exception as exc:  # noqa: BLE001 - classified below
         row.seconds = time.perf_counter() - start
@@ -225,15 +226,15 @@ def run_model(entry: CorpusModel, target: str, bench_runs: int = 10) -> Row:
             row.outcome, row.reason = "refused", user.message.splitlines()[0][:200]
         else:
             row.outcome = "bug"
-            row.reason = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"
+            row.reason = (
+                f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"
+            )
             logging.debug("%s", traceback.format_exc())
         return row
     row.seconds = time.perf_counter() - start
     try:
         q_model = onnx.ModelProto()
-        q_model.ParseFromString(
-            __import__("onnx_ir").to_proto(result.model).SerializeToString()
-        )
+        q_model.ParseFromString(__import__("onnx_ir").to_proto(result.model).SerializeToString())
         q_sess = _session(q_model)
         got_names = [o.name for o in q_sess.get_outputs()]
         got = [q_sess.run(None, f) for f in feeds]

@@ -27,13 +27,21 @@ from qcompile.driver import checks
 from qcompile.driver.job import CompileJob, Workspace
 from qcompile.driver.measure import fpga_costs, measure
 from qcompile.driver.report import CompileReport, options_record
-from qcompile.driver.safety import blame, checked_phase, checker_problem, ort_problem
+from qcompile.driver.safety import (
+    blame,
+    checked_phase,
+    checker_problem,
+    correct_declared_outputs,
+    ort_problem,
+    recovered_agreement,
+)
 from qcompile.errors import QCompileError
 from qcompile.ir.io import check_output_path, save_model, serialized_size
 from qcompile.ir.shapes import infer_shapes, pin_input_shapes, record_observed_shapes
 from qcompile.lower.integer_only import LowerToIntegerOnly
 from qcompile.numerics.qparams import QParams
 from qcompile.passes.manager import PassRecord, pass_name, run_phase
+from qcompile.passes.operator_format import DynamicToFloat, OperatorsToQDQ
 from qcompile.passes.prequantized import DequantizeQDQ, quantized_ops
 from qcompile.passes.smoothing import ChannelObserver, find_smooth_groups
 from qcompile.quantize.bias_correction import ChannelMeanObserver, correction_inputs
@@ -141,13 +149,17 @@ def prepare(job: CompileJob, workspace: Workspace) -> Prepared | CompileResult:
     # Import and canonicalize.
     graph_model = workspace.load(job.model)
     prequantized = quantized_ops(graph_model)
+    quantized_input = None
     if prequantized:
         listed = ", ".join(f"{k}×{v}" for k, v in prequantized.items())
         if options.already_quantized == "error":
             raise checks.already_quantized_error(listed)
         if options.already_quantized == "keep":
             return _kept_as_is(job, graph_model, profile.name, listed)
-        graph_model, _ = run_phase(graph_model, "import", [DequantizeQDQ()])
+        quantized_input = graph_model.clone()
+        graph_model, _ = run_phase(
+            graph_model, "import", [DynamicToFloat(), OperatorsToQDQ(), DequantizeQDQ()]
+        )
         logger.warning("dequantized an already quantized model (%s) to compile it again", listed)
     if options.input_shapes:
         pin_input_shapes(graph_model, dict(options.input_shapes))
@@ -164,12 +176,25 @@ def prepare(job: CompileJob, workspace: Workspace) -> Prepared | CompileResult:
         raise QCompileError("the calibration set is empty", hint="give at least one feed")
     feed = feeds[0]
     reference = workspace.reference(graph_model, feed)
+    declared = correct_declared_outputs(graph_model, reference)
+    if prequantized:
+        declared.append(recovered_agreement(quantized_input, reference, feed))
     graph_model, records, notes = checked_phase(
         graph_model, "rewrite", pipe.rewrite, reference, feed, skip=skip, verify=verify
     )
     infer_shapes(graph_model)
     prep = Prepared(
-        job, workspace, pipe, skip, graph_model, specs, data, QuantPlan(), None, records, notes
+        job,
+        workspace,
+        pipe,
+        skip,
+        graph_model,
+        specs,
+        data,
+        QuantPlan(),
+        None,
+        records,
+        declared + notes,
     )  # type: ignore[arg-type]
 
     # Smooth: migrate activation outliers into weights (needs its own statistics).
@@ -234,6 +259,7 @@ def finish(
 
     # Bias correction (asked for): needs the FP32 reference taken above, and its own run.
     records = list(prep.records)
+    bias_passes: list = []
     if options.bias_correction and pipe.correct_bias is not None and "BiasCorrection" not in skip:
         axes = correction_inputs(graph_model, plan)
         if axes:
@@ -245,9 +271,8 @@ def finish(
                 lambda t: ("mean", axes[t]),
             )
             means = {t: o.mean for t, o in mean_stats.observers.items() if o.mean is not None}
-            graph_model, more = run_phase(
-                graph_model, "quantize", pipe.correct_bias(plan, means), skip=skip
-            )
+            bias_passes = pipe.correct_bias(plan, means)
+            graph_model, more = run_phase(graph_model, "quantize", bias_passes, skip=skip)
             records += more
 
     # Quantize and lower; the QDQ graph is kept when integer-only lowering follows
@@ -269,8 +294,12 @@ def finish(
     checks.islands_allowed(lowering, options)
     for problem_of, what in ((checker_problem, "onnx.checker"), (ort_problem, "ONNX Runtime")):
         if problem_of(graph_model) is not None:
-            phases = [("quantize", quantize_passes), ("lower", pipe.lower)]
-            culprit = blame(_before_quantize(prep, plan, records), phases, problem_of)
+            phases = [
+                ("quantize", bias_passes),
+                ("quantize", quantize_passes),
+                ("lower", pipe.lower),
+            ]
+            culprit = blame(fp32_model, phases, problem_of)
             raise RuntimeError(f"{what} rejects the compiled model (a qcompile bug): {culprit}")
     proto = ir.to_proto(graph_model)
 
@@ -348,14 +377,6 @@ def first_feeds(data, n: int) -> list[Feed]:
 def _cut(pipe: Pipeline) -> int | None:
     """Where integer-only lowering starts in the lower phase (None: no such pass)."""
     return next((i for i, p in enumerate(pipe.lower) if isinstance(p, LowerToIntegerOnly)), None)
-
-
-def _before_quantize(prep: Prepared, plan: QuantPlan, records: list[PassRecord]) -> ir.Model:
-    """The graph the quantize phase started from (bias correction replayed if it ran)."""
-    model = prep.model.clone()
-    if any(r.name == "BiasCorrection" and r.modified for r in records):
-        logger.warning("replaying without bias correction to find the failing pass")
-    return model
 
 
 def _kept_as_is(job: CompileJob, model: ir.Model, target: str, listed: str) -> CompileResult:

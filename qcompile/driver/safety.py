@@ -46,6 +46,57 @@ def run_outputs(model: ir.Model | onnx.ModelProto, feed: Feed) -> Outputs:
     return Outputs(names, sess.run(None, dict(feed)))
 
 
+def correct_declared_outputs(model: ir.Model, observed: Outputs) -> list[str]:
+    """Declared output shapes never override what the model returns: an output whose
+    declared rank or static dims disagree with a real run gets a shape of the observed
+    rank (dims that agree kept, the others unknown). Returns a note per output changed."""
+    notes = []
+    by_name = {v.name: v for v in model.graph.outputs}
+    for name, array in zip(observed.names, observed.arrays, strict=True):
+        value, shape = by_name.get(name), np.shape(array)
+        if value is None or value.shape is None:
+            continue
+        declared = list(value.shape)
+        agrees = len(declared) == len(shape) and all(
+            not isinstance(d, int) or d == n for d, n in zip(declared, shape, strict=True)
+        )
+        if agrees:
+            continue
+        kept = [
+            d if len(declared) == len(shape) and d == n else None
+            for d, n in zip(declared, shape, strict=False)
+        ]
+        kept += [None] * (len(shape) - len(kept))
+        value.shape = ir.Shape(kept)
+        note = (
+            f"output {name} is declared {[str(d) for d in declared]} but the model returns "
+            f"shape {list(shape)}: the declared shape was not used"
+        )
+        logger.warning(note)
+        notes.append(note)
+    return notes
+
+
+def recovered_agreement(quantized: ir.Model, recovered: Outputs, feed: Feed) -> str:
+    """A note on how closely the FP32 model recovered from a quantized input computes what
+    the input computed (output SQNR of the input against the recovered model)."""
+    try:
+        given = run_outputs(quantized, feed)
+    except Exception as exc:  # noqa: BLE001 - the note says so
+        return f"requantize: the quantized input does not run in ONNX Runtime ({exc})"
+    signal = noise = 0.0
+    for a, b in zip(recovered.arrays, given.arrays, strict=True):
+        if np.asarray(a).dtype.kind == "f" and np.shape(a) == np.shape(b):
+            a64, b64 = np.asarray(a, np.float64), np.asarray(b, np.float64)
+            signal += float(np.sum(a64 * a64))
+            noise += float(np.sum((a64 - b64) ** 2))
+    db = float("inf") if noise == 0 else 10 * np.log10(max(signal, 1e-300) / noise)
+    return (
+        f"requantize: the FP32 model recovered from the quantized input agrees with it at "
+        f"{db:.1f} dB output SQNR on the first calibration feed (the input's own rounding)"
+    )
+
+
 def difference(reference: Outputs, got: Outputs) -> str | None:
     """How `got` differs from `reference` beyond float tolerance (None: it does not)."""
     if got.names != reference.names:

@@ -103,6 +103,23 @@ class DefaultRewrites(NamePreservingRewrite):
         super().__init__(pattern.RewriteRuleSet(list(DEFAULT_RULES)))
 
 
+class EliminateIdentity(common_passes.IdentityEliminationPass):
+    """onnx-ir's Identity elimination, keeping an Identity that is the only way a value
+    from another graph (the outer scope of an If/Loop/Scan branch) or a value that is
+    already some graph's output becomes this graph's output: eliminating it would make
+    one value the output of two graphs (both branches of an If returning the same outer
+    value, as torch exports write them)."""
+
+    def _try_eliminate_identity_node(self, node: ir.Node) -> bool:
+        x = node.inputs[0] if node.op_type == "Identity" and node.inputs else None
+        if x is not None and node.outputs[0].is_graph_output():
+            producer = x.producer()
+            outer = producer is None or producer.graph is not node.graph
+            if x.is_graph_output() or (outer and not (x.is_graph_input() or x.is_initializer())):
+                return False
+        return super()._try_eliminate_identity_node(node)
+
+
 class LiftConstants(common_passes.LiftConstantsToInitializersPass):
     """Constant nodes become initializers, so weights are found in one place."""
 
@@ -117,7 +134,7 @@ def canonicalize() -> list[ir.passes.PassBase]:
         LiftConstants(),
         FoldConstants(),
         DefaultRewrites(),
-        common_passes.IdentityEliminationPass(),
+        EliminateIdentity(),
         common_passes.RemoveUnusedNodesPass(),
         common_passes.RemoveUnusedFunctionsPass(),
         LiftConstants(),

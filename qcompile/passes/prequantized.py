@@ -85,8 +85,9 @@ class DequantizeQDQ(ir.passes.InPlacePass):
         if found:
             listed = ", ".join(f"{k}×{v}" for k, v in found.items())
             raise QCompileError(
-                f"cannot requantize an operator-format quantized model ({listed})",
-                hint="requantize works on QDQ models; compile the original FP32 model instead",
+                f"cannot requantize these operator-format ops: {listed}",
+                hint="requantize handles QDQ models, ONNX Runtime's QLinear*/QGemm operator "
+                "format and quantize_dynamic's output; compile the original FP32 model instead",
             )
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
@@ -183,6 +184,7 @@ def _replace(graph: ir.Graph, old: ir.Value, new: ir.Value) -> None:
         ident = ir.node("Identity", [new], name=f"{old.name}_identity")
         graph.append(ident)
         index = list(graph.outputs).index(old)
+        graph.outputs[index] = ident.outputs[0]
         old.replace_all_uses_with(ident.outputs[0])
         name = old.name
         old.name = f"{name}_quantized_output"
