@@ -68,10 +68,18 @@ def pin_input_shapes(model: ir.Model, shapes: Mapping[str, Sequence[int]]) -> No
         value.shape = ir.Shape(list(dims))
 
 
+# ops whose outputs are sequences; onnx-ir's inference pass writes them back as tensor types
+SEQUENCE_OPS = frozenset(
+    {"SequenceEmpty", "SequenceConstruct", "SequenceInsert", "SequenceErase", "SplitToSequence",
+     "SequenceMap"}
+)  # fmt: skip
+
+
 def infer_shapes(model: ir.Model) -> bool:
     """Run onnx shape inference in place; return False (and log why) if it failed."""
     try:
         common_passes.ShapeInferencePass(strict_mode=False, data_prop=True)(model)
+        _restore_sequence_types(model)
         return True
     except Exception as exc:  # inference failing must not stop compilation
         logger.warning("shape inference failed (%s); shapes will come from calibration", exc)
@@ -92,3 +100,14 @@ def record_observed_shapes(
             continue
         if value.dtype is None:
             value.dtype = ir.DataType.from_numpy(np.dtype(dtype))
+
+
+def _restore_sequence_types(model: ir.Model) -> None:
+    """Sequence-valued outputs keep a sequence type (the inference pass made them tensors,
+    and ONNX Runtime then refuses the model)."""
+    for node in ir.traversal.RecursiveGraphIterator(model.graph):
+        if node.op_type in SEQUENCE_OPS and node.domain in ("", "ai.onnx"):
+            for value in node.outputs:
+                if isinstance(value.type, ir.TensorType):
+                    value.type = ir.SequenceType(ir.TensorType(value.type.dtype))
+                    value.shape = None

@@ -348,7 +348,8 @@ def float_movement(graph: ir.Graph) -> bool:
             mover.inputs[0], dq.inputs[1], dq.inputs[2] if len(dq.inputs) > 2 else None, "float"
         )
         mover.replace_input_with(0, moved)
-        mover.outputs[0].dtype = ir.DataType.FLOAT
+        # a new type object: a clone of the model may share the old one
+        mover.outputs[0].type = ir.TensorType(ir.DataType.FLOAT)
         for done in (dq, *twins):
             _take_over(graph, done.outputs[0], mover.outputs[0])
             graph.remove(done, safe=True)
