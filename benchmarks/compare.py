@@ -434,7 +434,7 @@ def write_results(
         + " ".join(args.argv)
         + "` — do not edit by hand.",
         "",
-        f"- date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M UTC}",
+        f"- date: {datetime.datetime.now(datetime.UTC):%Y-%m-%d %H:%M UTC}",
         f"- CPU: {cpu}, {args.threads} threads for every session; latency = median of {args.runs} interleaved runs",
         f"- libraries: {', '.join(libs)}",
         f"- total benchmark time: {seconds:.0f} s",

@@ -17,7 +17,6 @@ model's outputs differ from FP32's in name, rank, shape or dtype on a real run.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import glob
 import logging
 import os
@@ -272,6 +271,7 @@ def _fmt(x: float | None, spec: str) -> str:
 
 def write_markdown(rows: list[Row], path: Path, command: str, seconds: float) -> None:
     import onnxruntime
+
     import qcompile
 
     counts: dict[str, dict[str, int]] = {}

@@ -3,6 +3,7 @@ capabilities, the plan, demotion of unquantizable tensors, float islands, pass n
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import logging
 
@@ -57,7 +58,9 @@ def already_quantized_error(listed: str) -> QCompileError:
     )
 
 
-def plan_has_work(plan: QuantPlan, profile: TargetProfile, options: CompileOptions) -> None:
+def plan_has_work(
+    plan: QuantPlan, profile: TargetProfile, options: CompileOptions, model: ir.Model | None = None
+) -> None:
     if options.int4_weights and not plan.int4_nodes:
         patterns = ", ".join(m.pattern for m in options.int4_weights)
         raise QCompileError(
@@ -66,8 +69,13 @@ def plan_has_work(plan: QuantPlan, profile: TargetProfile, options: CompileOptio
             "which stays INT8); `qcompile inspect` lists the nodes",
         )
     if not plan.nodes and not plan.int4_nodes:
+        ops = collections.Counter(n.op_type for n in model.graph) if model is not None else {}
+        listed = ", ".join(f"{op}×{n}" for op, n in sorted(ops.items())[:12])
+        compute = "/".join(sorted(profile.compute_ops))
         raise QCompileError(
-            "nothing in this model can be quantized for target " + profile.name,
+            f"nothing in this model can be quantized for target {profile.name}: it has no "
+            f"{compute} with a constant weight and no op between quantized ones"
+            + (f" (its ops: {listed})" if listed else ""),
             hint="run `qcompile inspect` to see each node's reason",
         )
 

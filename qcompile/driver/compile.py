@@ -219,7 +219,7 @@ def prepare(job: CompileJob, workspace: Workspace) -> Prepared | CompileResult:
 
     # Plan and calibrate.
     plan = build_plan(graph_model, profile, options)
-    checks.plan_has_work(plan, profile, options)
+    checks.plan_has_work(plan, profile, options, graph_model)
     observer_for = pipe.calibrate.observer_for(plan)
     stats = prep.observe(
         plan.calibrated_tensors, observer_for, pipe.calibrate.key_for(plan), options.progress

@@ -27,6 +27,18 @@ def _scalar(value: ir.Value | None) -> float | None:
     return float(array.reshape(()))
 
 
+def _fresh_name(value: ir.Value, suffix: str) -> str:
+    """`{value}_{suffix}`, numbered when the graph has it already (two matches sharing a
+    weight or bias): a name the rewriter has to rename is an initializer it never adds."""
+    base = f"{value.name}_{suffix}"
+    graph = value.graph
+    taken = set(graph.initializers) if graph is not None else set()
+    name, k = base, 1
+    while name in taken:
+        name, k = f"{base}_{k}", k + 1
+    return name
+
+
 def _close(value: ir.Value | None, expected: float) -> bool:
     got = _scalar(value)
     return got is not None and abs(got - expected) <= 1e-6 * max(1.0, abs(expected))
@@ -150,10 +162,10 @@ def _scaled_linear_replace(op, x, w, b, shape, c, t=None, **_):
     transpose = t.producer()
     reshape = transpose.inputs[0].producer()
     new_w = op.initializer(
-        ir.tensor((w.const_value.numpy() * scale).astype(np.float32), name=f"{w.name}_scaled")
+        ir.tensor((w.const_value.numpy() * scale).astype(np.float32), name=_fresh_name(w, "scaled"))
     )
     new_b = op.initializer(
-        ir.tensor((b.const_value.numpy() * scale).astype(np.float32), name=f"{b.name}_scaled")
+        ir.tensor((b.const_value.numpy() * scale).astype(np.float32), name=_fresh_name(b, "scaled"))
     )
     y = op.Add(op.MatMul(x, new_w), new_b)
     r = op.Reshape(y, shape, **dict(reshape.attributes.items()))
@@ -190,7 +202,7 @@ def _conv_add_replace(op, x, w, b, conv_out=None, **_):
     bias = np.broadcast_to(b.const_value.numpy().reshape(-1), (cout,)).astype(np.float32)
     if len(conv.inputs) > 2 and conv.inputs[2] is not None:
         bias = bias + conv.inputs[2].const_value.numpy().astype(np.float32)
-    new_b = op.initializer(ir.tensor(bias, name=f"{w.name}_fused_bias"))
+    new_b = op.initializer(ir.tensor(bias, name=_fresh_name(w, "fused_bias")))
     return op.Conv(x, w, new_b, **{k: v for k, v in conv.attributes.items()})
 
 
