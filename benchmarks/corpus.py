@@ -7,7 +7,10 @@ compile seconds. Sources:
 - every model in onnx's backend test data (`onnx/backend/test/data/{light,simple,
   pytorch-converted,pytorch-operator}`, shipped in the onnx wheel) that ONNX Runtime runs;
 - control-flow models (If/Loop/Scan, outer-scope reads, branches ending in Identity) and
-  pre-quantized models (QDQ, QOperator, dynamic) built here (benchmarks/corpus_models.py).
+  pre-quantized models (QDQ, QOperator, dynamic) built here (benchmarks/corpus_models.py);
+- transformers architectures at random init exported with both torch exporters at several
+  opsets (benchmarks/corpus_torch.py; `python -m benchmarks.corpus_torch` exports them
+  into the cache first, else they are left out).
 
 A row is a bug when qcompile raised anything but a QCompileError, or when the compiled
 model's outputs differ from FP32's in name, rank, shape or dtype on a real run.
@@ -144,9 +147,9 @@ def backend_models() -> Iterator[CorpusModel]:
 
 
 def all_models() -> list[CorpusModel]:
-    from benchmarks import corpus_models
+    from benchmarks import corpus_models, corpus_torch
 
-    return [*backend_models(), *corpus_models.built_models()]
+    return [*backend_models(), *corpus_models.built_models(), *corpus_torch.exported_models()]
 
 
 # -- one model -------------------------------------------------------------------------
