@@ -163,3 +163,12 @@ def test_a_quantize_pass_that_produces_an_invalid_graph_is_a_bug_naming_it(
     assert code == 1
     assert "pass InsertQDQ (quantize)" in err and "internal error" in err
     assert not (tmp_path / "q.onnx").exists()
+
+
+def test_report_compares_outputs_shape_aware():
+    """A compiled output with another shape is a bug, not a flattened SQNR."""
+    from qcompile.driver.measure import same_shape
+
+    same_shape("y", np.zeros((24, 1, 12), np.float32), np.zeros((24, 1, 12), np.float32))
+    with pytest.raises(RuntimeError, match=r"output y is float32\[1, 288\]"):
+        same_shape("y", np.zeros((24, 1, 12), np.float32), np.zeros((1, 288), np.float32))

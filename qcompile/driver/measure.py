@@ -76,6 +76,11 @@ def measure(
             if q_added
             else None
         )
+    fp_names = [o.name for o in fp_sess.get_outputs()][: len(out_names)]
+    if fp_names != out_names:
+        raise RuntimeError(
+            f"the compiled model's outputs are {out_names}, FP32's {fp_names} (a qcompile bug)"
+        )
     fp_run = [t for t in tensors if t in set(fp_added)]
     tensors = [t for t in tensors if (t in inputs or t in fp_run) and dq_outputs[t] in set(q_added)]
     fp_run = [t for t in fp_run if t in tensors]
@@ -88,6 +93,7 @@ def measure(
         fp_all = fp_sess.run(out_names + (fp_run if per_tensor else []), dict(feed))
         q_out = q_sess.run(out_names, dict(feed))
         for name, a, b in zip(out_names, fp_all[: len(out_names)], q_out, strict=True):
+            same_shape(name, a, b)
             accumulate(sums[name], a, b)
         if not per_tensor:
             continue
@@ -149,6 +155,16 @@ def bench_latency(
         )
         report.notes.append(note)
         logger.warning(note)
+
+
+def same_shape(name: str, fp32: np.ndarray, got: np.ndarray) -> None:
+    """Outputs are compared shape-aware: a changed shape or dtype is a bug, not an SQNR."""
+    fp32, got = np.asarray(fp32), np.asarray(got)
+    if fp32.shape != got.shape or fp32.dtype != got.dtype:
+        raise RuntimeError(
+            f"the compiled model's output {name} is {got.dtype}{list(got.shape)} where FP32's "
+            f"is {fp32.dtype}{list(fp32.shape)} (a qcompile bug)"
+        )
 
 
 def accumulate(s: list[float], a: np.ndarray, b: np.ndarray) -> None:
