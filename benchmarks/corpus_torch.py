@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import time
 import traceback
 from collections.abc import Callable
@@ -180,7 +181,7 @@ def _seq2seq(name, cls, cfg_cls, **cfg):
     def inputs(rng):
         return {
             **_tokens(1000)(rng),
-            "decoder_input_ids": rng.integers(0, 1000, (1, 8)).astype(np.int64),
+            "decoder_input_ids": rng.integers(0, 1000, (1, 16)).astype(np.int64),
         }
 
     return Arch(
@@ -195,6 +196,9 @@ def _seq2seq(name, cls, cfg_cls, **cfg):
 EXPORTS = (("torchscript", 14), ("torchscript", 17), ("dynamo", 18))
 # CNN-only architectures also at opset 11 (what older deployment stacks pin)
 OPSET11 = ("resnet", "regnet", "mobilenet_v1", "mobilenet_v2", "efficientnet", "convnext")
+# a few also at the newest opset the dynamo exporter writes
+NEWEST = 23
+AT_NEWEST = ("resnet", "mobilenet_v2", "vit", "bert", "gpt2", "llama")
 
 
 def export(arch: Arch, exporter: str, opset: int, out: Path) -> None:
@@ -236,6 +240,7 @@ def export_all(only: str | None = None) -> list[str]:
         if only and only not in arch.name:
             continue
         plans = list(EXPORTS) + ([("torchscript", 11)] if arch.name in OPSET11 else [])
+        plans += [("dynamo", NEWEST)] if arch.name in AT_NEWEST else []
         for exporter, opset in plans:
             out = folder / f"{arch.name}.{exporter}.opset{opset}.onnx"
             if out.exists():
@@ -246,14 +251,22 @@ def export_all(only: str | None = None) -> list[str]:
                 print(f"exported {out.name} in {time.perf_counter() - start:.1f}s", flush=True)
             except Exception as exc:  # noqa: BLE001 - recorded, the corpus goes on
                 out.unlink(missing_ok=True)
-                reason = (
-                    f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"
-                )
+                text = re.sub(r"\x1b\[[0-9;]*m", "", str(exc))  # the exporter colours its text
+                reason = f"{type(exc).__name__}: {text.splitlines()[0][:200] if text else ''}"
                 failures.append(f"{out.name}\t{reason}")
                 print(f"FAILED {out.name}: {reason}", flush=True)
                 if os.environ.get("QCOMPILE_DEBUG"):
                     traceback.print_exc()
-    (folder / "export_failures.txt").write_text("\n".join(failures) + "\n")
+    # keep the failures of models this run did not try again
+    listed = folder / "export_failures.txt"
+    tried = {f.split("\t")[0] for f in failures} | {p.name for p in folder.glob("*.onnx")}
+    earlier = listed.read_text().splitlines() if listed.exists() else []
+    kept = [
+        f
+        for f in earlier
+        if f and f.split("\t")[0] not in tried and (only is None or only not in f.split(".")[0])
+    ]
+    listed.write_text("\n".join(sorted(kept + failures)) + "\n")
     (folder / "feeds.json").write_text(json.dumps({a.name: a.kind for a in architectures()}))
     return failures
 

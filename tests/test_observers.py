@@ -228,3 +228,19 @@ def test_read_as_equals_observing_with_that_method(method):
 def test_read_as_needs_a_histogram():
     with pytest.raises(TypeError, match="no histogram"):
         read_as(MinMaxObserver("t"), "mse")
+
+
+def test_vanishing_activations_are_binned():
+    """Random-init exports can carry activations around 1e-37; the histogram's scale then
+    overflows float32 and used to produce negative bin indices."""
+    from qcompile.calibrate.observers import HistogramObserver, make_observer
+    from qcompile.numerics.qparams import QuantSpec
+
+    x = (np.random.default_rng(0).standard_normal(4096) * 1e-37).astype(np.float32)
+    for method in ("mse", "percentile", "minmax"):
+        obs = make_observer(method, "tiny")
+        obs.observe(x)
+        if isinstance(obs, HistogramObserver):
+            assert obs.hist.sum() + obs.zeros == x.size
+        qp = obs.qparams(QuantSpec(bits=8, signed=False, symmetric=False))
+        assert np.all(np.isfinite(qp.scale)) and np.all(qp.scale > 0)

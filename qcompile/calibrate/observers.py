@@ -149,9 +149,12 @@ class HistogramObserver(Observer):
         # exact zeros are binned too and then moved out of the histogram (no masked copy).
         # radius >= peak, so positions lie in [0, bins]; the one value that can land on
         # `bins` (x == R) is folded into the last bin instead of clipping every position.
-        scale = np.float32(self.bins / (2.0 * self.radius))
-        pos = np.multiply(flat, scale)
-        pos += np.float32(self.bins // 2)
+        scale = self.bins / (2.0 * self.radius)
+        if scale < 1e30:  # positions x·scale stay finite in float32
+            pos = np.multiply(flat, np.float32(scale))
+            pos += np.float32(self.bins // 2)
+        else:  # ranges below ~1e-27 (vanishing activations): x·scale in float64
+            pos = flat.astype(np.float64) * scale + self.bins // 2
         counts = np.bincount(pos.astype(np.intp), minlength=self.bins + 1).astype(np.float64)
         counts[self.bins - 1] += counts[self.bins :].sum()
         counts = counts[: self.bins]
