@@ -194,3 +194,24 @@ def test_bit_widths_are_refused_on_the_cpu_target():
         qcompile.compile(
             builders.mlp(), calibration={"input": builders.features(16)}, weight_bits=4, **FAST
         )
+
+
+def test_a_factor_no_dyadic_can_express_leaves_the_op_float(monkeypatch):
+    """Scales 2**31 apart (vanishing random-init activations) have no int32 multiplier: the
+    op stays a float island with that reason instead of crashing the lowering."""
+    from qcompile.lower import integer_only
+    from qcompile.numerics.dyadic import DyadicRangeError, to_dyadic
+
+    with pytest.raises(DyadicRangeError, match="requantization factors"):
+        to_dyadic(2.0**40)
+
+    def refuse(node, emit, graph):
+        raise DyadicRangeError("requantization factors must be in [0, 2**31), got 1e+12")
+
+    monkeypatch.setattr(integer_only.LowerToIntegerOnly, "_gemm", lambda self, *a: refuse(*a))
+    result = qcompile.compile(
+        builders.mlp(), target="fpga", calibration={"input": builders.features(24)},
+        allow_float="op:Gemm", **FAST,
+    )  # fmt: skip
+    islands = [i for i in result.report.float_islands if i["op_type"] == "Gemm"]
+    assert islands and all("no dyadic requantization" in i["reason"] for i in islands)

@@ -48,7 +48,7 @@ from qcompile.lower.integer_parts import (
     _take_over,
     float_ops_between,
 )
-from qcompile.numerics.dyadic import Dyadic, to_dyadic
+from qcompile.numerics.dyadic import Dyadic, DyadicRangeError, to_dyadic
 from qcompile.quantize.log2 import levels, log2_codes, power_table
 
 logger = logging.getLogger(__name__)
@@ -139,7 +139,10 @@ class LowerToIntegerOnly(ir.passes.InPlacePass):
             standard = node.domain in ("", "ai.onnx") or (node.domain, node.op_type) in MS_LUT
             lower = lowerings.get(node.op_type) if standard else None
             emit = _Emitter(graph, node, node.name or node.op_type, used, constants)
-            reason = lower(node, emit, graph) if lower else "no integer form"
+            try:
+                reason = lower(node, emit, graph) if lower else "no integer form"
+            except DyadicRangeError as exc:  # nodes emitted so far are dead: removed below
+                reason, modified = f"no dyadic requantization: {exc}", True
             if reason is None:
                 self.lowered[node.op_type] += 1
                 modified = True

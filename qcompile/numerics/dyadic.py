@@ -51,6 +51,11 @@ class Dyadic:
         return self.multiplier.astype(np.float64) / np.exp2(self.shift.astype(np.float64))
 
 
+class DyadicRangeError(ValueError):
+    """A requantization factor no int32 multiplier and shift can express (scales that
+    differ by 2**31 or more: e.g. vanishing activations of a random-init model)."""
+
+
 def to_dyadic(real: np.ndarray | float, *, max_multiplier_bits: int = MULTIPLIER_BITS) -> Dyadic:
     """The closest m / 2**s to `real` (>= 0) with m < 2**max_multiplier_bits.
 
@@ -62,7 +67,10 @@ def to_dyadic(real: np.ndarray | float, *, max_multiplier_bits: int = MULTIPLIER
     real = np.asarray(real, dtype=np.float64)
     limit = 1 << max_multiplier_bits
     if np.any(real < 0) or not np.all(np.isfinite(real)) or np.any(real >= limit):
-        raise ValueError(f"requantization factors must be in [0, 2**{max_multiplier_bits})")
+        raise DyadicRangeError(
+            f"requantization factors must be in [0, 2**{max_multiplier_bits}), got "
+            f"{float(np.max(real)) if real.size else 0.0:.3g}"
+        )
     mantissa, exponent = np.frexp(real)  # real = mantissa · 2**exponent, mantissa in [0.5, 1)
     pow2 = mantissa == 0.5
     # general case: m = round(mantissa · 2**bits), s = bits − exponent

@@ -28,8 +28,11 @@ def _should_fold(node: ir.Node) -> bool | None:
         return False
     if node.op_type == "ConstantOfShape" and node.inputs[0].const_value is not None:
         # weights written as ConstantOfShape (ONNX's "light" model-zoo exports): fold them
-        # whatever their size, or nothing would find the weights to quantize
-        return True
+        # whatever their size, or nothing would find the weights to quantize; other
+        # ConstantOfShape nodes (masks, zeros for a Where) are left as onnxscript leaves them
+        weight_of = {"Conv", "ConvTranspose", "Gemm", "MatMul", "BatchNormalization"}
+        if any(u.node.op_type in weight_of and u.idx >= 1 for u in node.outputs[0].uses()):
+            return True
     return None
 
 
