@@ -32,6 +32,7 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+import onnx_ir
 from onnx import numpy_helper
 
 HERE = Path(__file__).resolve().parent
@@ -173,37 +174,16 @@ def _latency_ms(sess, feed, runs: int) -> float:
     return 1e3 * statistics.median(times)
 
 
-def check_outputs(
-    reference: list[np.ndarray], got: list[np.ndarray], names: list[str], got_names: list[str]
-) -> str | None:
-    """What differs between FP32's outputs and the compiled model's besides values."""
-    if names != got_names:
-        return f"output names {got_names} != FP32's {names}"
-    for name, a, b in zip(names, reference, got, strict=True):
-        a, b = np.asarray(a), np.asarray(b)
-        if a.shape != b.shape:
-            return f"output {name}: shape {b.shape} != FP32's {a.shape}"
-        if a.dtype != b.dtype:
-            return f"output {name}: dtype {b.dtype} != FP32's {a.dtype}"
-    return None
-
-
 def sqnr(reference: list[np.ndarray], got: list[np.ndarray]) -> float | None:
-    signal = noise = 0.0
-    for a, b in zip(reference, got, strict=True):
-        a = np.asarray(a)
-        if a.dtype.kind != "f":
-            continue
-        a, b = a.astype(np.float64).ravel(), np.asarray(b, np.float64).ravel()
-        signal += float(np.dot(a, a))
-        noise += float(np.dot(a - b, a - b))
-    if signal == 0.0 and noise == 0.0:
-        return None
-    return float("inf") if noise == 0.0 else 10 * float(np.log10(max(signal, 1e-300) / noise))
+    """Output SQNR over the float outputs (None for models whose outputs are all zero)."""
+    from qcompile.driver.safety import outputs_sqnr_db
+
+    return outputs_sqnr_db(reference, got)
 
 
 def run_model(entry: CorpusModel, target: str, bench_runs: int = 10) -> Row:
     import qcompile
+    from qcompile.driver.safety import Outputs, structure_difference
     from qcompile.errors import find_qcompile_error
 
     row = Row(entry.name, entry.source, target, "skipped")
@@ -235,16 +215,14 @@ def run_model(entry: CorpusModel, target: str, bench_runs: int = 10) -> Row:
         return row
     row.seconds = time.perf_counter() - start
     try:
-        q_model = onnx.ModelProto()
-        q_model.ParseFromString(__import__("onnx_ir").to_proto(result.model).SerializeToString())
-        q_sess = _session(q_model)
+        q_sess = _session(onnx_ir.to_proto(result.model))
         got_names = [o.name for o in q_sess.get_outputs()]
         got = [q_sess.run(None, f) for f in feeds]
     except Exception as exc:  # noqa: BLE001 - a model we produced that ORT rejects
         row.outcome, row.reason = "bug", f"ORT rejects the compiled model: {str(exc)[:200]}"
         return row
     for ref, out in zip(reference, got, strict=True):
-        problem = check_outputs(ref, out, names, got_names)
+        problem = structure_difference(Outputs(names, ref), Outputs(got_names, out))
         if problem:
             row.outcome, row.reason = "bug", problem
             return row

@@ -22,6 +22,7 @@ import onnx_ir as ir
 from qcompile.calibrate.observers import Observer
 from qcompile.calibrate.runner import CalibrationStats
 from qcompile.data.feeds import CalibrationSource, ImageSpec, InputSpec, open_calibration
+from qcompile.driver.safety import Outputs, run_outputs
 from qcompile.errors import QCompileError
 from qcompile.ir.io import ModelSource, load_model
 from qcompile.options import CompileOptions
@@ -77,15 +78,13 @@ class Workspace:
     _data: dict[Hashable, CalibrationSource] = field(default_factory=dict)
     _stats: dict[tuple[str, str], _Entry] = field(default_factory=dict)
     _runs: dict[str, _Run] = field(default_factory=dict)
-    _reference: Any = None
+    _reference: Outputs | None = None
     hits: int = 0
 
-    def reference(self, model: ir.Model, feed) -> Any:
+    def reference(self, model: ir.Model, feed) -> Outputs:
         """The input model's outputs on `feed`, computed once per job (the safety net's
         reference); a model ONNX Runtime cannot run is the user's to fix."""
         if self._reference is None:
-            from qcompile.driver.safety import run_outputs
-
             try:
                 self._reference = run_outputs(model, feed)
             except Exception as exc:

@@ -22,6 +22,7 @@ import onnx_ir as ir
 
 from qcompile.backends import ort as ort_backend
 from qcompile.data.feeds import Feed
+from qcompile.numerics.qparams import sqnr_db
 from qcompile.passes.manager import PassRecord, pass_name, run_phase
 
 logger = logging.getLogger(__name__)
@@ -84,27 +85,31 @@ def recovered_agreement(quantized: ir.Model, recovered: Outputs, feed: Feed) -> 
         given = run_outputs(quantized, feed)
     except Exception as exc:  # noqa: BLE001 - the note says so
         return f"requantize: the quantized input does not run in ONNX Runtime ({exc})"
-    signal = noise = 0.0
-    for a, b in zip(recovered.arrays, given.arrays, strict=True):
-        if np.asarray(a).dtype.kind == "f" and np.shape(a) == np.shape(b):
-            a64, b64 = np.asarray(a, np.float64), np.asarray(b, np.float64)
-            signal += float(np.sum(a64 * a64))
-            noise += float(np.sum((a64 - b64) ** 2))
-    db = float("inf") if noise == 0 else 10 * np.log10(max(signal, 1e-300) / noise)
+    db = outputs_sqnr_db(recovered.arrays, given.arrays)
+    db = float("inf") if db is None else db
     return (
         f"requantize: the FP32 model recovered from the quantized input agrees with it at "
         f"{db:.1f} dB output SQNR on the first calibration feed (the input's own rounding)"
     )
 
 
-def difference(reference: Outputs, got: Outputs) -> str | None:
-    """How `got` differs from `reference` beyond float tolerance (None: it does not)."""
+def structure_difference(reference: Outputs, got: Outputs) -> str | None:
+    """How `got`'s outputs differ from `reference`'s in names, shapes or dtypes."""
     if got.names != reference.names:
         return f"outputs {got.names} instead of {reference.names}"
     for name, a, b in zip(reference.names, reference.arrays, got.arrays, strict=True):
         a, b = np.asarray(a), np.asarray(b)
         if a.shape != b.shape or a.dtype != b.dtype:
             return f"output {name} is {b.dtype}{list(b.shape)} instead of {a.dtype}{list(a.shape)}"
+    return None
+
+
+def difference(reference: Outputs, got: Outputs) -> str | None:
+    """How `got` differs from `reference` beyond float tolerance (None: it does not)."""
+    if (problem := structure_difference(reference, got)) is not None:
+        return problem
+    for name, a, b in zip(reference.names, reference.arrays, got.arrays, strict=True):
+        a, b = np.asarray(a), np.asarray(b)
         if a.dtype.kind not in "fc":
             if not np.array_equal(a, b):
                 return f"output {name} changed"
@@ -118,6 +123,18 @@ def difference(reference: Outputs, got: Outputs) -> str | None:
         if err > REL_TOLERANCE * norm + 1e-30 and err > 1e-6:
             return f"output {name} changed by {err / max(norm, 1e-30):.2g} (relative)"
     return None
+
+
+def outputs_sqnr_db(reference: Sequence[np.ndarray], got: Sequence[np.ndarray]) -> float | None:
+    """Output SQNR over every float output of matching shape (None: no signal to compare)."""
+    pairs = [
+        (np.ravel(a), np.ravel(b))
+        for a, b in zip(reference, got, strict=True)
+        if np.asarray(a).dtype.kind == "f" and np.shape(a) == np.shape(b)
+    ]
+    if not pairs or not any(np.any(a) or np.any(b) for a, b in pairs):
+        return None
+    return sqnr_db(np.concatenate([a for a, _ in pairs]), np.concatenate([b for _, b in pairs]))
 
 
 def checked_phase(
