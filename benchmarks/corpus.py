@@ -23,7 +23,6 @@ import argparse
 import glob
 import logging
 import os
-import statistics
 import time
 import traceback
 from collections.abc import Callable, Iterator
@@ -58,6 +57,7 @@ class Row:
     reason: str = ""
     sqnr_db: float | None = None
     speedup: float | None = None
+    guard: str = ""  # what the speed guard did: kept, N float, FP32, or not applied
     seconds: float = 0.0
     extra: dict = field(default_factory=dict)
 
@@ -165,15 +165,6 @@ def _session(model: onnx.ModelProto):
     return ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
 
 
-def _latency_ms(sess, feed, runs: int) -> float:
-    times = []
-    for _ in range(runs):
-        t0 = time.perf_counter()
-        sess.run(None, feed)
-        times.append(time.perf_counter() - t0)
-    return 1e3 * statistics.median(times)
-
-
 def sqnr(reference: list[np.ndarray], got: list[np.ndarray]) -> float | None:
     """Output SQNR over the float outputs (None for models whose outputs are all zero)."""
     from qcompile.driver.safety import outputs_sqnr_db
@@ -198,8 +189,15 @@ def run_model(entry: CorpusModel, target: str, bench_runs: int = 10) -> Row:
         return row
     start = time.perf_counter()
     try:
+        # default flags, deployed on one thread: the speed guard times what the row times
         result = qcompile.compile(
-            model, target=target, calibration=feeds, progress=False, bench_runs=0, **entry.options
+            model,
+            target=target,
+            calibration=feeds,
+            progress=False,
+            bench_runs=0,
+            threads=1,
+            **entry.options,
         )
     except Exception as exc:  # noqa: BLE001 - classified below
         row.seconds = time.perf_counter() - start
@@ -232,11 +230,24 @@ def run_model(entry: CorpusModel, target: str, bench_runs: int = 10) -> Row:
         default=None,
     )
     if bench_runs:
-        f32 = _latency_ms(sess, feeds[0], bench_runs)
-        q = _latency_ms(q_sess, feeds[0], bench_runs)
-        row.speedup = f32 / q if q > 0 else None
+        from qcompile.backends.ort import bench
+
+        lat = bench({"fp32": sess, "q": q_sess}, feeds[0], runs=bench_runs, warmup=5)
+        row.speedup = lat["fp32"] / lat["q"] if lat["q"] > 0 else None
+    row.guard = _guard(result.report.speed_guard)
     row.extra["quantized_ops"] = sum(result.report.quantized_ops.values())
     return row
+
+
+def _guard(guard: dict | None) -> str:
+    if not guard or not guard.get("applied"):
+        return "–"
+    decision = guard["decision"]
+    if decision.startswith("FP32"):
+        return "FP32"
+    if "left float" in decision:
+        return f"{len(guard['left_float'])} float"
+    return "kept"
 
 
 # -- the report ------------------------------------------------------------------------
@@ -266,8 +277,10 @@ def write_markdown(rows: list[Row], path: Path, command: str, seconds: float) ->
         "",
         f"- date: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; total {seconds:.0f} s",
         f"- qcompile {qcompile.__version__}, onnx {onnx.__version__}, onnxruntime "
-        f"{onnxruntime.__version__}; latency: median of single-thread runs, FP32 and "
-        "compiled model in one process",
+        f"{onnxruntime.__version__}; latency: interleaved medians of single-thread runs, FP32 "
+        "and compiled model in one process; compiled with default flags and `threads=1`",
+        "- guard: what the speed guard did (`kept` the compiled model, left `N float` "
+        "nodes float, returned the `FP32` model, or `–` not applied: fpga, refused)",
         "- outcome: `ok` (compiled, ORT runs it, outputs match FP32's names/shapes/dtypes), "
         "`refused` (a QCompileError: the reason), `bug` (anything else), `skipped` (ORT does "
         "not run the FP32 model)",
@@ -281,16 +294,27 @@ def write_markdown(rows: list[Row], path: Path, command: str, seconds: float) ->
             + " | ".join(str(c.get(k, 0)) for k in ("ok", "refused", "bug", "skipped"))
             + " |"
         )
+    lines += ["", "| target | ok rows timed | below 0.97× FP32 | kept | N float | FP32 |"]
+    lines.append("|---|---|---|---|---|---|")
+    for target in counts:
+        timed = [r for r in rows if r.target == target and r.speedup is not None]
+        slow = [r for r in timed if r.speedup < 0.97]
+        kinds = [r.guard.split()[-1] if r.guard else "" for r in timed]
+        lines.append(
+            f"| {target} | {len(timed)} | {len(slow)} "
+            f"({', '.join(r.model for r in slow) or 'none'}) | {kinds.count('kept')} | "
+            f"{kinds.count('float')} | {kinds.count('FP32')} |"
+        )
     lines += [
         "",
-        "| model | source | target | outcome | SQNR dB | speedup | compile s | reason |",
-        "|---|---|---|---|---|---|---|---|",
+        "| model | source | target | outcome | SQNR dB | speedup | guard | compile s | reason |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         reason = r.reason.replace("|", "\\|").replace("\n", " ")
         lines.append(
             f"| {r.model} | {r.source} | {r.target} | {r.outcome} | {_fmt(r.sqnr_db, '.1f')} | "
-            f"{_fmt(r.speedup, '.2f')} | {r.seconds:.2f} | {reason} |"
+            f"{_fmt(r.speedup, '.2f')} | {r.guard} | {r.seconds:.2f} | {reason} |"
         )
     path.write_text("\n".join(lines) + "\n")
 
@@ -299,7 +323,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.corpus")
     parser.add_argument("--targets", default="cpu", help="comma-separated targets")
     parser.add_argument("--only", default=None, help="substring of model names to keep")
-    parser.add_argument("--bench-runs", type=int, default=10)
+    parser.add_argument("--bench-runs", type=int, default=30)
     parser.add_argument("--out", default=str(HERE / "CORPUS.md"))
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.ERROR)
@@ -315,7 +339,7 @@ def main(argv: list[str] | None = None) -> int:
             rows.append(row)
             print(
                 f"{row.model:45s} {target:5s} {row.outcome:8s} {_fmt(row.sqnr_db, '.1f'):>6s} "
-                f"{_fmt(row.speedup, '.2f'):>5s} {row.reason[:90]}",
+                f"{_fmt(row.speedup, '.2f'):>5s} {row.guard:8s} {row.reason[:80]}",
                 flush=True,
             )
     command = "python -m benchmarks.corpus " + " ".join(argv or [])

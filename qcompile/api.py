@@ -8,6 +8,7 @@ times over one shared `Workspace`.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import time
 from collections.abc import Mapping, Sequence
@@ -29,6 +30,7 @@ from qcompile.strategies.auto_method import compile_single
 from qcompile.strategies.equalization import chooses_equalization, compile_choosing_equalization
 from qcompile.strategies.mixed.precision import compile_mixed
 from qcompile.strategies.pass_effects import pass_effects
+from qcompile.strategies.speed_guard import speed_guard
 
 
 def make_options(**kwargs: Any) -> CompileOptions:
@@ -80,19 +82,27 @@ def compile(  # noqa: A001 - the public name users expect
     job = CompileJob(model, target, calibration, options, output, image_spec, verification)
     check_output(job)
     workspace = Workspace()
+    if options.time_budget_s:
+        workspace.deadline = start + options.time_budget_s
+    # strategies compile without writing; the model the speed guard keeps is written once
+    unwritten = dataclasses.replace(job, output=None)
     with ort_backend.clocked() as clock, observer_clock() as observers:
         if (
             options.max_accuracy_drop is not None
             or options.size_budget_mb
             or options.latency_budget_ms
         ):
-            result = compile_mixed(job, workspace)
+            result = compile_mixed(unwritten, workspace)
         elif chooses_equalization(job):
-            result = compile_choosing_equalization(job, workspace)
+            result = compile_choosing_equalization(unwritten, workspace)
         else:
-            result = compile_single(job, workspace)
+            result = compile_single(unwritten, workspace)
+        result = speed_guard(job, workspace, result)
         if options.pass_effects:
             result.report.pass_effects = pass_effects(job, workspace, result)
+    if output is not None:
+        save_model(result.model, output)
+        result.report.output_model = str(output)
     report = result.report
     report.compile_seconds = time.perf_counter() - start
     report.ort_session_seconds = clock.session_seconds

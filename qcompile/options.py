@@ -120,6 +120,9 @@ class CompileOptions:
     percentile: float = 99.99
     per_channel: bool = True
     quantize_softmax: bool = False
+    # cpu target: 7-bit weights, for x86 CPUs without VNNI whose uint8×int8 kernels
+    # saturate int16 pair sums with full-range weights ("auto": probe this machine's ORT)
+    reduce_range: str = "auto"
     # SmoothQuant on linear layers fed by a LayerNorm (α searched per group when None);
     # smooth_explicit also smooths inputs with no foldable producer via an inserted Mul;
     # smooth_shift also centres each channel (folded into β and the consumers' biases);
@@ -193,6 +196,13 @@ class CompileOptions:
     # or "trace" (HAWQ-V2: Gauss-Newton trace × quantization noise power, for comparison)
     sensitivity: str = "measured"
     bench_runs: int = 20
+    # Never slower than FP32 (qcompile.strategies.speed_guard): measure the compiled model
+    # against FP32 on the target's provider; nodes that run slower quantized stay float,
+    # and the FP32 model is returned when no quantized variant is faster.
+    speed_guard: bool = True
+    # Wall-clock seconds for the searches (auto, mixed precision, the speed guard): each
+    # stops when it is spent and returns the best model found so far.
+    time_budget_s: float | None = None
     threads: int | None = None
     progress: bool = True
     seed: int = 0
@@ -208,6 +218,8 @@ class CompileOptions:
             raise QCompileError("holdout_every must be >= 2 (at least every other feed calibrates)")
         if self.smooth_alpha is not None and not 0.0 <= self.smooth_alpha <= 1.0:
             raise QCompileError(f"smooth_alpha must be in [0, 1], got {self.smooth_alpha}")
+        if self.reduce_range not in ("auto", "on", "off"):
+            raise QCompileError(f"reduce_range must be auto, on or off, got {self.reduce_range!r}")
         if self.already_quantized not in ("error", "keep", "requantize"):
             raise QCompileError(
                 f"already_quantized must be error, keep or requantize, got {self.already_quantized!r}"
@@ -242,6 +254,8 @@ class CompileOptions:
             raise QCompileError(
                 f"unknown sensitivity '{self.sensitivity}'", hint="use measured or trace"
             )
+        if self.time_budget_s is not None and self.time_budget_s <= 0:
+            raise QCompileError(f"time budget must be positive, got {self.time_budget_s} s")
         if self.bench_runs < 0:
             raise QCompileError("bench_runs must be >= 0")
         if self.threads is not None and self.threads < 1:

@@ -44,8 +44,8 @@ def cnn_calib(tmp_path: Path) -> Path:
     return path
 
 
-FAST = {"progress": False, "bench_runs": 0}
-QUIET = ("--quiet", "--bench-runs", "0")  # the CLI's equivalent of FAST
+FAST = {"progress": False, "bench_runs": 0, "speed_guard": False}
+QUIET = ("--quiet", "--bench-runs", "0", "--no-speed-guard")  # the CLI's equivalent of FAST
 
 
 def compile_transformer_fpga(**options):

@@ -24,6 +24,7 @@ def test_compile_writes_model_and_report(cnn_path, cnn_calib, tmp_path, capsys):
         "3",
         "--calib-method",
         "mse",
+        "--no-speed-guard",
     )
     assert code == 0
     assert sha256(cnn_path) == before

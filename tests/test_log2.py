@@ -52,8 +52,9 @@ def test_attention_times_v_becomes_an_integer_shift_add_that_is_bit_exact():
     session = make_session(proto, qdq_fusions=False)
     for feed in feeds[:3]:
         np.testing.assert_array_equal(session.run(None, feed)[0], run_reference(proto, feed)[0])
-    # the integer graph computes what the QDQ simulation does
-    qdq = make_session(result.qdq_model).run(None, feeds[0])[0]
+    # the integer graph computes what the QDQ simulation does (unfused: ORT's fused int8
+    # kernels saturate full-range weights on x86 without VNNI)
+    qdq = make_session(result.qdq_model, qdq_fusions=False).run(None, feeds[0])[0]
     got = session.run(None, feeds[0])[0]
     assert 10 * np.log10(np.sum(qdq**2) / np.sum((qdq - got) ** 2)) > 35.0
 

@@ -173,21 +173,24 @@ def test_near_tie_feeds_picks_the_smallest_leads_in_data_order():
     assert mixed.near_tie_feeds([{"x": np.zeros(3, np.float32)}], [[np.zeros((1, 4))]], 2) is None
 
 
-def test_a_budget_model_slower_than_fp32_says_so(monkeypatch):
+def test_a_budget_model_slower_than_fp32_says_so_or_the_guard_returns_fp32(monkeypatch):
     """When the kept FP32 layers make the result slower than FP32 (measured), the report
-    says FP32 itself is the faster way to meet the budget."""
+    says FP32 itself is the faster way to meet the budget; with the speed guard on (the
+    default) the FP32 model is what comes back."""
     from qcompile.backends import ort as ort_backend
 
-    monkeypatch.setattr(ort_backend, "bench", lambda sessions, feed, runs: {"fp32": 1.0, "q": 2.0})
-    result = qcompile.compile(
-        builders.cnn(size=32),
-        calibration=_feeds(),
-        max_accuracy_drop=0.001,
-        progress=False,
-        bench_runs=3,
-    )
+    def slower(sessions, feed, runs, **_):
+        return {"fp32": 1.0, "q": 2.0}
+
+    monkeypatch.setattr(ort_backend, "bench", slower)
+    options = {"calibration": _feeds(), "max_accuracy_drop": 0.001, "progress": False}
+    result = qcompile.compile(builders.cnn(size=32), bench_runs=3, speed_guard=False, **options)
     assert result.report.speedup == 0.5
     assert any("SLOWER than FP32" in n and "FP32 itself meets" in n for n in result.report.notes)
+    guarded = qcompile.compile(builders.cnn(size=32), bench_runs=3, **options)
+    assert guarded.report.quantized_ops == {} and guarded.report.mixed_precision is None
+    assert not any("SLOWER than FP32" in n for n in guarded.report.notes)
+    assert any("FP32 model returned" in n for n in guarded.report.notes)
 
 
 def test_accuracy_drop_counts_labels_not_agreement():

@@ -6,6 +6,7 @@ import collections
 import contextlib
 import contextvars
 import dataclasses
+import functools
 import logging
 import os
 import statistics
@@ -319,3 +320,28 @@ def equivalence_verifier(feeds: Sequence[Feed], *, rtol: float = 1e-4, atol: flo
                     )
 
     return verify
+
+
+@functools.cache
+def u8s8_pairs_saturate() -> bool:
+    """Does this machine's ORT CPU kernel for uint8 activations × int8 weights saturate?
+
+    x86 without VNNI (AVX2 only) multiplies u8×s8 with `vpmaddubsw`, which adds adjacent
+    products into an int16 with saturation: 2·255·127 = 64770 does not fit, so full-range
+    int8 weights silently lose accuracy there (ORT's `reduce_range` exists for this). VNNI
+    and Arm dot-product kernels accumulate in int32. Probed, not guessed from CPU flags:
+    a MatMulInteger of all-255 activations by all-127 weights either is exact or not."""
+    k = 64
+    a = np.full((1, k), 255, np.uint8)
+    b = np.full((k, 8), 127, np.int8)
+    graph = onnx.helper.make_graph(
+        [onnx.helper.make_node("MatMulInteger", ["a", "b"], ["y"])],
+        "probe",
+        [onnx.helper.make_tensor_value_info("a", onnx.TensorProto.UINT8, [1, k])],
+        [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.INT32, [1, 8])],
+        [onnx.numpy_helper.from_array(b, "b")],
+    )
+    model = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 13)])
+    sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    got = int(sess.run(None, {"a": a})[0][0, 0])
+    return got != 255 * 127 * k

@@ -22,7 +22,8 @@ Feed = Mapping[str, np.ndarray]
 
 # -- cost measured with ONNX Runtime's profiler ---------------------------------------------
 
-_SUFFIX = re.compile(r"((_token_\d+)|(_nchwc))+$")
+# ORT's suffixes: fusion tokens, blocked-layout convolutions, DequantizeLinear copies
+_SUFFIX = re.compile(r"((_token_\d+)|(_nchwc)|(/duplicated))+$")
 # ops ORT fuses into the kernel of the layer before them (Conv + activation/BN/residual)
 _FUSED_INTO_PRODUCER = frozenset(
     {"Relu", "Clip", "BatchNormalization", "LeakyRelu", "Sigmoid", "HardSigmoid", "Add", "Sum"}

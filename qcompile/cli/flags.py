@@ -88,6 +88,9 @@ FLAGS: tuple[Flag, ...] = (
          "percentile, weight_bits, activation_bits (repeatable)", "append",
          metavar="PATTERN:key=value,..."),
     Flag("--per-tensor", "per_channel", "per-tensor weights instead of per-channel", "off"),
+    Flag("--reduce-range", "reduce_range", "cpu target: 7-bit weights for x86 without VNNI, "
+         "whose uint8×int8 kernels saturate full-range weights (auto: probe this machine)",
+         choices=("auto", "on", "off")),
     Flag("--quantize-softmax", "quantize_softmax", "also quantize Softmax", "on"),
     Flag("--integer-only", "integer_only", "lower to integer-only arithmetic between input "
          "quantizer and output dequantizer (always on for --target fpga)", "on"),
@@ -140,6 +143,12 @@ FLAGS: tuple[Flag, ...] = (
          "the SQNR it bought", "on", scope="compile"),
     Flag("--bench-runs", "bench_runs", "latency runs in the report (0: skip)", type=int,
          scope="compile"),
+    Flag("--no-speed-guard", "speed_guard", "ship the quantized model even where it runs "
+         "slower than FP32 (default: slower nodes stay float, or FP32 is returned)", "off",
+         scope="compile"),
+    Flag("--time-budget", "time_budget_s", "seconds for the searches (auto, mixed precision, "
+         "the speed guard): each returns the best model found when it is spent", type=float,
+         metavar="SECONDS", scope="compile"),
     Flag("--threads", "threads", "ONNX Runtime threads (default: all cores)", type=int,
          scope="compile"),
     Flag("--int4-weights", "int4_weights", "MatMuls (node name, op:TYPE or re:REGEX; "

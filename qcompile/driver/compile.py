@@ -40,6 +40,7 @@ from qcompile.ir.io import check_output_path, save_model, serialized_size
 from qcompile.ir.shapes import infer_shapes, pin_input_shapes, record_observed_shapes
 from qcompile.lower.integer_only import LowerToIntegerOnly
 from qcompile.numerics.qparams import QParams
+from qcompile.options import CompileOptions
 from qcompile.passes.manager import PassRecord, pass_name, run_phase
 from qcompile.passes.operator_format import DynamicToFloat, OperatorsToQDQ
 from qcompile.passes.prequantized import DequantizeQDQ, quantized_ops
@@ -64,6 +65,8 @@ class CompileResult:
     fp32_model: ir.Model | None = None
     qparams: dict[str, QParams] = field(default_factory=dict)
     bench_feed: Feed | None = None  # the held-out feed latency is measured on
+    # the options this model was compiled with (a strategy's choices included)
+    options: CompileOptions | None = None
 
 
 @dataclass
@@ -354,7 +357,9 @@ def finish(
         save_model(graph_model, job.output)
         report.output_model = str(job.output)
     bench_feed = stats.holdout[0] if stats.holdout else None
-    return CompileResult(graph_model, report, plan, qdq_model, fp32_model, qparams, bench_feed)
+    return CompileResult(
+        graph_model, report, plan, qdq_model, fp32_model, qparams, bench_feed, options
+    )
 
 
 def compile_once(job: CompileJob, workspace: Workspace) -> CompileResult:

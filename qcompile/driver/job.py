@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import math
 import os
+import time
 from collections.abc import Callable, Hashable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -80,6 +82,11 @@ class Workspace:
     _runs: dict[str, _Run] = field(default_factory=dict)
     _reference: Outputs | None = None
     hits: int = 0
+    # when the job's searches must stop (time.perf_counter(); --time-budget)
+    deadline: float = math.inf
+
+    def out_of_time(self) -> bool:
+        return time.perf_counter() > self.deadline
 
     def reference(self, model: ir.Model, feed) -> Outputs:
         """The input model's outputs on `feed`, computed once per job (the safety net's

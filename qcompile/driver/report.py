@@ -101,6 +101,8 @@ class CompileReport:
     pass_effects: list[dict[str, Any]] = field(default_factory=list)
     # mixed precision: the search, its per-layer choices and the Pareto front
     mixed_precision: dict[str, Any] | None = None
+    # the speed guard: applied or why not, variants measured, nodes left float and why
+    speed_guard: dict[str, Any] | None = None
 
     @property
     def qcompile_seconds(self) -> float:
@@ -182,6 +184,14 @@ class CompileReport:
                 "latency (median)",
                 f"{self.latency_fp32_ms:.2f} ms → {self.latency_quantized_ms:.2f} ms "
                 f"({self.speedup:.2f}×, {self.bench_threads} threads)",
+            )
+        guard = self.speed_guard
+        if guard is not None:
+            summary.add_row(
+                "speed guard",
+                guard["decision"] + (" (cached decision)" if guard["cache_hit"] else "")
+                if guard["applied"]
+                else f"not applied: {guard['reason']}",
             )
         summary.add_row(
             "compile time",

@@ -146,4 +146,6 @@ def canonicalize() -> list[ir.passes.PassBase]:
         common_passes.CommonSubexpressionEliminationPass(),
         common_passes.RemoveUnusedNodesPass(),
         common_passes.TopologicalSortPass(),
+        # plans, exclusions and the speed guard name nodes: every node gets a unique name
+        common_passes.NameFixPass(),
     ]

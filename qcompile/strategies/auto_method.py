@@ -55,6 +55,12 @@ def choose_method(prep: Prepared) -> tuple[str, dict[str, float]]:
     reference = [fp32.run(None, dict(f)) for f in feeds]
     scores: dict[str, float] = {}
     for method in AUTO_METHODS:
+        if scores and prep.workspace.out_of_time():
+            logger.info("--time-budget spent: calibration methods not tried after %s", method)
+            prep.notes.append(
+                f"--time-budget: --calib-method auto compared {', '.join(scores)} only"
+            )
+            break
         candidate = prep.quantized(prep.activation_qparams(method))
         sess = ort_backend.make_session(candidate, threads=threads)
         sums: dict[int, list[float]] = collections.defaultdict(lambda: [0.0] * 5)
@@ -62,7 +68,7 @@ def choose_method(prep: Prepared) -> tuple[str, dict[str, float]]:
             for i, (a, b) in enumerate(zip(ref, sess.run(None, dict(feed)), strict=True)):
                 accumulate(sums[i], a, b)
         scores[method] = min(sqnr(s) for s in sums.values())
-    best = max(AUTO_METHODS, key=lambda m: scores[m])  # ties: the earlier (mse first)
+    best = max(scores, key=lambda m: scores[m])  # ties: the earlier (mse first)
     logger.info(
         "calibration method %s (calibration-feed output SQNR: %s)",
         best,

@@ -7,9 +7,12 @@ QLinearAdd, QLinearConcat and the pooling kernels.
 
 from __future__ import annotations
 
+import dataclasses
+
 import onnx_ir as ir
 import onnx_ir.passes.common as common_passes
 
+from qcompile.backends import ort as ort_backend
 from qcompile.lower.integer_only import LowerToIntegerOnly
 from qcompile.numerics.qparams import QuantSpec
 from qcompile.options import CompileOptions
@@ -93,7 +96,31 @@ def lower(options: CompileOptions) -> list[ir.passes.PassBase]:
     return [*finalize(), LowerToIntegerOnly()]
 
 
+def reduced_range(profile: TargetProfile, options: CompileOptions) -> TargetProfile:
+    """7-bit weights where uint8 activations meet int8 weights on a CPU whose kernels
+    add u8×s8 products pairwise into int16 (x86 without VNNI): 2·255·63 fits, 2·255·127
+    saturates. `--reduce-range auto` asks this machine's ONNX Runtime."""
+    if profile.activation.signed or not profile.weight.signed or profile.weight.bits < 8:
+        return profile
+    if profile.execution_providers[0] != "CPUExecutionProvider":
+        return profile
+    wanted = options.reduce_range
+    if wanted == "off" or (wanted == "auto" and not ort_backend.u8s8_pairs_saturate()):
+        return profile
+    why = "asked for" if wanted == "on" else "this machine's int8 kernels saturate u8×s8 pairs"
+    return dataclasses.replace(
+        profile,
+        weight=dataclasses.replace(profile.weight, bits=7),
+        notes=(
+            *profile.notes,
+            f"weights use 7 bits (--reduce-range: {why}; x86 without VNNI); "
+            "--reduce-range off for VNNI or Arm deployment",
+        ),
+    )
+
+
 def pipeline(options: CompileOptions, profile: TargetProfile = PROFILE) -> Pipeline:
+    profile = reduced_range(profile, options)
     if options.integer_only:
         profile = integer_only_variant(profile)
     return Pipeline(

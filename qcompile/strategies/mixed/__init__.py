@@ -39,7 +39,7 @@ from qcompile.strategies.mixed.search import (
     solve,
     totals,
 )
-from qcompile.strategies.mixed.sensitivity import sensitivities, switch_model
+from qcompile.strategies.mixed.sensitivity import UNMEASURED_NSR, sensitivities, switch_model
 
 __all__ = [
     "ARGMAX_METRICS",
@@ -55,6 +55,7 @@ __all__ = [
     "resolve_metric",
     "save_pareto_png",
     "search",
+    "UNMEASURED_NSR",
     "sensitivities",
     "solve",
     "switch_model",

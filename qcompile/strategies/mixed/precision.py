@@ -38,6 +38,7 @@ def compile_mixed(job: CompileJob, workspace: Workspace) -> CompileResult:
             hint="drop --softmax-log2, or search without a budget",
         )
     start = time.perf_counter()
+    notes: list[str] = []
     plain_job = job.variant(
         max_accuracy_drop=None,
         size_budget_mb=None,
@@ -94,9 +95,18 @@ def compile_mixed(job: CompileJob, workspace: Workspace) -> CompileResult:
     cache = mixed.MeasurementCache.open(
         options.cache_dir, switch, base.model, [*sens_feeds, feeds[0]], objective, options.threads
     )
-    nsr = cache.get("nsr") or cache.put(
-        "nsr", mixed.sensitivities(switch, flags, sens_feeds, options.threads)
-    )
+    deadline = workspace.deadline
+    nsr = cache.get("nsr")
+    if nsr is None:
+        nsr = mixed.sensitivities(switch, flags, sens_feeds, options.threads, deadline)
+        unmeasured = sum(v == mixed.UNMEASURED_NSR for v in nsr.values())
+        if unmeasured:  # a partial measurement is not kept: a rerun measures it all
+            notes.append(
+                f"--time-budget: {unmeasured} of {len(nsr)} layer candidates were not "
+                "measured and stay at their most precise choice"
+            )
+        else:
+            cache.put("nsr", nsr)
     weights = {
         w.node: int(fp32.graph.initializers[w.tensor].const_value.size)
         for w in plan.weights
@@ -185,6 +195,7 @@ def compile_mixed(job: CompileJob, workspace: Workspace) -> CompileResult:
         cost_budget=cost_budget,
         initial_nsr_budget=start_budget,
         objective=objective,
+        deadline=deadline,
     )
     if all(label == "fp32" for label in found.choice.values()):
         best = min(layers, key=lambda layer: layer.candidates[-1].nsr)
@@ -205,6 +216,12 @@ def compile_mixed(job: CompileJob, workspace: Workspace) -> CompileResult:
     result.report.mixed_precision = _mixed_report(
         found, options, time.perf_counter() - start, cache.hit
     )
+    if workspace.out_of_time():
+        notes.append(
+            f"--time-budget {options.time_budget_s:g} s: the search stopped with "
+            f"{len(found.verified)} verified step(s); the best verified choice is returned"
+        )
+    result.report.notes.extend(notes)
     if options.pareto_png:
         mixed.save_pareto_png(found, options.pareto_png, f"{profile.name}: {options.metric} budget")
     samples = sum(int(out[0].shape[0]) if out[0].ndim else 1 for out in fp32_outputs)

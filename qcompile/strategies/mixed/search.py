@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import os
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -149,9 +150,11 @@ def search(
     initial_nsr_budget: float,
     objective: str,
     max_steps: int = 8,
+    deadline: float = math.inf,
 ) -> SearchResult:
     """ILP + verify + repair. `compile_choice(choice)` compiles a choice and returns its
-    outputs on the verification feeds."""
+    outputs on the verification feeds. Anytime: past `deadline` (a `time.perf_counter()`
+    value) no further step starts, and the best verified choice so far is returned."""
     start = time.perf_counter()
     verified: list[tuple[float, float, float]] = []
     pareto = pareto_sweep(layers)
@@ -178,6 +181,9 @@ def search(
         if best is None or drop < best[3]:
             best = (choice, cost, nsr, drop, False)
         if max_drop is None:
+            break
+        if time.perf_counter() > deadline:
+            logger.info("mixed precision: time budget spent after %d verified steps", step + 1)
             break
         budget = min(budget, nsr) / 2.0  # repair: every step keeps more layers precise
     if best is None:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import math
+import time
 from collections.abc import Mapping, Sequence
 
 import numpy as np
@@ -154,14 +156,22 @@ def sensitivities(
     flags: Mapping[tuple[str, str], str],
     feeds: Sequence[Feed],
     threads: int | None = None,
+    deadline: float = math.inf,
 ) -> dict[tuple[str, str], float]:
-    """Output noise/signal power per (layer, candidate), one run per flag and feed."""
+    """Output noise/signal power per (layer, candidate), one run per flag and feed.
+
+    Past `deadline` (a `time.perf_counter()` value) the candidates not yet measured get
+    UNMEASURED_NSR, as loud as the signal itself: the search then keeps those layers at
+    their most precise choice instead of guessing."""
     sess = ort_backend.make_session(model, threads=threads)
     off = {name: np.array(False) for name in flags.values()}
     reference = [sess.run(None, {**feed, **off}) for feed in feeds]
     signal = sum(float(np.sum(np.square(o.astype(np.float64)))) for out in reference for o in out)
     result = {}
     for key, flag in flags.items():
+        if time.perf_counter() > deadline:
+            result[key] = UNMEASURED_NSR
+            continue
         noise = 0.0
         for feed, ref in zip(feeds, reference, strict=True):
             outs = sess.run(None, {**feed, **off, flag: np.array(True)})
@@ -171,3 +181,7 @@ def sensitivities(
             )
         result[key] = noise / max(signal, 1e-30)
     return result
+
+
+# noise/signal given to a candidate the time budget left unmeasured
+UNMEASURED_NSR = 1.0
