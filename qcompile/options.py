@@ -139,6 +139,8 @@ class CompileOptions:
     # cpu/gpu: MatMuls with a constant 2-D weight that get block-wise INT4 weights and
     # keep FP32 activations (ORT MatMulNBits) instead of INT8
     int4_weights: tuple[NodeMatcher, ...] = ()
+    # MatMulNBits' accuracy_level: 0 (FP32 compute), 4 (int8 compute); None: measured
+    int4_accuracy_level: int | None = None
     overrides: tuple[NodeOverride, ...] = ()
     input_shapes: tuple[tuple[str, tuple[int, ...]], ...] = ()
     # Samples per feed when a calibration array is stacked along a dynamic batch axis.
@@ -218,6 +220,11 @@ class CompileOptions:
             raise QCompileError("holdout_every must be >= 2 (at least every other feed calibrates)")
         if self.smooth_alpha is not None and not 0.0 <= self.smooth_alpha <= 1.0:
             raise QCompileError(f"smooth_alpha must be in [0, 1], got {self.smooth_alpha}")
+        if self.int4_accuracy_level not in (None, 0, 1, 2, 3, 4):
+            raise QCompileError(
+                f"int4_accuracy_level must be 0-4, got {self.int4_accuracy_level}",
+                hint="0: FP32 compute, 4: int8 compute; leave it unset to measure both",
+            )
         if self.reduce_range not in ("auto", "on", "off"):
             raise QCompileError(f"reduce_range must be auto, on or off, got {self.reduce_range!r}")
         if self.already_quantized not in ("error", "keep", "requantize"):

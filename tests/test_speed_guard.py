@@ -188,3 +188,28 @@ def test_fp32_fallback_keeps_values_exact():
     )
     for a, b in zip(ref, got, strict=True):
         np.testing.assert_array_equal(a, b)
+
+
+def test_slower_everywhere_keeps_the_int4_weights_asked_for(monkeypatch):
+    """Asked for INT4 weights (a size choice), a guard that finds nothing faster than FP32
+    returns FP32 compute with the INT4 weights, not the FP32 model."""
+    from qcompile.backends import ort as ort_backend
+
+    monkeypatch.setattr(ort_backend, "bench", lambda sessions, feed, runs, **_: {
+        name: (1.0 if name == "fp32" else 2.0) for name in sessions
+    })  # fmt: skip
+    result = qcompile.compile(
+        builders.transformer_block(),
+        calibration=[{"input": builders.token_embeddings(2, seed=i)} for i in range(8)],
+        int4_weights=["op:MatMul"],
+        **GUARDED,
+    )
+    ops = {n.op_type for n in result.model.graph}
+    assert "MatMulNBits" in ops and "QuantizeLinear" not in ops
+    assert "INT4 weights asked for" in result.report.speed_guard["decision"]
+    everywhere = qcompile.compile(
+        builders.transformer_block(),
+        calibration=[{"input": builders.token_embeddings(2, seed=i)} for i in range(8)],
+        **GUARDED,
+    )
+    assert everywhere.report.quantized_ops == {}  # no size asked for: the FP32 model

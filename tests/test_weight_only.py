@@ -99,6 +99,39 @@ def test_int4_weights_option_writes_matmulnbits_that_ort_runs(tmp_path):
         qcompile.compile(model, target="fpga", calibration=feeds, int4_weights=["ffn1"], **FAST)
 
 
+def _levels(model) -> set[int]:
+    proto = model if isinstance(model, onnx.ModelProto) else ir.to_proto(model)
+    return {
+        next((a.i for a in n.attribute if a.name == "accuracy_level"), 0)
+        for n in proto.graph.node
+        if n.op_type == "MatMulNBits"
+    }
+
+
+def test_int4_accuracy_level_is_measured_or_as_asked():
+    model, feeds = _transformer()
+    result = qcompile.compile(model, calibration=feeds, int4_weights=["ffn1", "ffn2"], **FAST)
+    int4 = result.report.int4
+    assert int4["chosen_by"] == "measurement"
+    levels = int4["levels"]
+    assert set(levels) == {"0", "4"} and all(v["ms"] > 0 for v in levels.values())
+    assert _levels(result.model) == {int4["accuracy_level"]}
+    if int4["accuracy_level"] == 4:  # only when faster and within 1 dB
+        assert levels["4"]["ms"] < levels["0"]["ms"]
+        assert levels["4"]["sqnr_db"] >= levels["0"]["sqnr_db"] - 1.0
+    # the report's output SQNR is the chosen level's own
+    level_sqnr = levels[str(int4["accuracy_level"])]["sqnr_db"]
+    assert result.report.min_output_sqnr_db == pytest.approx(level_sqnr, abs=6.0)
+    fixed = qcompile.compile(
+        model, calibration=feeds, int4_weights=["ffn1"], int4_accuracy_level=4, **FAST
+    )
+    assert _levels(fixed.model) == {4} and fixed.report.int4["chosen_by"] != "measurement"
+    no_int4 = qcompile.compile(model, calibration=feeds, **FAST)
+    assert no_int4.report.int4 is None
+    with pytest.raises(QCompileError, match="int4_accuracy_level"):
+        qcompile.make_options(int4_accuracy_level=7)
+
+
 def test_int4_sensitivity_is_what_the_compiled_model_does():
     """The switch session's INT4 candidate (weights only, FP32 activations) must equal the
     deployed MatMulNBits model with only that layer changed."""

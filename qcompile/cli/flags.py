@@ -153,8 +153,11 @@ FLAGS: tuple[Flag, ...] = (
          scope="compile"),
     Flag("--int4-weights", "int4_weights", "MatMuls (node name, op:TYPE or re:REGEX; "
          "repeatable) that get block-wise INT4 weights with FP32 activations (ORT "
-         "MatMulNBits) instead of INT8: smaller, FP32 speed", "append", metavar="PATTERN",
+         "MatMulNBits) instead of INT8: smaller; compute per --int4-accuracy-level", "append", metavar="PATTERN",
          scope="compile"),
+    Flag("--int4-accuracy-level", "int4_accuracy_level", "MatMulNBits compute: 0 (FP32), 4 "
+         "(int8 activations per block); default: the faster of both at ≤ 1 dB output SQNR "
+         "cost, measured", type=int, choices=None, metavar="LEVEL", scope="compile"),
     Flag("--max-accuracy-drop", "max_accuracy_drop", "mixed precision: largest accepted "
          "drop of --metric, e.g. 0.5% or 0.005; the fastest (fpga: smallest) per-layer "
          "choice that meets it", type=fraction, metavar="DROP", scope="compile"),

@@ -24,6 +24,7 @@ from qcompile.backends import ort as ort_backend
 from qcompile.calibrate.runner import CalibrationStats, calibrate
 from qcompile.data.feeds import CalibrationSource, Feed, InputSpec, input_specs
 from qcompile.driver import checks
+from qcompile.driver.int4_level import choose_int4_level
 from qcompile.driver.job import CompileJob, Workspace
 from qcompile.driver.measure import fpga_costs, measure
 from qcompile.driver.report import CompileReport, options_record
@@ -304,6 +305,9 @@ def finish(
             ]
             culprit = blame(fp32_model, phases, problem_of)
             raise RuntimeError(f"{what} rejects the compiled model (a qcompile bug): {culprit}")
+    int4 = choose_int4_level(
+        graph_model, fp32_model, stats.holdout[0] if stats.holdout else None, options
+    )
     proto = ir.to_proto(graph_model)
 
     op_types = {node.name: node.op_type for node in fp32_model.graph}
@@ -339,6 +343,7 @@ def finish(
         integer_only=lowering is not None,
         integer_ops=dict(lowering.lowered) if lowering else {},
         float_islands=[dataclasses.asdict(i) for i in lowering.islands] if lowering else [],
+        int4=int4,
     )
     if profile.cost_model == "layer-cycles":
         fpga_costs(report, fp32_model, plan, profile, options, stats.observed)

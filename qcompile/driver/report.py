@@ -101,6 +101,9 @@ class CompileReport:
     pass_effects: list[dict[str, Any]] = field(default_factory=list)
     # mixed precision: the search, its per-layer choices and the Pareto front
     mixed_precision: dict[str, Any] | None = None
+    # INT4 weight-only MatMuls: MatMulNBits' accuracy_level, how it was chosen, and
+    # the measured latency and output SQNR of each level
+    int4: dict[str, Any] | None = None
     # the speed guard: applied or why not, variants measured, nodes left float and why
     speed_guard: dict[str, Any] | None = None
 

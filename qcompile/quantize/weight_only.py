@@ -1,9 +1,11 @@
 """INT4 weight-only MatMul: block-wise 4-bit weights, FP32 activations (ORT MatMulNBits).
 
-A mixed-precision candidate for the size objective: on this CPU ORT's MatMulNBits runs
-at FP32 speed for batched inference (a 512×384×1536 product: 2.95 ms vs FP32 2.87 ms
-and INT8 QDQ 1.03 ms), but its weights take 4 bits plus a scale and zero point per
-block of `block_size` along K — about a sixth of FP32, and it leaves activations exact.
+Its weights take 4 bits plus a scale and zero point per block of `block_size` along K
+— about a sixth of FP32. How it computes is MatMulNBits' `accuracy_level`: 0 (unset)
+dequantizes to FP32 and runs at FP32 speed (a 512×384×1536 product on a VNNI machine:
+2.95 ms vs FP32 2.87 ms and INT8 QDQ 1.03 ms), 4 quantizes the activations per block to
+int8 and runs integer dot products. `strategies/int4_level.py` picks the level by
+measurement.
 
 The packing is ORT's own (`quantize_matmul_4bits`, what onnxruntime.quantization's
 MatMulNBitsQuantizer calls), so the weights we simulate in the sensitivity session are
@@ -90,6 +92,19 @@ def int4_eligible(node: ir.Node) -> bool:
         return False
     weight = node.inputs[1].const_value
     return weight is not None and len(weight.shape) == 2 and weight.dtype == ir.DataType.FLOAT
+
+
+ACCURACY_LEVELS = (0, 4)  # FP32 compute; int8 compute (activations quantized per block)
+
+
+def set_accuracy_level(model: ir.Model, level: int) -> int:
+    """Set every MatMulNBits' accuracy_level (0: FP32 compute, 4: int8); returns how many."""
+    count = 0
+    for node in model.graph:
+        if node.op_type == "MatMulNBits" and node.domain == MS_DOMAIN:
+            node.attributes["accuracy_level"] = ir.AttrInt64("accuracy_level", level)
+            count += 1
+    return count
 
 
 class Int4WeightOnly(ir.passes.InPlacePass):

@@ -196,7 +196,11 @@ def speed_guard(job: CompileJob, workspace: Workspace, result: CompileResult) ->
             current = variant(left, f"round {i + 1}")
             tried.append(current)
         chosen = max(tried, key=lambda v: v.speedup)
-        if chosen.speedup < 1.0:
+        if chosen.speedup < 1.0 and result.plan.int4_nodes and result.plan.nodes:
+            # INT4 weights were asked for (size): FP32 compute, weights still INT4
+            tried.append(variant(tuple(sorted(result.plan.nodes)), "INT4 weights only"))
+            chosen = max(tried, key=lambda v: v.speedup)
+        if chosen.speedup < 1.0 and not result.plan.int4_nodes:
             fp_ms, same_ms = timer.measure(fp32_input)
             chosen = Variant("FP32", tuple(), same_ms, fp_ms, None)
             tried.append(chosen)
@@ -393,6 +397,11 @@ def _report(
     left = chosen.left_float
     if chosen.result is None:
         what = "FP32 model returned: no quantized variant ran faster than FP32 here"
+    elif chosen.speedup < 1.0:
+        what = (
+            f"no variant ran faster than FP32 here; the fastest keeps the INT4 weights asked "
+            f"for ({chosen.speedup:.2f}× FP32, {len(left)} node(s) left float)"
+        )
     elif left:
         what = f"{len(left)} quantized node(s) left float: they ran slower quantized"
     else:

@@ -18,7 +18,14 @@ from qcompile.driver.compile import CompileResult, first_feeds
 from qcompile.driver.job import CompileJob, Workspace
 from qcompile.errors import QCompileError
 from qcompile.options import CompileOptions, NodeMatcher, NodeOverride
-from qcompile.quantize.weight_only import Int4Spec, Int4WeightOnly, int4_eligible, quantize_int4
+from qcompile.quantize.weight_only import (
+    ACCURACY_LEVELS,
+    Int4Spec,
+    Int4WeightOnly,
+    int4_eligible,
+    quantize_int4,
+    set_accuracy_level,
+)
 from qcompile.strategies import mixed
 from qcompile.strategies.auto_method import compile_single
 from qcompile.targets import get_target
@@ -263,10 +270,14 @@ def _layer_times(
     quantize an FP32 layer pays between INT8 neighbours, and INT4 weights."""
     t_int8 = node_times_ms(int8, feed, threads=options.threads)
     t_int4: dict[str, float] = {}
-    if int4:  # every candidate MatMul as MatMulNBits in one FP32 model, profiled
+    if int4:  # every candidate MatMul as MatMulNBits in one FP32 model, profiled at
+        # both accuracy levels (the compile then measures which one it deploys)
         int4_model = fp32.clone()
         Int4WeightOnly(frozenset(int4))(int4_model)
-        t_int4 = node_times_ms(int4_model, feed, threads=options.threads)
+        for level in ACCURACY_LEVELS:
+            set_accuracy_level(int4_model, level)
+            times = node_times_ms(int4_model, feed, threads=options.threads)
+            t_int4 = {n: min(t, t_int4.get(n, t)) for n, t in times.items()}
     return {
         "fp32": node_times_ms(fp32, feed, threads=options.threads),
         "int8": t_int8,
