@@ -319,3 +319,25 @@ def test_trace_sensitivity_ranks_layers_like_the_measured_one():
         **FAST,
     )
     assert result.report.mixed_precision["sensitivity"] == "trace"
+
+
+def test_time_budget_makes_the_search_anytime():
+    """A budget spent before the search returns the all-INT8 base with its measured drop
+    and says so; a budget spent during it keeps the best verified choice."""
+    feeds = _feeds(6)
+    result = qcompile.compile(
+        builders.cnn(size=32), calibration=feeds, max_accuracy_drop=0.01,
+        mixed_verify_feeds=4, time_budget_s=1e-3, **FAST,
+    )  # fmt: skip
+    mp = result.report.mixed_precision
+    assert mp["stopped_by_time_budget"] and len(mp["steps"]) == 1 and mp["layers"] == []
+    assert mp["verified_drop"] >= 0 and mp["budget_met"] == (mp["verified_drop"] <= 0.01)
+    assert any("--time-budget" in n and "all-INT8" in n for n in result.report.notes)
+    ort.InferenceSession(ir.to_proto(result.model).SerializeToString())
+    # a budget long enough for the measurements: the search runs and stops in time
+    full = qcompile.compile(
+        builders.cnn(size=32), calibration=feeds, max_accuracy_drop=0.01,
+        mixed_verify_feeds=4, time_budget_s=60, **FAST,
+    )  # fmt: skip
+    assert not full.report.mixed_precision["stopped_by_time_budget"]
+    assert full.report.mixed_precision["layers"]

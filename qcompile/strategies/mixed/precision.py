@@ -72,6 +72,9 @@ def compile_mixed(job: CompileJob, workspace: Workspace) -> CompileResult:
     if isinstance(options.metric, str):  # e.g. too few labels: fail before the search
         metric(fp32_outputs, fp32_outputs)
 
+    if workspace.out_of_time():  # nothing measured yet: the all-INT8 base, checked
+        return _base_only(base, fp32_outputs, feeds, metric, options, start)
+
     fpga = profile.mixed_precision == "weight-bits"
     objective = (
         "size" if (fpga or options.size_budget_mb) and not options.latency_budget_ms else "latency"
@@ -220,10 +223,11 @@ def compile_mixed(job: CompileJob, workspace: Workspace) -> CompileResult:
     result = compile_single(
         dataclasses.replace(plain_job, options=final_options, output=job.output), workspace
     )
+    stopped = workspace.out_of_time()
     result.report.mixed_precision = _mixed_report(
-        found, options, time.perf_counter() - start, cache.hit
+        found, options, time.perf_counter() - start, cache.hit, stopped
     )
-    if workspace.out_of_time():
+    if stopped:
         notes.append(
             f"--time-budget {options.time_budget_s:g} s: the search stopped with "
             f"{len(found.verified)} verified step(s); the best verified choice is returned"
@@ -286,10 +290,44 @@ def _layer_times(
     }
 
 
+def _base_only(base, fp32_outputs, feeds, metric, options, start) -> CompileResult:
+    """The all-INT8 base when --time-budget is spent before any measurement, with its
+    accuracy drop measured on the verification feeds."""
+    sess = ort_backend.make_session(base.model, threads=options.threads)
+    drop = metric(fp32_outputs, [sess.run(None, dict(f)) for f in feeds])
+    met = drop <= options.max_accuracy_drop if options.max_accuracy_drop is not None else True
+    base.report.mixed_precision = {
+        "metric": options.metric if isinstance(options.metric, str) else "callable",
+        "max_accuracy_drop": options.max_accuracy_drop,
+        "objective": None,
+        "sensitivity": options.sensitivity,
+        "verified_drop": drop,
+        "budget_met": met,
+        "predicted_cost": None,
+        "predicted_nsr": None,
+        "search_seconds": time.perf_counter() - start,
+        "measurements_cached": False,
+        "stopped_by_time_budget": True,
+        "steps": [{"cost": None, "nsr": None, "drop": drop}],
+        "layers": [],
+        "pareto": [],
+    }
+    if base.options is not None:  # the guard times it when the user asked for latency
+        base.options = dataclasses.replace(base.options, bench_runs=options.bench_runs)
+    base.report.notes.append(
+        f"--time-budget {options.time_budget_s:g} s was spent before the per-layer search: "
+        f"the all-INT8 model is returned, its measured drop {drop:.4f} "
+        + ("meets" if met else "MISSES")
+        + " the budget"
+    )
+    return base
+
+
 def _mixed_report(
-    found, options: CompileOptions, seconds: float, cached: bool = False
+    found, options: CompileOptions, seconds: float, cached: bool = False, stopped: bool = False
 ) -> dict[str, Any]:
     return {
+        "stopped_by_time_budget": stopped,
         "metric": options.metric if isinstance(options.metric, str) else "callable",
         "max_accuracy_drop": options.max_accuracy_drop,
         "objective": found.objective,
