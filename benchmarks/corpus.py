@@ -232,7 +232,12 @@ def run_model(entry: CorpusModel, target: str, bench_runs: int = 10) -> Row:
     if bench_runs:
         from qcompile.backends.ort import bench
 
-        lat = bench({"fp32": sess, "q": q_sess}, feeds[0], runs=bench_runs, warmup=5)
+        # sub-millisecond models need many runs for a median inside a few percent
+        t0 = time.perf_counter()
+        sess.run(None, feeds[0])
+        once = max(time.perf_counter() - t0, 1e-5)
+        runs = int(min(3000, max(bench_runs, 0.5 / once)))
+        lat = bench({"fp32": sess, "q": q_sess}, feeds[0], runs=runs, warmup=5)
         row.speedup = lat["fp32"] / lat["q"] if lat["q"] > 0 else None
     row.guard = _guard(result.report.speed_guard)
     row.extra["quantized_ops"] = sum(result.report.quantized_ops.values())
@@ -277,7 +282,8 @@ def write_markdown(rows: list[Row], path: Path, command: str, seconds: float) ->
         "",
         f"- date: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; total {seconds:.0f} s",
         f"- qcompile {qcompile.__version__}, onnx {onnx.__version__}, onnxruntime "
-        f"{onnxruntime.__version__}; latency: interleaved medians of single-thread runs, FP32 "
+        f"{onnxruntime.__version__}; latency: interleaved medians of single-thread runs (at least "
+        "--bench-runs, and enough for half a second), FP32 "
         "and compiled model in one process; compiled with default flags and `threads=1`",
         "- guard: what the speed guard did (`kept` the compiled model, left `N float` "
         "nodes float, returned the `FP32` model, or `–` not applied: fpga, refused)",
