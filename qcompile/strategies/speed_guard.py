@@ -420,6 +420,13 @@ def _report(
     else:
         what = "kept as compiled"
     report.notes = [n for n in report.notes if "SLOWER than FP32" not in n]
+    if chosen.result is not None and left:  # a variant of the strategy's choice
+        report.mixed_precision = base.mixed_precision
+        report.calib_method_scores = base.calib_method_scores
+        report.notes = [
+            *(n for n in base.notes if "SLOWER than FP32" not in n),
+            *(n for n in report.notes if n not in base.notes),
+        ]
     if chosen.result is None or left:
         best = max(
             (v for v in tried if v.result is not None), key=lambda v: v.speedup, default=None
