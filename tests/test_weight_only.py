@@ -148,6 +148,9 @@ def test_int4_sensitivity_is_what_the_compiled_model_does():
         calibration=feeds,
         exclude=[n for n in base.plan.nodes if n != "ffn2"],
         int4_weights=["ffn2"],
+        # the switch simulates FP32 activations: level 0; the measured choice may take 4
+        # (int8 activations) on a machine where it is faster, which is not this comparison
+        int4_accuracy_level=0,
         **FAST,
     )
     assert {n.op_type for n in deployed.model.graph} & {"QuantizeLinear"} == set()
