@@ -389,10 +389,16 @@ def _fp32_result(base: CompileResult, fp32: ir.Model) -> CompileResult:
         tensors=[],
         outputs=[OutputReport(o.name, math.inf, 1.0) for o in base.report.outputs],
         size_quantized_bytes=serialized_size(fp32),
-        notes=[n for n in base.report.notes if "SLOWER than FP32" not in n],
+        notes=_without_slower_warning(base.report.notes),
         mixed_precision=None,
     )
     return CompileResult(fp32, report, QuantPlan(), fp32_model=base.fp32_model)
+
+
+def _without_slower_warning(notes: list[str]) -> list[str]:
+    """The measurement's "SLOWER than FP32" warning is the guard's to answer: it drops the
+    warning and says what it did instead."""
+    return [n for n in notes if "SLOWER than FP32" not in n]
 
 
 def _report(
@@ -419,14 +425,12 @@ def _report(
         what = f"{len(left)} quantized node(s) left float: they ran slower quantized"
     else:
         what = "kept as compiled"
-    report.notes = [n for n in report.notes if "SLOWER than FP32" not in n]
+    notes = report.notes
     if chosen.result is not None and left:  # a variant of the strategy's choice
         report.mixed_precision = base.mixed_precision
         report.calib_method_scores = base.calib_method_scores
-        report.notes = [
-            *(n for n in base.notes if "SLOWER than FP32" not in n),
-            *(n for n in report.notes if n not in base.notes),
-        ]
+        notes = [*base.notes, *(n for n in notes if n not in base.notes)]
+    report.notes = _without_slower_warning(notes)
     if chosen.result is None or left:
         best = max(
             (v for v in tried if v.result is not None), key=lambda v: v.speedup, default=None
