@@ -92,10 +92,12 @@ def prepare(
     integer_compute=False); returns the proto and the shapes."""
     from qcompile.ir.io import load_model
     from qcompile.ir.shapes import infer_shapes, pin_input_shapes
+    from qcompile.lower.ort_cpu import expand_matmul_integer_to_float
     from qcompile.passes.canonicalize import canonicalize
     from qcompile.passes.manager import run_phase
 
     model = load_model(model)  # a copy: the caller's graph or file is never touched
+    expand_matmul_integer_to_float(model)  # ORT's CPU kernel back to standard Q/DQ
     if integer_compute:
         lower_qdq(model)
     shapes = {k: list(v) for k, v in (input_shapes or {}).items()}

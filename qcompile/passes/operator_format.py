@@ -5,7 +5,7 @@ ONNX Runtime's quantization tool writes three formats; users often have only tha
 QDQ models are handled by `DequantizeQDQ`. This module brings the other two to QDQ or
 float form first:
 
-- `OperatorsToQDQ`: QLinearConv, QLinearMatMul, QGemm, QLinearAdd/Mul, the QLinear pools,
+- `OperatorsToQDQ`: QLinearConv, QLinearMatMul, QGemm, MatMulIntegerToFloat, QLinearAdd/Mul, the QLinear pools,
   QLinearSigmoid/LeakyRelu/Softmax and QLinearConcat become DequantizeLinear → float op →
   QuantizeLinear, with their constant integer weights and int32 biases dequantized to
   float (the values the integer kernel multiplied with); `DequantizeQDQ` then removes the
@@ -130,6 +130,17 @@ def _qlinear_matmul(rw: _Rewriter, node: ir.Node) -> None:
     rw.finish(rw.node("MatMul", [rw.dq(a, as_, az, "input"), bf], "matmul"), ys, yz)
 
 
+def _matmul_integer_to_float(rw: _Rewriter, node: ir.Node) -> None:
+    """ORT's kernel for a QDQ MatMul with a float output (qcompile's cpu target writes it
+    with the Linear layer's bias folded in): float output, so no requantization."""
+    a, bq, as_, bs, az, bz, bias = _inputs(node, 7)
+    bf = _weight(rw, bq, bs, bz, -1, "weight")
+    y = rw.node("MatMul", [rw.dq(a, as_, az, "input"), bf], "matmul")
+    if bias is not None:
+        y = rw.node("Add", [y, bias], "bias")
+    rw.finish(y, None, None)
+
+
 def _qgemm(rw: _Rewriter, node: ir.Node) -> None:
     a, as_, az, b, bs, bz, c, ys, yz = _inputs(node, 9)
     trans_b = node.attributes.get_int("transB", 0)
@@ -177,6 +188,7 @@ OPERATORS = {
     ("", "QLinearConv"): _qlinear_conv,
     ("", "QLinearMatMul"): _qlinear_matmul,
     (MS, "QGemm"): _qgemm,
+    (MS, "MatMulIntegerToFloat"): _matmul_integer_to_float,
     (MS, "QLinearAdd"): _qlinear_binary("Add"),
     (MS, "QLinearMul"): _qlinear_binary("Mul"),
     (MS, "QLinearGlobalAveragePool"): _qlinear_unary("GlobalAveragePool"),

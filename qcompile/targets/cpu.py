@@ -14,6 +14,7 @@ import onnx_ir.passes.common as common_passes
 
 from qcompile.backends import ort as ort_backend
 from qcompile.lower.integer_only import LowerToIntegerOnly
+from qcompile.lower.ort_cpu import FuseMatMulIntegerToFloat
 from qcompile.numerics.qparams import QuantSpec
 from qcompile.options import CompileOptions
 from qcompile.passes.canonicalize import canonicalize
@@ -89,11 +90,14 @@ def finalize() -> list[ir.passes.PassBase]:
     return [common_passes.RemoveUnusedNodesPass(), common_passes.TopologicalSortPass()]
 
 
-def lower(options: CompileOptions) -> list[ir.passes.PassBase]:
-    """The QDQ graph as is, or lowered to integer-only arithmetic (--integer-only)."""
-    if not options.integer_only:
-        return finalize()
-    return [*finalize(), LowerToIntegerOnly()]
+def lower(options: CompileOptions, profile: TargetProfile) -> list[ir.passes.PassBase]:
+    """The QDQ graph with float-output MatMuls written as ORT's CPU kernel (bias folded
+    in), or lowered to integer-only arithmetic (--integer-only)."""
+    if options.integer_only:
+        return [*finalize(), LowerToIntegerOnly()]
+    if profile.execution_providers[0] == "CPUExecutionProvider":
+        return [FuseMatMulIntegerToFloat(), *finalize()]
+    return finalize()
 
 
 def reduced_range(profile: TargetProfile, options: CompileOptions) -> TargetProfile:
@@ -130,5 +134,5 @@ def pipeline(options: CompileOptions, profile: TargetProfile = PROFILE) -> Pipel
         calibrate=Calibration(options.calib_method, options.percentile),
         correct_bias=correct_bias(profile),
         quantize=quantize(profile, options),
-        lower=lower(options),
+        lower=lower(options, profile),
     )

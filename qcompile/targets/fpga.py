@@ -59,5 +59,5 @@ def pipeline(options: CompileOptions, profile: TargetProfile | None = None) -> P
         calibrate=Calibration(options.calib_method, options.percentile),
         correct_bias=cpu.correct_bias(profile),
         quantize=lambda plan, qparams: [InsertQDQ(plan, qparams, profile)],
-        lower=cpu.lower(integer),
+        lower=cpu.lower(integer, profile),
     )
