@@ -252,14 +252,7 @@ def _mixed(target: str, classifier_metric: str, **options) -> Callable:
         verify, held, held_labels = None, task.evaluation, task.labels
         labeled: dict = {"metric": "cosine"}
         if classifier:
-            verify, held = _split_samples(task.evaluation)
-            verify_labels, held_labels = task.labels[0::2], task.labels[1::2]
-            if task.name == "orientation":
-                pages, labels = datasets.orientation_pages(500, 100)  # 50 batches of 2 pages
-                verify, held = verify + pages[0::2], held + pages[1::2]
-                by_batch = labels.reshape(50, 8)
-                verify_labels = np.concatenate([verify_labels, by_batch[0::2].ravel()])
-                held_labels = np.concatenate([held_labels, by_batch[1::2].ravel()])
+            verify, verify_labels, held, held_labels = classifier_split(task)
             labeled["metric"] = classifier_metric
             if classifier_metric == "accuracy":
                 labeled["labels"] = verify_labels
@@ -295,6 +288,21 @@ def _mixed(target: str, classifier_metric: str, **options) -> Callable:
         return extra
 
     return run
+
+
+def classifier_split(task) -> tuple[list[dict], np.ndarray, list[dict], np.ndarray]:
+    """(verification feeds, their labels, held-out feeds, their labels) of a classifier's
+    mixed-precision row: every other evaluation sample, plus for orientation 100 rendered
+    pages (50 batches of 2) split by batch."""
+    verify, held = _split_samples(task.evaluation)
+    verify_labels, held_labels = task.labels[0::2], task.labels[1::2]
+    if task.name == "orientation":
+        pages, labels = datasets.orientation_pages(500, 100)
+        verify, held = verify + pages[0::2], held + pages[1::2]
+        by_batch = labels.reshape(50, 8)
+        verify_labels = np.concatenate([verify_labels, by_batch[0::2].ravel()])
+        held_labels = np.concatenate([held_labels, by_batch[1::2].ravel()])
+    return verify, verify_labels, held, held_labels
 
 
 def _split_samples(feeds: list[dict]) -> tuple[list[dict], list[dict]]:

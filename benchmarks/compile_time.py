@@ -14,6 +14,11 @@ the wall time into
   insertion, checker, report, and the Python between model runs.
 The marginal rows (difference between the two sizes) show what each extra feed costs.
 Latency benchmarking is off (bench_runs=0): it is model execution but not compile work.
+
+`--mixed orientation` adds the bounded-search rows: RESULTS.md's accuracy-budget search
+on that classifier (`--max-accuracy-drop 0.5%`, metric accuracy, its verification half),
+with default settings and under each `--time-budgets` value, timed wall to wall (speed
+guard and output write included), each with a fresh cache.
 """
 
 from __future__ import annotations
@@ -22,6 +27,8 @@ import argparse
 import logging
 import platform
 import statistics
+import tempfile
+import time
 from pathlib import Path
 
 import qcompile
@@ -84,11 +91,50 @@ def _table(results: dict[str, list[tuple[int, dict[str, float]]]]) -> list[str]:
     return lines
 
 
+def mixed_wall(name: str, budgets: list[float | None]) -> list[str]:
+    """Wall time of the accuracy-budget search, as benchmarked in RESULTS.md."""
+    from benchmarks.compare import MIXED_DROP, classifier_split
+
+    src = zoo.fetch(name)
+    task = datasets.task_data(name, src)
+    verify, labels, _, _ = classifier_split(task)
+    rows = [
+        f"## Bounded searches: mixed precision on {name}",
+        "",
+        f"`max_accuracy_drop={MIXED_DROP}`, metric accuracy on {len(verify)} verification "
+        "feeds, 2 threads, speed guard on; wall = the whole `qcompile.compile` call.",
+        "",
+        "| --time-budget | wall s | search s | speed guard s | stopped by budget | "
+        "verified drop | budget met |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for budget in budgets:
+        with tempfile.TemporaryDirectory() as tmp:
+            start = time.perf_counter()
+            report = qcompile.compile(
+                src, calibration=task.calibration, output=f"{tmp}/out.onnx", threads=2,
+                max_accuracy_drop=MIXED_DROP, metric="accuracy", labels=labels,
+                verification=verify, mixed_verify_feeds=len(verify), time_budget_s=budget,
+                progress=False,
+            ).report  # fmt: skip
+            wall = time.perf_counter() - start
+        mp, guard = report.mixed_precision, report.speed_guard or {}
+        rows.append(
+            f"| {budget if budget else 'none'} | {wall:.1f} | {mp['search_seconds']:.1f} | "
+            f"{guard.get('seconds', 0):.1f} | {mp['stopped_by_time_budget']} | "
+            f"{mp['verified_drop']:.4f} | {mp['budget_met']} |"
+        )
+        print(rows[-1], flush=True)
+    return rows
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", default="all", help="comma-separated zoo names or 'all'")
     parser.add_argument("--repeat", default="1,4", help="calibration-set multiples")
     parser.add_argument("--trials", type=int, default=3, help="compiles per size (median)")
+    parser.add_argument("--mixed", default="", help="a zoo classifier for the search rows")
+    parser.add_argument("--time-budgets", default="20", help="comma-separated seconds")
     parser.add_argument("--out", default=str(HERE / "COMPILE_TIME.md"))
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.ERROR)
@@ -110,6 +156,12 @@ def main(argv: list[str] | None = None) -> int:
         *_table(results),
         "",
     ]
+    if args.mixed:
+        budgets = [None] + [float(b) for b in args.time_budgets.split(",") if b]
+        text[2] = text[2].replace(
+            "--trials", f"--mixed {args.mixed} --time-budgets {args.time_budgets} --trials"
+        )
+        text += [*mixed_wall(args.mixed, budgets), ""]
     Path(args.out).write_text("\n".join(text))
     print(f"wrote {args.out}")
     return 0

@@ -54,6 +54,7 @@ def compile_mixed(job: CompileJob, workspace: Workspace) -> CompileResult:
         progress=False,
     )
     base = compile_single(plain_job, workspace)
+    base_seconds = time.perf_counter() - start
     # every candidate compiles with the method "auto" chose for the all-INT8 base
     plain = dataclasses.replace(plain_job.options, calib_method=base.report.calib_method)
     fp32, plan = base.fp32_model, base.plan
@@ -67,12 +68,16 @@ def compile_mixed(job: CompileJob, workspace: Workspace) -> CompileResult:
     feeds = first_feeds(data, options.mixed_verify_feeds)
     labels = read_labels(options.labels) if options.labels is not None else None
     metric = mixed.resolve_metric(options.metric, labels)
+    verify_start = time.perf_counter()
     fp32_sess = ort_backend.make_session(fp32, threads=options.threads)
     fp32_outputs = [fp32_sess.run(None, dict(f)) for f in feeds]
+    # --time-budget: measuring stops early enough for what must follow it, one verified
+    # step (a compile and a run of the feeds) and the final compile, each timed above
+    deadline = workspace.deadline - (2 * base_seconds + time.perf_counter() - verify_start)
     if isinstance(options.metric, str):  # e.g. too few labels: fail before the search
         metric(fp32_outputs, fp32_outputs)
 
-    if workspace.out_of_time():  # nothing measured yet: the all-INT8 base, checked
+    if time.perf_counter() > deadline:  # nothing measured yet: the all-INT8 base, checked
         return _base_only(base, fp32_outputs, feeds, metric, options, start)
 
     fpga = profile.mixed_precision == "weight-bits"
@@ -105,7 +110,6 @@ def compile_mixed(job: CompileJob, workspace: Workspace) -> CompileResult:
     cache = mixed.MeasurementCache.open(
         options.cache_dir, switch, base.model, [*sens_feeds, feeds[0]], objective, options.threads
     )
-    deadline = workspace.deadline
     nsr = cache.get("nsr")
     if nsr is None:
         nsr = mixed.sensitivities(switch, flags, sens_feeds, options.threads, deadline)
@@ -223,7 +227,7 @@ def compile_mixed(job: CompileJob, workspace: Workspace) -> CompileResult:
     result = compile_single(
         dataclasses.replace(plain_job, options=final_options, output=job.output), workspace
     )
-    stopped = workspace.out_of_time()
+    stopped = time.perf_counter() > deadline  # the measuring deadline, reserve aside
     result.report.mixed_precision = _mixed_report(
         found, options, time.perf_counter() - start, cache.hit, stopped
     )
