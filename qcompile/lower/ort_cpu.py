@@ -6,9 +6,8 @@ Linear layer outside, where the next fusion makes it a BiasGelu (or it runs as a
 of its own). MatMulIntegerToFloat takes the bias as an input and adds it while the
 int32 accumulators are scaled, so writing the kernel ourselves with the bias folded in
 saves one pass over the output per layer, and the GELU after an FFN's first layer runs
-as ORT's plain Gelu, which is faster than its BiasGelu. Measured on all-MiniLM-L6-v2
-(one thread, interleaved medians): 2.23× FP32 at batch 16×64 instead of 2.06× for the
-same graph left to ORT's fusions (ORT's own `quantize_dynamic`: 2.04×).
+as ORT's plain Gelu, which is faster than its BiasGelu (benchmarks/SPEED.md has
+MiniLM's speed against FP32 and ORT's quantizer).
 
 The rewrite is exact: the kernel computes what ORT's own fusion of the same Q/DQ graph
 computes, plus the bias added in float. Other runtimes (TVM, the numpy reference) read
