@@ -27,7 +27,7 @@ LAYERS: list[set[str]] = [
     {"targets"},
     {"driver"},
     {"strategies"},
-    {"api", "inspect"},
+    {"api", "inspect", "fleet"},
     {"cli", "__init__", "__main__"},
 ]
 LAYER_OF = {room: i for i, rooms in enumerate(LAYERS) for room in rooms}

@@ -1,4 +1,4 @@
-"""The subcommands: compile, inspect, bench, passes. Each returns the exit code."""
+"""The subcommands: compile, inspect, bench, batch, passes. Each returns the exit code."""
 
 from __future__ import annotations
 
@@ -141,6 +141,27 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_batch(args: argparse.Namespace) -> int:
+    """Exit 0 when every task compiled or was refused for a reason in the user's model
+    (both are rows), 1 when a task failed (crashed, timed out, worker lost)."""
+    from qcompile.fleet import batch, print_summary
+
+    result = batch(
+        args.manifest,
+        args.output,
+        targets=args.targets.split(",") if args.targets else None,
+        ray=args.ray is not None,
+        ray_address=args.ray or None,
+        time_limit_s=args.time_limit,
+        bench_runs=args.bench_runs,
+        bench_threads=args.threads,
+    )
+    if not args.quiet:
+        print_summary(result)
+    print(f"summary: {os.path.join(args.output, 'summary.md')}")
+    return 1 if result.failed else 0
+
+
 def cmd_passes(args: argparse.Namespace) -> int:
     from qcompile.options import CompileOptions
     from qcompile.passes.manager import pass_name
@@ -167,5 +188,6 @@ COMMANDS = {
     "compile": cmd_compile,
     "inspect": cmd_inspect,
     "bench": cmd_bench,
+    "batch": cmd_batch,
     "passes": cmd_passes,
 }

@@ -1,4 +1,4 @@
-"""Command line: `qcompile compile | inspect | bench | passes`.
+"""Command line: `qcompile compile | inspect | bench | batch | passes`.
 
 Exit codes: 0 done, 2 user error (a QCompileError, printed without traceback), 1 bug.
 Option flags come from qcompile.cli.flags (one per CompileOptions field).
@@ -107,6 +107,24 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--backend", choices=("ort", "tvm"), default="ort")
     _add_tvm_options(b)
     _add_logging(b, quiet=False)
+
+    f = sub.add_parser("batch", help="compile every model of a manifest or folder, per target")
+    f.add_argument("manifest", help="YAML/JSON manifest, or a folder of NAME.onnx + NAME.npz")
+    f.add_argument("-o", "--output", required=True, metavar="OUTDIR", help="output folder")
+    f.add_argument("--targets", default=None, help="comma-separated targets for every model")
+    f.add_argument(
+        "--ray",
+        nargs="?",
+        const="",
+        default=None,
+        metavar="ADDRESS",
+        help="run the compiles as Ray tasks: a local Ray, or the cluster at ADDRESS",
+    )
+    f.add_argument("--time-limit", type=float, default=None, metavar="SECONDS",
+                   help="a compile running longer fails (its row says so)")  # fmt: skip
+    f.add_argument("--bench-runs", type=int, default=20, help="latency runs per model (0: none)")
+    f.add_argument("--threads", type=int, default=None, help="threads for the latency step")
+    _add_logging(f, quiet=True)
 
     p = sub.add_parser("passes", help="list the passes of each target's pipeline")
     _add_logging(p, quiet=False)
