@@ -21,7 +21,7 @@ def batch(
     bench_threads: int | None = None,
 ) -> BatchResult:
     """Compile every (model, target) of a manifest or folder into `out_dir`; see
-    qcompile.fleet.batch for the steps and docs/batch.md for the manifest."""
+    qcompile.fleet.batch for the steps and qcompile.fleet.manifest for the manifest."""
     tasks = read_tasks(source, targets)
     executor = make_executor(ray_address, ray, time_limit_s)
     return run_batch(tasks, out_dir, executor, bench_runs=bench_runs, bench_threads=bench_threads)

@@ -95,10 +95,10 @@ def run_batch(
     out.mkdir(parents=True, exist_ok=True)
     rows: dict[str, dict[str, Any]] = {}
     todo: list[Task] = []
+    keys = {task.id: task.key() for task in tasks}  # hashes every model and data file once
     for task in tasks:
-        key = task.key()
         previous = _read_row(out / f"{task.id}.json")
-        if previous is not None and previous.get("key") == key and previous["status"] != "failed":
+        if previous and previous.get("key") == keys[task.id] and previous["status"] != "failed":
             rows[task.id] = {**previous, "cached": True}
         else:
             todo.append(task)
@@ -110,7 +110,7 @@ def run_batch(
             "name": task.name,
             "target": task.target,
             "model": task.model,
-            "key": task.key(),
+            "key": keys[task.id],
             "cached": False,
             **row,
         }

@@ -15,6 +15,7 @@ readable and writable on every node: a shared filesystem on a cluster.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import multiprocessing as mp
 import time
@@ -22,7 +23,7 @@ import traceback
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
-from qcompile.errors import QCompileError
+from qcompile.errors import QCompileError, find_qcompile_error
 from qcompile.fleet.manifest import Task
 
 logger = logging.getLogger(__name__)
@@ -35,8 +36,6 @@ def _child(work: Work, task: Task, out_dir: str, conn) -> None:
     try:
         conn.send(("done", work(task, out_dir)))
     except BaseException as exc:  # noqa: BLE001 - every failure becomes the task's row
-        from qcompile.errors import find_qcompile_error
-
         user = find_qcompile_error(exc)
         if user is not None:
             conn.send(("refused", {"reason": str(user).splitlines()[0][:300]}))
@@ -60,24 +59,22 @@ def run_isolated(work: Work, task: Task, out_dir: str, time_limit_s: float | Non
     # poll in steps: a child that dies without a word may not close the pipe here
     while time.perf_counter() < deadline:
         if receive.poll(0.2):
-            try:
+            with contextlib.suppress(EOFError):  # EOF: the child died before sending
                 message = receive.recv()
-            except EOFError:  # the child died before sending
-                message = None
             break
         if not proc.is_alive():
             if receive.poll(0):
                 message = receive.recv()
             break
-    seconds = time.perf_counter() - start
-    if message is None and proc.is_alive():
+    else:  # the deadline passed with the child still at work
         proc.kill()
         proc.join()
         return {
             "status": "failed",
             "reason": f"exceeded the time limit of {time_limit_s:g} s",
-            "seconds": seconds,
+            "seconds": time.perf_counter() - start,
         }
+    seconds = time.perf_counter() - start
     proc.join()
     if message is None:
         code = proc.exitcode

@@ -105,7 +105,9 @@ class FuseMatMulIntegerToFloat(ir.passes.InPlacePass):
             result = last.outputs[0]
             kernel.outputs[0].name, result.name = result.name, f"{result.name}_unfused"
             kernel.outputs[0].dtype, kernel.outputs[0].shape = result.dtype, result.shape
-            _take_over(graph, result, kernel.outputs[0])
+            ir.convenience.replace_all_uses_with(
+                result, kernel.outputs[0], replace_graph_outputs=True
+            )
             if fused is not None:
                 graph.remove(fused[0], safe=True)
             graph.remove(node, safe=True)
@@ -115,13 +117,6 @@ class FuseMatMulIntegerToFloat(ir.passes.InPlacePass):
         if modified and MS_DOMAIN not in model.opset_imports:
             model.opset_imports[MS_DOMAIN] = 1
         return ir.passes.PassResult(model, modified)
-
-
-def _take_over(graph: ir.Graph, old: ir.Value, new: ir.Value) -> None:
-    """`new` replaces `old` for every reader, graph outputs included."""
-    if old in graph.outputs:
-        graph.outputs[graph.outputs.index(old)] = new
-    ir.convenience.replace_all_uses_with(old, new)
 
 
 def _dequantize_before(node: ir.Node, codes, scale, zero, suffix: str, axis=None) -> ir.Value:
@@ -162,7 +157,7 @@ def expand_matmul_integer_to_float(model: ir.Model) -> int:
         result.dtype, result.shape = out.dtype, out.shape
         name, out.name = out.name, f"{out.name}_fused"
         result.name = name
-        _take_over(graph, out, result)
+        ir.convenience.replace_all_uses_with(out, result, replace_graph_outputs=True)
         graph.remove(node, safe=True)
         count += 1
     return count
