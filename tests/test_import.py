@@ -66,6 +66,17 @@ def test_old_opset_is_upgraded_and_constants_lifted():
     assert result.report.quantized_ops == {"MatMul": 1}
 
 
+def test_opset_upgrade_adds_no_shape_annotations():
+    # the converter's shape inference annotates every tensor; ONNX Runtime fuses more
+    # with those (Add+LayerNormalization -> SkipLayerNormalization), so an upgraded FP32
+    # model would time differently from the user's: keep only what the user declared
+    proto = _opset11_model()
+    proto.graph.value_info.append(helper.make_tensor_value_info("h", TensorProto.FLOAT, None))
+    upgraded = ir.to_proto(load_model(proto))
+    assert upgraded.opset_import[0].version >= 13
+    assert [v.name for v in upgraded.graph.value_info] == ["h"]
+
+
 def test_dynamic_shapes_work_without_pinning(cnn_model):
     # batch is symbolic 'N'; calibration feeds of batch 8 and a held-out batch of 3
     feeds = [{"input": builders.images(8, seed=i)} for i in range(4)] + [

@@ -193,6 +193,14 @@ def upgrade_opset(model: ir.Model, min_opset: int, *, path: Path | None = None) 
             path=str(path) if path else None,
             hint=f"re-export the model with opset >= {min_opset}",
         ) from exc
+    # The converter's shape inference leaves value_info for every tensor; ONNX Runtime
+    # fuses more with it (Add+LayerNormalization -> SkipLayerNormalization, which its
+    # CPU kernels run slower), so an upgraded FP32 model would not time like the
+    # user's. Keep only the annotations the user's model had.
+    declared = {v.name for v in proto.graph.value_info}
+    kept = [v for v in upgraded.graph.value_info if v.name in declared]
+    del upgraded.graph.value_info[:]
+    upgraded.graph.value_info.extend(kept)
     return ir.from_proto(upgraded)
 
 
