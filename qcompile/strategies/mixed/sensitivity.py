@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 
 import numpy as np
 import onnx_ir as ir
@@ -61,17 +61,16 @@ def switch_model(
             if v is None or i == w_index or v.name not in plan.tensors or v.const_value is not None:
                 continue
             activations[i] = effective_qparams(plan, qparams, v.name)
-        originals = {i: node.inputs[i] for i in activations}
-        switched = dict(originals)
         w_value = node.inputs[w_index] if w_index is not None else None
         w = w_value.const_value.numpy().astype(np.float32) if w_value is not None else None
-        new_w = w_value
+        versions: list[tuple[str, list[ir.Node], list[ir.Value | None]]] = []
         for label, spec in candidates:
             flag = ir.Value(name=f"mp_flag_{index}_{label}", shape=ir.Shape([]))
             flag.dtype = ir.DataType.BOOL
             graph.inputs.append(flag)
             flags[(name, label)] = flag.name
             weight_only = isinstance(spec, Int4Spec)  # FP32 activations: only W changes
+            inputs, body = list(node.inputs), []
             if spec is not None and w is not None:
                 if weight_only:
                     w_q = dequantize_int4(quantize_int4(w, spec))
@@ -80,21 +79,75 @@ def switch_model(
                 if trace:  # same power, random direction
                     sigma = float(np.sqrt(np.mean(np.square(w_q - w))))
                     w_q = (w + sigma * rng.standard_normal(w.shape)).astype(np.float32)
-                w_const = add_initializer(graph, f"mp_w_{index}_{label}", w_q)
-                new_w = _where(graph, node, flag, w_const, new_w, f"mp_wsel_{index}_{label}")
+                inputs[w_index] = add_initializer(graph, f"mp_w_{index}_{label}", w_q)
             for i, qp in activations.items() if not weight_only else ():
-                switched[i] = _if_switch(
-                    graph,
-                    node,
-                    flag,
-                    switched[i],
-                    make(graph, originals[i], qp, f"mp{index}_{i}_{label}"),
-                )
-        if w_index is not None and new_w is not w_value:
-            node.replace_input_with(w_index, new_w)
-        for i, value in switched.items():
-            node.replace_input_with(i, value)
+                made, inputs[i], _ = make(graph, node.inputs[i], qp, f"mp{index}_{i}_{label}")
+                body.extend(made)
+            versions.append((flag.name, body, inputs))
+        _switch_node(graph, node, versions, index)
     return model, flags
+
+
+def _switch_node(
+    graph: ir.Graph,
+    node: ir.Node,
+    versions: Sequence[tuple[str, list[ir.Node], list[ir.Value | None]]],
+    index: int,
+) -> None:
+    """Replace `node` by If(flag₁, version₁, If(flag₂, version₂, ... node)), each
+    version the node on switched inputs. Whole nodes switch, so every path keeps constant
+    weights: ONNX Runtime prepacks them and keeps its blocked-layout convolutions, where
+    switching the weight tensor itself (a Where) left every Conv of the FP32 path on a
+    runtime weight, several times slower than the FP32 model. Only the taken branch runs."""
+    if not versions:
+        return
+    flags = {v.name: v for v in graph.inputs}
+    branch = _branch([], list(node.inputs), node, f"mp{index}_fp32")
+    for depth, (flag_name, body, inputs) in enumerate(reversed(versions)):
+        tag = f"mp{index}_v{len(versions) - depth}"
+        switch = ir.Node(
+            "",
+            "If",
+            [flags[flag_name]],
+            attributes=[
+                ir.AttrGraph("then_branch", _branch(body, inputs, node, tag)),
+                ir.AttrGraph("else_branch", branch),
+            ],
+            num_outputs=len(node.outputs),
+            name=f"{tag}_if",
+        )
+        _outputs_like(switch, node, f"{tag}_sw")
+        if depth < len(versions) - 1:
+            branch = ir.Graph([], list(switch.outputs), nodes=[switch], name=f"{tag}_else")
+    graph.insert_before(node, switch)
+    for old, new in zip(node.outputs, switch.outputs, strict=True):
+        old.replace_all_uses_with(new, replace_graph_outputs=True)
+        old.name, new.name = f"{old.name}_switched", old.name  # graph outputs keep names
+    graph.remove(node, safe=True)
+
+
+def _branch(body: list[ir.Node], inputs: list[ir.Value | None], node: ir.Node, tag: str):
+    """A subgraph computing `node` on `inputs` (outer-scope values), after `body`."""
+    twin = ir.Node(
+        node.domain,
+        node.op_type,
+        inputs,
+        attributes=[_copy_attr(a) for a in node.attributes.values()],
+        num_outputs=len(node.outputs),
+        name=f"{tag}_{node.name}",
+        version=node.version,
+    )
+    _outputs_like(twin, node, tag)
+    return ir.Graph([], list(twin.outputs), nodes=[*body, twin], name=f"{tag}_branch")
+
+
+def _outputs_like(new: ir.Node, node: ir.Node, tag: str) -> None:
+    for mine, theirs in zip(new.outputs, node.outputs, strict=True):
+        mine.name, mine.dtype, mine.shape = f"{tag}_{theirs.name}", theirs.dtype, theirs.shape
+
+
+def _copy_attr(attr: ir.Attr) -> ir.Attr:
+    return ir.Attr(attr.name, attr.type, attr.value, doc_string=attr.doc_string)
 
 
 Branch = tuple[list[ir.Node], ir.Value, str]  # nodes computing a value from x, its name
@@ -122,43 +175,16 @@ def _noise_nodes(graph: ir.Graph, x: ir.Value, qp: QParams, base: str) -> Branch
     return [noise, noisy], noisy.outputs[0], base
 
 
-def _if_switch(graph: ir.Graph, before: ir.Node, flag: ir.Value, other: ir.Value, branch: Branch):
-    """If(flag) the branch's value, else `other`: unlike Where, only the taken side runs,
-    so a run with one flag on computes one fake quantizer, not every layer's."""
-    nodes, value, base = branch
-    then_graph = ir.Graph([], [value], nodes=nodes, name=f"{base}_then")
-    keep = ir.node("Identity", [other], name=f"{base}_keep")
-    keep.outputs[0].name = f"{base}_kept"
-    keep.outputs[0].dtype, keep.outputs[0].shape = ir.DataType.FLOAT, other.shape
-    else_graph = ir.Graph([], [keep.outputs[0]], nodes=[keep], name=f"{base}_else")
-    switch = ir.node(
-        "If",
-        [flag],
-        {"then_branch": then_graph, "else_branch": else_graph},
-        name=f"{base}_if",
-    )
-    switch.outputs[0].name = f"{base}_switched"
-    switch.outputs[0].dtype, switch.outputs[0].shape = ir.DataType.FLOAT, other.shape
-    graph.insert_before(before, switch)
-    return switch.outputs[0]
-
-
-def _where(graph, before, flag, a, b, name):
-    node = ir.node("Where", [flag, a, b], name=name)
-    node.outputs[0].name = f"{name}_out"
-    node.outputs[0].dtype = ir.DataType.FLOAT
-    graph.insert_before(before, node)
-    return node.outputs[0]
-
-
 def sensitivities(
     model: ir.Model,
     flags: Mapping[tuple[str, str], str],
     feeds: Sequence[Feed],
     threads: int | None = None,
     deadline: float = math.inf,
+    skip: Collection[tuple[str, str]] = frozenset(),
 ) -> dict[tuple[str, str], float]:
-    """Output noise/signal power per (layer, candidate), one run per flag and feed.
+    """Output noise/signal power per (layer, candidate), one run per flag and feed;
+    the candidates in `skip` are not measured (and not in the result).
 
     Past `deadline` (a `time.perf_counter()` value) the candidates not yet measured get
     UNMEASURED_NSR, as loud as the signal itself: the search then keeps those layers at
@@ -169,6 +195,8 @@ def sensitivities(
     signal = sum(float(np.sum(np.square(o.astype(np.float64)))) for out in reference for o in out)
     result = {}
     for key, flag in flags.items():
+        if key in skip:
+            continue
         if time.perf_counter() > deadline:
             result[key] = UNMEASURED_NSR
             continue
