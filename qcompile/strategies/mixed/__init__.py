@@ -5,9 +5,9 @@ Users state a budget ("at most 0.5% accuracy drop, as fast as possible"), not a 
 1. **Sensitivity** (HAWQ-style, measured rather than Hessian-estimated): the output
    noise-to-signal ratio when only layer l runs at candidate precision c. One session
    serves every layer: the FP32 graph gets, per (layer, candidate), a boolean input that
-   switches the layer's input activation to its fake-quantized version and its weight to
-   the quantized-dequantized one (`Where` nodes), so each measurement is one run with
-   one flag on — no model rebuild or session per layer.
+   switches the layer (an `If`) to a twin on fake-quantized inputs with the
+   quantized-dequantized weight, so each measurement is one run with one flag on — no
+   model rebuild or session per layer.
 2. **Cost**, measured on the target: per-layer kernel time from ONNX Runtime's profiler
    on the all-INT8 and the FP32 model (CPU/GPU targets), or weight memory bits (FPGA).
 3. **Solve** with scipy's MILP: one candidate per layer, minimize total cost subject to
