@@ -637,6 +637,12 @@ def _levenshtein(a: str, b: str) -> int:
     return prev[-1]
 
 
+def _layout() -> TaskData:
+    from benchmarks.detection import layout  # it imports this module
+
+    return layout()
+
+
 def task_data(name: str, model_path: Path) -> TaskData:
     builders = {
         "minilm": lambda: minilm(model_path.parent),
@@ -644,6 +650,7 @@ def task_data(name: str, model_path: Path) -> TaskData:
         "ocr_rec": lambda: ocr_rec(model_path),
         "ocr_cls": ocr_cls,
         "ocr_det": ocr_det,
+        "layout": _layout,
     }
     if name not in builders:
         raise KeyError(name)

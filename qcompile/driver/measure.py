@@ -13,7 +13,7 @@ import onnx_ir as ir
 from qcompile.backends import ort as ort_backend
 from qcompile.calibrate.runner import extra_outputs
 from qcompile.data.feeds import Feed
-from qcompile.driver.report import CompileReport, OutputReport, TensorReport
+from qcompile.driver.report import CompileReport, OutputGroup, OutputReport, TensorReport
 from qcompile.numerics.qparams import QParams, fake_quantize
 from qcompile.options import CompileOptions
 from qcompile.quantize.qdq import effective_qparams
@@ -85,6 +85,8 @@ def measure(
     tensors = [t for t in tensors if (t in inputs or t in fp_run) and dq_outputs[t] in set(q_added)]
     fp_run = [t for t in fp_run if t in tensors]
     sums = {name: [0.0] * 5 for name in out_names}  # signal, noise, dot, |a|², |b|²
+    groups = concat_groups(fp32_model)
+    group_sums = {(name, g): [0.0] * 5 for name in out_names for g in groups.get(name, ())}
     acc = {t: [0.0] * 5 for t in tensors}
     local = {t: [0.0] * 5 for t in tensors}
     effective = {t: effective_qparams(plan, qparams, t) for t in tensors}
@@ -95,6 +97,9 @@ def measure(
         for name, a, b in zip(out_names, fp_all[: len(out_names)], q_out, strict=True):
             same_shape(name, a, b)
             accumulate(sums[name], a, b)
+            for g in groups.get(name, ()):
+                part = (slice(None),) * g[1] + (slice(g[2], g[3]),)
+                accumulate(group_sums[(name, g)], a[part], b[part])
         if not per_tensor:
             continue
         fp_vals = {t: feed[t] for t in tensors if t in inputs}
@@ -103,7 +108,15 @@ def measure(
         for t, q_val in zip(tensors, q_vals, strict=True):
             accumulate(acc[t], fp_vals[t], q_val)
             accumulate(local[t], fp_vals[t], fake_quantize(fp_vals[t], effective[t]))
-    report.outputs = [OutputReport(n, sqnr(s), cosine(s)) for n, s in sums.items()]
+    report.outputs = [
+        OutputReport(
+            n,
+            sqnr(s),
+            cosine(s),
+            [OutputGroup(*g, sqnr(group_sums[(n, g)])) for g in groups.get(n, ())],
+        )
+        for n, s in sums.items()
+    ]
     report.tensors = [
         TensorReport(
             t,
@@ -178,6 +191,42 @@ def accumulate(s: list[float], a: np.ndarray, b: np.ndarray) -> None:
     s[2] += float(np.dot(a, b))
     s[3] += aa
     s[4] += float(np.dot(b, b))
+
+
+def concat_groups(model: ir.Model) -> dict[str, list[tuple[str, int, int, int]]]:
+    """Per graph output assembled by a Concat (directly, or through a Transpose):
+    (source tensor, axis, start, stop) of each branch's slice, where the branches' sizes
+    along the axis are known. Detectors concatenate box coordinates (hundreds of pixels)
+    with class scores (0-1): the output's SQNR is the boxes', and the scores hide in it."""
+    found: dict[str, list[tuple[str, int, int, int]]] = {}
+    for out in model.graph.outputs:
+        node, perm = out.producer(), None
+        if node is not None and node.op_type == "Transpose":
+            attr = node.attributes.get("perm")
+            perm = list(attr.as_ints()) if attr is not None else None
+            node = node.inputs[0].producer() if node.inputs[0] is not None else None
+        if node is None or node.op_type != "Concat" or len(node.inputs) < 2:
+            continue
+        rank = len(out.shape) if out.shape is not None else None
+        axis = node.attributes["axis"].as_int() if "axis" in node.attributes else None
+        if rank is None or axis is None:
+            continue
+        axis %= rank
+        sizes = []
+        for value in node.inputs:
+            dims = value.shape if value is not None else None
+            size = dims[axis] if dims is not None and len(dims) == rank else None
+            if not isinstance(size, int):
+                break
+            sizes.append((value.name, size))
+        else:
+            out_axis = perm.index(axis) if perm is not None and axis in perm else axis
+            edges = np.cumsum([0] + [size for _, size in sizes])
+            found[out.name] = [
+                (name, out_axis, int(edges[i]), int(edges[i + 1]))
+                for i, (name, _) in enumerate(sizes)
+            ]
+    return found
 
 
 def sqnr(s: Sequence[float]) -> float:

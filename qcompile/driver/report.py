@@ -24,10 +24,23 @@ class TensorReport:
 
 
 @dataclass
+class OutputGroup:
+    """A slice of an output that a Concat assembled from one branch (a detector's scores
+    beside its boxes): its own SQNR, which the whole output's can hide."""
+
+    source: str  # the tensor the Concat took this slice from
+    axis: int
+    start: int
+    stop: int
+    sqnr_db: float
+
+
+@dataclass
 class OutputReport:
     name: str
     sqnr_db: float
     cosine: float
+    groups: list[OutputGroup] = field(default_factory=list)
 
 
 # Bumped when a field changes meaning or goes away (docs/report.md lists the fields).
@@ -181,6 +194,11 @@ class CompileReport:
             summary.add_row(
                 f"output {out.name}", f"SQNR {out.sqnr_db:.1f} dB, cosine {out.cosine:.5f}"
             )
+            for g in out.groups:
+                summary.add_row(
+                    f"  [{g.start}:{g.stop}] on axis {g.axis}",
+                    f"SQNR {g.sqnr_db:.1f} dB (from {g.source})",
+                )
         summary.add_row("size", f"{_mb(self.size_fp32_bytes)} → {_mb(self.size_quantized_bytes)}")
         if self.speedup is not None:
             summary.add_row(
