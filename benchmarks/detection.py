@@ -45,6 +45,22 @@ def layout() -> TaskData:
     return TaskData(calibration, evaluation, detection_metric, "det_f1", evaluation[0])
 
 
+MIXED_F1_DROP = 0.03
+
+
+def mixed_options() -> dict:
+    """`--max-accuracy-drop` on the detection metric: the search verifies on 12 pages of
+    its own (seeds apart from the evaluation's, which stays held out)."""
+    images, sentences = sample_images(), docstring_sentences()
+    verify = [{"image": _preprocess(_page(s, images, sentences))} for s in range(300, 312)]
+    return {
+        "max_accuracy_drop": MIXED_F1_DROP,
+        "metric": lambda fp32, quant: 1.0 - detection_metric(fp32, quant)["det_f1"],
+        "verification": verify,
+        "mixed_verify_feeds": len(verify),
+    }
+
+
 def detection_metric(fp32: list[list[np.ndarray]], quant: list[list[np.ndarray]]) -> dict:
     f1s, agree, noise, signal = [], [], 0.0, 0.0
     ref_count = 0
@@ -216,4 +232,4 @@ def _page(seed: int, images: dict[str, np.ndarray], sentences: list[str]) -> np.
     return np.clip(arr, 0, 255).astype(np.uint8)
 
 
-__all__ = ["Feed", "decode", "detection_metric", "layout"]
+__all__ = ["Feed", "decode", "detection_metric", "layout", "mixed_options"]

@@ -86,6 +86,33 @@ def test_switch_session_measures_each_layer_alone_and_noise_adds_up():
     assert 0.3 < total / sum(nsr.values()) < 3.0
 
 
+def test_sensitivity_weighs_each_concatenated_branch_alike():
+    # boxes (hundreds of pixels) and sigmoid scores concatenated into one output: pooled,
+    # the score layer's noise vanished beside the boxes' signal (a detector's scores lost
+    # their precision while the search kept box layers float)
+    from tests.test_compile import _detector_head
+
+    rng = np.random.default_rng(1)
+    feeds = [{"x": rng.normal(0, 1, (8, 16, 8)).astype(np.float32)} for _ in range(4)]
+    base = qcompile.compile(_detector_head(), calibration=feeds, **FAST)
+    specs = {n: [("int8", CPU_PROFILE.weight)] for n in ("box", "cls")}
+    model, flags = mixed.switch_model(base.fp32_model, base.plan, base.qparams, specs)
+    nsr = mixed.sensitivities(model, flags, feeds)
+    sess = ort.InferenceSession(
+        ir.to_proto(model).SerializeToString(), providers=["CPUExecutionProvider"]
+    )
+    off = {f: np.array(False) for f in flags.values()}
+    ref = [sess.run(None, {**f, **off})[0] for f in feeds]
+    got = [sess.run(None, {**f, **off, flags[("cls", "int8")]: np.array(True)})[0] for f in feeds]
+    pooled = sum(np.sum((a - b) ** 2) for a, b in zip(ref, got, strict=True)) / sum(
+        np.sum(a**2) for a in ref
+    )
+    scores = sum(np.sum((a[:, 4:] - b[:, 4:]) ** 2) for a, b in zip(ref, got, strict=True))
+    own = scores / sum(np.sum(a[:, 4:] ** 2) for a in ref)
+    assert nsr[("cls", "int8")] == pytest.approx(own / 2, rel=1e-6)  # mean over 2 branches
+    assert nsr[("cls", "int8")] > 100 * pooled
+
+
 def test_accuracy_budget_is_met_and_reported(tmp_path):
     png = tmp_path / "pareto.png"
     result = qcompile.compile(

@@ -12,6 +12,7 @@ import onnx_ir as ir
 
 from qcompile.backends import ort as ort_backend
 from qcompile.calibrate.observers import weight_qparams
+from qcompile.driver.measure import concat_groups
 from qcompile.ir.graph import add_initializer
 from qcompile.numerics.qparams import QParams, fake_quantize
 from qcompile.quantize.qdq import effective_qparams
@@ -183,8 +184,9 @@ def sensitivities(
     deadline: float = math.inf,
     skip: Collection[tuple[str, str]] = frozenset(),
 ) -> dict[tuple[str, str], float]:
-    """Output noise/signal power per (layer, candidate), one run per flag and feed;
-    the candidates in `skip` are not measured (and not in the result).
+    """Output noise/signal power per (layer, candidate), one run per flag and feed: the
+    mean over the outputs (and the branches of concatenated ones), each part against its
+    own signal. The candidates in `skip` are not measured (and not in the result).
 
     Past `deadline` (a `time.perf_counter()` value) the candidates not yet measured get
     UNMEASURED_NSR, as loud as the signal itself: the search then keeps those layers at
@@ -192,7 +194,8 @@ def sensitivities(
     sess = ort_backend.make_session(model, threads=threads)
     off = {name: np.array(False) for name in flags.values()}
     reference = [sess.run(None, {**feed, **off}) for feed in feeds]
-    signal = sum(float(np.sum(np.square(o.astype(np.float64)))) for out in reference for o in out)
+    parts = _output_parts(model)
+    signal = _powers(parts, reference, reference)
     result = {}
     for key, flag in flags.items():
         if key in skip:
@@ -200,15 +203,37 @@ def sensitivities(
         if time.perf_counter() > deadline:
             result[key] = UNMEASURED_NSR
             continue
-        noise = 0.0
-        for feed, ref in zip(feeds, reference, strict=True):
-            outs = sess.run(None, {**feed, **off, flag: np.array(True)})
-            noise += sum(
-                float(np.sum(np.square(a.astype(np.float64) - b)))
-                for a, b in zip(ref, outs, strict=True)
-            )
-        result[key] = noise / max(signal, 1e-30)
+        outs = [sess.run(None, {**feed, **off, flag: np.array(True)}) for feed in feeds]
+        noise = _powers(parts, reference, outs, difference=True)
+        ratios = [n / s for n, s in zip(noise, signal, strict=True) if s > 0]
+        result[key] = float(np.mean(ratios)) if ratios else 0.0
     return result
+
+
+def _output_parts(model: ir.Model) -> list[tuple[int, tuple[slice, ...]]]:
+    """What noise is measured on, each part weighted alike: every output, and the
+    branches of an output a Concat assembled. Pooled over all outputs, the loudest (a
+    detector's box coordinates or DFL logits) set every layer's sensitivity, and the
+    search kept float what moved boxes while class scores lost their precision."""
+    groups = concat_groups(model)
+    parts: list[tuple[int, tuple[slice, ...]]] = []
+    for i, out in enumerate(model.graph.outputs):
+        for _, axis, start, stop in groups.get(out.name, []):
+            parts.append((i, (slice(None),) * axis + (slice(start, stop),)))
+        if out.name not in groups:
+            parts.append((i, ()))
+    return parts
+
+
+def _powers(parts, reference, outputs, difference: bool = False) -> list[float]:
+    """Σ over feeds of each part's power (of reference − output when `difference`)."""
+    total = [0.0] * len(parts)
+    for ref, out in zip(reference, outputs, strict=True):
+        for k, (i, part) in enumerate(parts):
+            a = np.asarray(ref[i], np.float64)[part]
+            x = a - np.asarray(out[i], np.float64)[part] if difference else a
+            total[k] += float(np.sum(np.square(x)))
+    return total
 
 
 # noise/signal given to a candidate the time budget left unmeasured
