@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import builders
@@ -11,7 +12,7 @@ import onnx
 import pytest
 
 from qcompile.errors import QCompileError
-from qcompile.fleet import LocalExecutor, RayExecutor, read_tasks, run_batch
+from qcompile.fleet import LocalExecutor, RayExecutor, Task, read_tasks, run_batch
 from tests import fleet_work
 from tests.conftest import QUIET, sha256
 
@@ -184,3 +185,14 @@ def test_a_killed_ray_worker_is_a_failed_row(tmp_path):
     assert rows["kill_worker"]["status"] == "failed"
     assert "Ray worker died" in rows["kill_worker"]["reason"]
     assert all(rows[n]["status"] == "ok" for n in ("cnn", "mlp", "block"))
+
+
+def test_guarded_compiles_reserve_the_cores_they_time_on():
+    from qcompile.fleet.executor import cpus_for
+
+    def task(**options):
+        return Task("m", "cpu", "m.onnx", "m.npz", options)
+
+    assert cpus_for(task(threads=3)) == 3
+    assert cpus_for(task()) == (os.cpu_count() or 1)
+    assert cpus_for(task(speed_guard=False, threads=4)) == 1

@@ -6,8 +6,9 @@ its time limit ends that process, and the task becomes a failed row with the rea
 the batch goes on. That is why there is no plain in-process mode: a compile that hangs
 or crashes inside ONNX Runtime cannot be stopped from the same Python process.
 
-With Ray (`pip install 'qcompile[ray]'`), every task is a Ray task (one CPU each, no
-retries: a rerun of the batch retries failures) that starts the same child process on
+With Ray (`pip install 'qcompile[ray]'`), every task is a Ray task (no retries: a
+rerun of the batch retries failures; a guarded compile reserves the cores it times on,
+see cpus_for) that starts the same child process on
 whichever node Ray schedules it; a Ray worker that dies (killed, out of memory, node
 lost) is a failed row too. Paths in the tasks (models, data, the output folder) must be
 readable and writable on every node: a shared filesystem on a cluster.
@@ -18,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import multiprocessing as mp
+import os
 import time
 import traceback
 from collections.abc import Callable, Iterator, Sequence
@@ -126,9 +128,12 @@ class RayExecutor:
         if started_here:
             ray.init(address=self.address, include_dashboard=False, log_to_driver=False)
         try:
-            remote = ray.remote(num_cpus=1, max_retries=0)(run_isolated)
+            remote = ray.remote(max_retries=0)(run_isolated)
             pending = {
-                remote.remote(work, task, out_dir, self.time_limit_s): task for task in tasks
+                remote.options(num_cpus=cpus_for(task)).remote(
+                    work, task, out_dir, self.time_limit_s
+                ): task
+                for task in tasks
             }
             while pending:
                 done, _ = ray.wait(list(pending), num_returns=1)
@@ -143,6 +148,18 @@ class RayExecutor:
         finally:
             if started_here:
                 ray.shutdown()
+
+
+def cpus_for(task: Task) -> int:
+    """Cores a task reserves on its node. The speed guard (on by default) times the
+    compiled model against FP32 inside the compile: sharing cores with other compiles made
+    it keep quantized variants that are slower on a quiet machine (19 of 35 corpus models
+    decided differently with two compiles on two cores), so a guarded compile reserves
+    the threads it times with (its `threads` option, else every core: one guarded compile
+    per node at a time). An unguarded compile takes one core."""
+    if task.options.get("speed_guard") is False:
+        return 1
+    return max(1, int(task.options.get("threads") or os.cpu_count() or 1))
 
 
 def make_executor(ray_address: str | None, use_ray: bool, time_limit_s: float | None):
