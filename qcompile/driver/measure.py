@@ -98,7 +98,7 @@ def measure(
             same_shape(name, a, b)
             accumulate(sums[name], a, b)
             for g in groups.get(name, ()):
-                part = (slice(None),) * g[1] + (slice(g[2], g[3]),)
+                part = branch_slice(*g[1:])
                 accumulate(group_sums[(name, g)], a[part], b[part])
         if not per_tensor:
             continue
@@ -227,6 +227,11 @@ def concat_groups(model: ir.Model) -> dict[str, list[tuple[str, int, int, int]]]
                 for i, (name, _) in enumerate(sizes)
             ]
     return found
+
+
+def branch_slice(axis: int, start: int, stop: int) -> tuple[slice, ...]:
+    """The index of one concat_groups branch within its output."""
+    return (slice(None),) * axis + (slice(start, stop),)
 
 
 def sqnr(s: Sequence[float]) -> float:

@@ -12,7 +12,7 @@ import onnx_ir as ir
 
 from qcompile.backends import ort as ort_backend
 from qcompile.calibrate.observers import weight_qparams
-from qcompile.driver.measure import concat_groups
+from qcompile.driver.measure import branch_slice, concat_groups
 from qcompile.ir.graph import add_initializer
 from qcompile.numerics.qparams import QParams, fake_quantize
 from qcompile.quantize.qdq import effective_qparams
@@ -82,7 +82,7 @@ def switch_model(
                     w_q = (w + sigma * rng.standard_normal(w.shape)).astype(np.float32)
                 inputs[w_index] = add_initializer(graph, f"mp_w_{index}_{label}", w_q)
             for i, qp in activations.items() if not weight_only else ():
-                made, inputs[i], _ = make(graph, node.inputs[i], qp, f"mp{index}_{i}_{label}")
+                made, inputs[i] = make(graph, node.inputs[i], qp, f"mp{index}_{i}_{label}")
                 body.extend(made)
             versions.append((flag.name, body, inputs))
         _switch_node(graph, node, versions, index)
@@ -151,7 +151,7 @@ def _copy_attr(attr: ir.Attr) -> ir.Attr:
     return ir.Attr(attr.name, attr.type, attr.value, doc_string=attr.doc_string)
 
 
-Branch = tuple[list[ir.Node], ir.Value, str]  # nodes computing a value from x, its name
+Branch = tuple[list[ir.Node], ir.Value]  # nodes computing a value from x, and that value
 
 
 def _fake_quant_nodes(graph: ir.Graph, x: ir.Value, qp: QParams, base: str) -> Branch:
@@ -162,7 +162,7 @@ def _fake_quant_nodes(graph: ir.Graph, x: ir.Value, qp: QParams, base: str) -> B
     dq = ir.node("DequantizeLinear", [q.outputs[0], scale, zp], name=f"{base}_dq")
     dq.outputs[0].name = f"{base}_dq_out"
     dq.outputs[0].dtype, dq.outputs[0].shape = ir.DataType.FLOAT, x.shape
-    return [q, dq], dq.outputs[0], base
+    return [q, dq], dq.outputs[0]
 
 
 def _noise_nodes(graph: ir.Graph, x: ir.Value, qp: QParams, base: str) -> Branch:
@@ -173,7 +173,7 @@ def _noise_nodes(graph: ir.Graph, x: ir.Value, qp: QParams, base: str) -> Branch
     noisy = ir.node("Add", [x, noise.outputs[0]], name=f"{base}_add")
     noisy.outputs[0].name = f"{base}_noisy"
     noisy.outputs[0].dtype, noisy.outputs[0].shape = ir.DataType.FLOAT, x.shape
-    return [noise, noisy], noisy.outputs[0], base
+    return [noise, noisy], noisy.outputs[0]
 
 
 def sensitivities(
@@ -195,7 +195,9 @@ def sensitivities(
     off = {name: np.array(False) for name in flags.values()}
     reference = [sess.run(None, {**feed, **off}) for feed in feeds]
     parts = _output_parts(model)
-    signal = _powers(parts, reference, reference)
+    # each part of the reference outputs, in float64, once: every flag's run is compared
+    reference = [[np.asarray(ref[i], np.float64)[part] for i, part in parts] for ref in reference]
+    signal = _powers(parts, reference)
     result = {}
     for key, flag in flags.items():
         if key in skip:
@@ -204,7 +206,7 @@ def sensitivities(
             result[key] = UNMEASURED_NSR
             continue
         outs = [sess.run(None, {**feed, **off, flag: np.array(True)}) for feed in feeds]
-        noise = _powers(parts, reference, outs, difference=True)
+        noise = _powers(parts, reference, outs)
         ratios = [n / s for n, s in zip(noise, signal, strict=True) if s > 0]
         result[key] = float(np.mean(ratios)) if ratios else 0.0
     return result
@@ -219,19 +221,18 @@ def _output_parts(model: ir.Model) -> list[tuple[int, tuple[slice, ...]]]:
     parts: list[tuple[int, tuple[slice, ...]]] = []
     for i, out in enumerate(model.graph.outputs):
         for _, axis, start, stop in groups.get(out.name, []):
-            parts.append((i, (slice(None),) * axis + (slice(start, stop),)))
+            parts.append((i, branch_slice(axis, start, stop)))
         if out.name not in groups:
             parts.append((i, ()))
     return parts
 
 
-def _powers(parts, reference, outputs, difference: bool = False) -> list[float]:
-    """Σ over feeds of each part's power (of reference − output when `difference`)."""
+def _powers(parts, reference, outputs=None) -> list[float]:
+    """Σ over feeds of each part's power: of the reference parts, or of reference − output."""
     total = [0.0] * len(parts)
-    for ref, out in zip(reference, outputs, strict=True):
+    for f, ref in enumerate(reference):
         for k, (i, part) in enumerate(parts):
-            a = np.asarray(ref[i], np.float64)[part]
-            x = a - np.asarray(out[i], np.float64)[part] if difference else a
+            x = ref[k] if outputs is None else ref[k] - np.asarray(outputs[f][i])[part]
             total[k] += float(np.sum(np.square(x)))
     return total
 
