@@ -26,8 +26,11 @@ from qcompile.driver.job import CalibrationInput, CompileJob, Workspace
 from qcompile.errors import QCompileError
 from qcompile.ir.io import ModelSource, save_model
 from qcompile.options import CompileOptions, NodeMatcher, NodeOverride
-from qcompile.strategies.auto_method import compile_single
-from qcompile.strategies.equalization import chooses_equalization, compile_choosing_equalization
+from qcompile.strategies.equalization import (
+    chooses_equalization,
+    compile_choosing_equalization,
+    compile_equalizing_hardswish,
+)
 from qcompile.strategies.mixed.precision import compile_mixed
 from qcompile.strategies.pass_effects import pass_effects
 from qcompile.strategies.speed_guard import speed_guard
@@ -96,7 +99,7 @@ def compile(  # noqa: A001 - the public name users expect
         elif chooses_equalization(job):
             result = compile_choosing_equalization(unwritten, workspace)
         else:
-            result = compile_single(unwritten, workspace)
+            result = compile_equalizing_hardswish(unwritten, workspace)
         result = speed_guard(job, workspace, result)
         if options.pass_effects:
             result.report.pass_effects = pass_effects(job, workspace, result)

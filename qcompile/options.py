@@ -131,6 +131,9 @@ class CompileOptions:
     smooth_alpha: float | None = None
     smooth_explicit: bool = False
     smooth_shift: bool = False
+    # cross-layer equalization across HardSwish (a 1×1 depthwise gate Conv per pair, which
+    # costs time): "auto" compiles again with it when the worst output SQNR is poor
+    equalize_hardswish: str = "auto"
     # subtract (Q(W) − W)·E[x] from Conv/Gemm/MatMul biases (one more calibration run)
     bias_correction: bool = False
     # pass names (as `qcompile passes` lists them) to leave out of the pipeline

@@ -117,6 +117,10 @@ FLAGS: tuple[Flag, ...] = (
          "producer, inserting a Mul", "on"),
     Flag("--smooth-shift", "smooth_shift", "also centre LayerNorm-fed channels (OS+/RepQ-ViT "
          "shift, folded into β and biases)", "on"),
+    Flag("--equalize-hardswish", "equalize_hardswish", "cross-layer equalization across "
+         "HardSwish via a 1x1 depthwise gate Conv per pair (costs time; auto: compile again "
+         "with it when the worst output SQNR is below 25 dB, keep it if it gains 1 dB)",
+         choices=("auto", "on", "off")),
     Flag("--bias-correction", "bias_correction", "correct each biased layer's output mean for "
          "weight rounding (one more calibration run; helps most with per-tensor, 4-bit or "
          "power-of-two weights)", "on"),

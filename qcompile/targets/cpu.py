@@ -47,10 +47,12 @@ PROFILE = TargetProfile(
 )
 
 
-def rewrite() -> list[ir.passes.PassBase]:
+def rewrite(options: CompileOptions) -> list[ir.passes.PassBase]:
     """FP32 clean-up, fusions that put quantizers where integer kernels exist, then
-    cross-layer equalization of Conv → Relu → Conv chains (after BatchNorm folding)."""
-    return [*canonicalize(), FuseForQuantization(), CrossLayerEqualization()]
+    cross-layer equalization of Conv → Relu → Conv chains (after BatchNorm folding), and of
+    Conv → HardSwish → Conv ones where --equalize-hardswish asks (strategies/equalization)."""
+    hardswish = options.equalize_hardswish == "on"
+    return [*canonicalize(), FuseForQuantization(), CrossLayerEqualization(hardswish=hardswish)]
 
 
 def smooth(profile: TargetProfile, options: CompileOptions) -> SmoothPhase:
@@ -129,7 +131,7 @@ def pipeline(options: CompileOptions, profile: TargetProfile = PROFILE) -> Pipel
         profile = integer_only_variant(profile)
     return Pipeline(
         profile=profile,
-        rewrite=rewrite(),
+        rewrite=rewrite(options),
         smooth=smooth(profile, options),
         calibrate=Calibration(options.calib_method, options.percentile),
         correct_bias=correct_bias(profile),
