@@ -150,4 +150,3 @@ def test_hardswish_equalization_rescues_tiny_channels_before_a_depthwise_conv():
     assert any("HardSwish pairs kept" in note for note in auto.report.notes)
     assert sum(n.name.endswith(GATE_SUFFIX) for n in auto.model.graph) == 2
     assert not any(n.name.endswith(GATE_SUFFIX) for n in off.model.graph)
-
