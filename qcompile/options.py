@@ -134,6 +134,8 @@ class CompileOptions:
     # cross-layer equalization across HardSwish (a 1×1 depthwise gate Conv per pair, which
     # costs time): "auto" compiles again with it when the worst output SQNR is poor
     equalize_hardswish: str = "auto"
+    # estimate how much the result depends on the calibration set (leave one feed out)
+    calib_confidence: bool = True
     # subtract (Q(W) − W)·E[x] from Conv/Gemm/MatMul biases (one more calibration run)
     bias_correction: bool = False
     # pass names (as `qcompile passes` lists them) to leave out of the pipeline

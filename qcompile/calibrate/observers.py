@@ -48,6 +48,9 @@ class Observer:
         self.count = 0
         # Set when the tensor held NaN, ±Inf or masking sentinels: it cannot be quantized.
         self.unbounded = False
+        # (min, max) of each batch observed: what leaving one feed out would change
+        # (qcompile.driver.confidence)
+        self.feed_ranges: list[tuple[float, float]] = []
 
     def observe(self, x: np.ndarray) -> None:
         x = np.asarray(x)
@@ -60,6 +63,7 @@ class Observer:
         self.min = min(self.min, lo)
         self.max = max(self.max, hi)
         self.count += x.size
+        self.feed_ranges.append((lo, hi))
 
     def _check_seen(self) -> None:
         if self.unbounded:

@@ -134,6 +134,9 @@ FLAGS: tuple[Flag, ...] = (
          "SQNR", choices=CALIB_METHODS, scope="compile"),
     Flag("--percentile", "percentile", "percentile of |x| for --calib-method percentile",
          type=float, scope="compile"),
+    Flag("--no-calib-confidence", "calib_confidence", "skip the report's calibration "
+         "confidence (the most influential calibration feed left out: one more quantize "
+         "and three sessions)", "off", scope="compile"),
     Flag("--calib-batch-size", "calib_batch_size", "samples per feed for dynamic batch",
          type=int, scope="compile"),
     Flag("--max-calib-batches", "max_calib_batches", "calibrate on at most this many feeds",

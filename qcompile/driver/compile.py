@@ -24,6 +24,7 @@ from qcompile.backends import ort as ort_backend
 from qcompile.calibrate.runner import CalibrationStats, calibrate
 from qcompile.data.feeds import CalibrationSource, Feed, InputSpec, input_specs
 from qcompile.driver import checks
+from qcompile.driver.confidence import calibration_confidence
 from qcompile.driver.int4_level import choose_int4_level
 from qcompile.driver.job import CompileJob, Workspace
 from qcompile.driver.measure import fpga_costs, measure
@@ -98,10 +99,12 @@ class Prepared:
             self.plan, self.stats, self.pipe.profile, method, self.options.percentile
         )
 
-    def quantized(self, qparams: dict[str, QParams]) -> ir.Model:
-        """A QDQ model of this graph with these parameters, before integer-only lowering."""
+    def quantized(self, qparams: dict[str, QParams], model: ir.Model | None = None) -> ir.Model:
+        """A QDQ model of this graph (or of `model`, an FP32 copy of it) with these
+        parameters, before integer-only lowering."""
+        source = self.model if model is None else model
         candidate, _ = run_phase(
-            self.model.clone(), "quantize", self.pipe.quantize(self.plan, qparams), skip=self.skip
+            source.clone(), "quantize", self.pipe.quantize(self.plan, qparams), skip=self.skip
         )
         candidate, _ = run_phase(
             candidate, "lower", self.pipe.lower[: _cut(self.pipe)], skip=self.skip
@@ -358,6 +361,14 @@ def finish(
         profile.execution_providers,
         options,
     )
+    if options.calib_confidence:
+        report.calibration_confidence = calibration_confidence(
+            stats,
+            qparams,
+            fp32_model,
+            lambda q: prep.quantized(q, fp32_model),  # prep.model is quantized by now
+            options.threads,
+        )
     if job.output is not None:
         save_model(graph_model, job.output)
         report.output_model = str(job.output)

@@ -117,6 +117,9 @@ class CompileReport:
     # INT4 weight-only MatMuls: MatMulNBits' accuracy_level, how it was chosen, and
     # the measured latency and output SQNR of each level
     int4: dict[str, Any] | None = None
+    # leave-one-feed-out estimate of how much the result depends on the calibration set
+    # (qcompile.driver.confidence)
+    calibration_confidence: dict[str, Any] = field(default_factory=dict)
     # the speed guard: applied or why not, variants measured, nodes left float and why
     speed_guard: dict[str, Any] | None = None
 
@@ -190,6 +193,8 @@ class CompileReport:
             f"{self.holdout_batches}"
             + (" (reused calibration data)" if self.holdout_is_calibration else ""),
         )
+        if self.calibration_confidence.get("verdict"):
+            summary.add_row("calibration confidence", self.calibration_confidence["verdict"])
         for out in self.outputs:
             summary.add_row(
                 f"output {out.name}", f"SQNR {out.sqnr_db:.1f} dB, cosine {out.cosine:.5f}"
