@@ -46,6 +46,7 @@ class CalibrationStats:
     observed: dict[str, tuple[np.dtype, tuple[int, ...]]] = field(default_factory=dict)
     holdout_is_calibration: bool = False
     cached: bool = False  # reused from an earlier variant of the same job (no run)
+    cache_file: str | None = None  # read from this --cache-dir file
 
     def qparams(self, tensor: str, spec: QuantSpec) -> QParams:
         if tensor not in self.observers:

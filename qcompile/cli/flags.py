@@ -186,9 +186,10 @@ FLAGS: tuple[Flag, ...] = (
          "power (trace)", choices=("measured", "trace"), scope="compile"),
     Flag("--pareto", "pareto_png", "mixed precision: write the cost/noise Pareto plot",
          metavar="PNG", scope="compile"),
-    Flag("--cache-dir", "cache_dir", "mixed precision: keep measured sensitivities and costs "
-         "here; a rerun on the same model, quantization and data reuses them", metavar="DIR",
-         scope="compile"),
+    Flag("--cache-dir", "cache_dir", "keep calibration statistics, mixed precision's "
+         "measured sensitivities and costs, and the speed guard's decisions here, keyed by "
+         "content (graph, data, settings, versions); a rerun reuses them (a shared "
+         "directory works)", metavar="DIR", scope="compile"),
 )  # fmt: skip
 
 # Fields set otherwise: `progress` by --quiet and whether stderr is a terminal.

@@ -141,7 +141,9 @@ def observe(prep, model, tensors, observer_for, key_for, progress=False) -> Cali
             token_mask=token_mask,
         )
 
-    return prep.workspace.observe(model, tensors, key_for, run, settings)
+    return prep.workspace.observe(
+        model, tensors, key_for, run, settings, prep.data, options.cache_dir
+    )
 
 
 def prepare(job: CompileJob, workspace: Workspace) -> Prepared | CompileResult:
@@ -361,6 +363,8 @@ def finish(
         profile.execution_providers,
         options,
     )
+    if stats.cache_file:
+        report.notes.append(f"calibration statistics read from the cache: {stats.cache_file}")
     if options.calib_confidence:
         report.calibration_confidence = calibration_confidence(
             stats,

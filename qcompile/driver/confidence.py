@@ -93,7 +93,8 @@ def worst_sqnr_per_feed(fp32: object, quantized: object, feeds: Sequence[Feed]) 
                 continue
             s = [0.0] * 5
             accumulate(s, a, b)
-            worst = min(worst, sqnr(s))
+            if not np.isnan(value := sqnr(s)):
+                worst = min(worst, value)
         values.append(float(worst))
     return values
 
@@ -107,7 +108,8 @@ def pooled_worst_sqnr(fp32: object, quantized: object, feeds: Sequence[Feed]) ->
         ):
             if np.issubdtype(np.asarray(a).dtype, np.floating):
                 accumulate(sums.setdefault(i, [0.0] * 5), a, b)
-    return min((sqnr(s) for s in sums.values()), default=float("inf"))
+    values = [sqnr(s) for s in sums.values()]  # NaN: float32 sums overflowed (huge outputs)
+    return min((v for v in values if not np.isnan(v)), default=float("inf"))
 
 
 def calibration_confidence(

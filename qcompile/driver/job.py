@@ -23,7 +23,8 @@ import onnx_ir as ir
 
 from qcompile.calibrate.observers import Observer
 from qcompile.calibrate.runner import CalibrationStats
-from qcompile.data.feeds import CalibrationSource, ImageSpec, InputSpec, open_calibration
+from qcompile.data.feeds import CalibrationSource, Feed, ImageSpec, InputSpec, open_calibration
+from qcompile.driver import calib_cache
 from qcompile.driver.safety import Outputs, run_outputs
 from qcompile.errors import QCompileError
 from qcompile.ir.io import ModelSource, load_model
@@ -81,7 +82,9 @@ class Workspace:
     _stats: dict[tuple[str, str], _Entry] = field(default_factory=dict)
     _runs: dict[str, _Run] = field(default_factory=dict)
     _reference: Outputs | None = None
+    _digests: dict[int, str] = field(default_factory=dict)  # calibration data -> SHA-256
     hits: int = 0
+    disk_hits: int = 0  # statistics read from --cache-dir
     # when the job's searches must stop (time.perf_counter(); --time-budget)
     deadline: float = math.inf
 
@@ -134,12 +137,16 @@ class Workspace:
         key_for: Callable[[str], Hashable],
         run: Callable[[list[str]], CalibrationStats],
         settings: Hashable = (),
+        data: Iterable[Feed] | None = None,
+        cache_dir: str | None = None,
     ) -> CalibrationStats:
         """Statistics of `tensors` on this graph: from the cache when every tensor was
         observed before with the same observer kind (`key_for(tensor)`), otherwise from
         one calibration run over them all (`run`), which then fills the cache. `settings`:
-        what else decides the statistics (hold-out, batch limit, token mask)."""
-        graph = f"{graph_fingerprint(model)}|{settings!r}"
+        what else decides the statistics (hold-out, batch limit, token mask). With a
+        `cache_dir`, the cache is also a content-addressed file there (calib_cache.py)."""
+        fingerprint = graph_fingerprint(model)
+        graph = f"{fingerprint}|{settings!r}"
         cached = [self._stats.get((graph, t)) for t in tensors]
         if tensors and all(
             e is not None and e[0] == key_for(t) for e, t in zip(cached, tensors, strict=True)
@@ -156,8 +163,28 @@ class Workspace:
                 holdout_is_calibration=meta.holdout_is_calibration,
                 cached=True,
             )
+        path = None
+        if cache_dir is not None and data is not None:
+            if id(data) not in self._digests:
+                self._digests[id(data)] = calib_cache.data_digest(data)
+            path = calib_cache.cache_path(cache_dir, fingerprint, self._digests[id(data)], settings)
+            stored = calib_cache.read(path)
+            entries = stored["tensors"] if stored else {}
+            if tensors and all(t in entries and entries[t][0] == key_for(t) for t in tensors):
+                self.disk_hits += 1
+                for t in tensors:
+                    self._stats[(graph, t)] = entries[t]
+                self._runs[graph] = _Run(*stored["run"])
+                stats = self.observe(model, tensors, key_for, run, settings)
+                stats.cache_file = str(path)
+                return stats
         stats = run(list(tensors))
         for t, observer in stats.observers.items():
             self._stats[(graph, t)] = (key_for(t), observer, stats.observed.get(t))
         self._runs[graph] = _Run(stats.batches, list(stats.holdout), stats.holdout_is_calibration)
+        if path is not None:
+            stored = calib_cache.read(path) or {"tensors": {}}
+            stored["tensors"].update({t: self._stats[(graph, t)] for t in stats.observers})
+            stored["run"] = (stats.batches, list(stats.holdout), stats.holdout_is_calibration)
+            calib_cache.write(path, stored)
         return stats
