@@ -119,10 +119,8 @@ def test_equalization_crosses_hardswish_through_a_depthwise_gate():
     assert [n.name for n in model.graph if n.name.endswith(GATE_SUFFIX)] == [n.name for n in gates]
 
 
-def test_hardswish_equalization_rescues_tiny_channels_before_a_depthwise_conv():
-    """The PP-PicoDet failure in small: stem channels 1/100 of the widest, HardSwish, a
-    depthwise conv that amplifies them. Per-tensor activation quantization turns the tiny
-    channels into noise unless the pair is equalized across the HardSwish."""
+def _tiny_channel_chain() -> onnx.ModelProto:
+    """Stem channels 1/100 of the others, HardSwish, a depthwise conv that amplifies them."""
     proto = _chain(3, depthwise=True, skew=0.0, act="HardSwish")
     inits = {i.name: numpy_helper.to_array(i) for i in proto.graph.initializer}
     tiny = np.ones(8, np.float32)
@@ -132,6 +130,14 @@ def test_hardswish_equalization_rescues_tiny_channels_before_a_depthwise_conv():
     inits["w2"] = inits["w2"] / tiny[:, None, None, None]
     del proto.graph.initializer[:]
     proto.graph.initializer.extend(numpy_helper.from_array(v, k) for k, v in inits.items())
+    return proto
+
+
+def test_hardswish_equalization_rescues_tiny_channels_before_a_depthwise_conv():
+    """The PP-PicoDet failure in small: stem channels 1/100 of the widest, HardSwish, a
+    depthwise conv that amplifies them. Per-tensor activation quantization turns the tiny
+    channels into noise unless the pair is equalized across the HardSwish."""
+    proto = _tiny_channel_chain()
     rng = np.random.default_rng(0)
     calibration = [{"x": rng.standard_normal((2, 3, 12, 12)).astype(np.float32)} for _ in range(6)]
     fast = {"progress": False, "bench_runs": 0, "speed_guard": False}
@@ -150,3 +156,19 @@ def test_hardswish_equalization_rescues_tiny_channels_before_a_depthwise_conv():
     assert any("HardSwish pairs kept" in note for note in auto.report.notes)
     assert sum(n.name.endswith(GATE_SUFFIX) for n in auto.model.graph) == 2
     assert not any(n.name.endswith(GATE_SUFFIX) for n in off.model.graph)
+
+
+def test_mixed_precision_keeps_the_hardswish_gates_its_base_chose():
+    proto = _tiny_channel_chain()
+    rng = np.random.default_rng(0)
+    calibration = [{"x": rng.standard_normal((2, 3, 12, 12)).astype(np.float32)} for _ in range(6)]
+    result = qcompile.compile(
+        proto,
+        calibration=calibration,
+        max_accuracy_drop=0.001,
+        progress=False,
+        bench_runs=0,
+        speed_guard=False,
+    )
+    assert result.report.mixed_precision is not None
+    assert sum(n.name.endswith(GATE_SUFFIX) for n in result.model.graph) == 2

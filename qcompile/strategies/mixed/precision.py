@@ -28,6 +28,7 @@ from qcompile.quantize.weight_only import (
 )
 from qcompile.strategies import mixed
 from qcompile.strategies.auto_method import compile_single
+from qcompile.strategies.equalization import compile_equalizing_hardswish
 from qcompile.targets import get_target
 
 logger = logging.getLogger(__name__)
@@ -53,10 +54,16 @@ def compile_mixed(job: CompileJob, workspace: Workspace) -> CompileResult:
         bench_runs=0,
         progress=False,
     )
-    base = compile_single(plain_job, workspace)
+    base = compile_equalizing_hardswish(plain_job, workspace)
     base_seconds = time.perf_counter() - start
-    # every candidate compiles with the method "auto" chose for the all-INT8 base
-    plain = dataclasses.replace(plain_job.options, calib_method=base.report.calib_method)
+    # every candidate compiles with the method "auto" chose for the all-INT8 base, and
+    # with the HardSwish gates when the base kept them
+    gated = base.options is not None and base.options.equalize_hardswish == "on"
+    plain = dataclasses.replace(
+        plain_job.options,
+        calib_method=base.report.calib_method,
+        equalize_hardswish="on" if gated else "off",
+    )
     fp32, plan = base.fp32_model, base.plan
     profile = get_target(job.target).pipeline(plain).profile
     data = open_calibration(
