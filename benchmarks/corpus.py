@@ -174,28 +174,46 @@ def sqnr(reference: list[np.ndarray], got: list[np.ndarray]) -> float | None:
     return outputs_sqnr_db(reference, got)
 
 
-def run_model(entry: CorpusModel, target: str, bench_runs: int = 10) -> Row:
-    import qcompile
-    from qcompile.driver.safety import Outputs, structure_difference
-    from qcompile.errors import find_qcompile_error
+@dataclass
+class Reference:
+    """The FP32 model and what it computes on the corpus feeds."""
 
-    row = Row(entry.name, entry.source, target, "skipped")
+    model: onnx.ModelProto
+    feeds: list[dict[str, np.ndarray]]
+    session: object
+    names: list[str]
+    outputs: list[list[np.ndarray]]
+
+
+def reference(entry: CorpusModel) -> Reference | str:
+    """The entry's FP32 run, or why ORT cannot run it (the row is then skipped)."""
     try:
         model = entry.load()
         feeds = entry.feeds(model)
         sess = _session(model)
         names = [o.name for o in sess.get_outputs()]
-        reference = [sess.run(None, f) for f in feeds]
+        return Reference(model, feeds, sess, names, [sess.run(None, f) for f in feeds])
     except Exception as exc:  # noqa: BLE001 - the corpus keeps models ORT runs
-        row.reason = f"ONNX Runtime does not run it: {str(exc).splitlines()[0][:120]}"
+        return f"ONNX Runtime does not run it: {str(exc).splitlines()[0][:120]}"
+
+
+def run_model(entry: CorpusModel, target: str, bench_runs: int = 10) -> Row:
+    """Compile in this process and check the result."""
+    import qcompile
+    from qcompile.errors import find_qcompile_error
+
+    row = Row(entry.name, entry.source, target, "skipped")
+    ref = reference(entry)
+    if isinstance(ref, str):
+        row.reason = ref
         return row
     start = time.perf_counter()
     try:
         # default flags, deployed on one thread: the speed guard times what the row times
         result = qcompile.compile(
-            model,
+            ref.model,
             target=target,
-            calibration=feeds,
+            calibration=ref.feeds,
             progress=False,
             bench_runs=0,
             threads=1,
@@ -214,22 +232,31 @@ def run_model(entry: CorpusModel, target: str, bench_runs: int = 10) -> Row:
             logging.debug("%s", traceback.format_exc())
         return row
     row.seconds = time.perf_counter() - start
+    row.guard = _guard(result.report.speed_guard)
+    row.extra["quantized_ops"] = sum(result.report.quantized_ops.values())
+    return check_compiled(row, ref, onnx_ir.to_proto(result.model), bench_runs)
+
+
+def check_compiled(row: Row, ref: Reference, q_proto: onnx.ModelProto, bench_runs: int) -> Row:
+    """Run the compiled model on the corpus feeds: same output structure as FP32 (else a
+    bug), its SQNR, and its speed against FP32."""
+    from qcompile.driver.safety import Outputs, structure_difference
+
     try:
-        q_proto = onnx_ir.to_proto(result.model)
         q_sess = _session(q_proto)
         got_names = [o.name for o in q_sess.get_outputs()]
-        got = [q_sess.run(None, f) for f in feeds]
+        got = [q_sess.run(None, f) for f in ref.feeds]
     except Exception as exc:  # noqa: BLE001 - a model we produced that ORT rejects
         row.outcome, row.reason = "bug", f"ORT rejects the compiled model: {str(exc)[:200]}"
         return row
-    for ref, out in zip(reference, got, strict=True):
-        problem = structure_difference(Outputs(names, ref), Outputs(got_names, out))
+    for expected, out in zip(ref.outputs, got, strict=True):
+        problem = structure_difference(Outputs(ref.names, expected), Outputs(got_names, out))
         if problem:
             row.outcome, row.reason = "bug", problem
             return row
     row.outcome = "ok"
     row.sqnr_db = min(
-        (s for s in (sqnr(r, g) for r, g in zip(reference, got, strict=True)) if s is not None),
+        (s for s in (sqnr(r, g) for r, g in zip(ref.outputs, got, strict=True)) if s is not None),
         default=None,
     )
     if bench_runs:
@@ -237,19 +264,17 @@ def run_model(entry: CorpusModel, target: str, bench_runs: int = 10) -> Row:
 
         # sub-millisecond models need many runs for a median inside a few percent
         t0 = time.perf_counter()
-        sess.run(None, feeds[0])
+        ref.session.run(None, ref.feeds[0])
         once = max(time.perf_counter() - t0, 1e-5)
         runs = int(min(1000, max(bench_runs, 0.2 / once)))
         # the median of ROUNDS ratios, each from a fresh pair of sessions: one pair's
         # ratio moved by up to 6% on identical models (an FP32 fallback measured 0.94×)
         ratios = []
         for i in range(ROUNDS):
-            fp, q = (sess, q_sess) if i == 0 else (_session(model), _session(q_proto))
-            lat = bench({"fp32": fp, "q": q}, feeds[0], runs=runs, warmup=5)
+            pair = (ref.session, q_sess) if i == 0 else (_session(ref.model), _session(q_proto))
+            lat = bench({"fp32": pair[0], "q": pair[1]}, ref.feeds[0], runs=runs, warmup=5)
             ratios.append(lat["fp32"] / lat["q"] if lat["q"] > 0 else math.nan)
         row.speedup = float(np.median(ratios))
-    row.guard = _guard(result.report.speed_guard)
-    row.extra["quantized_ops"] = sum(result.report.quantized_ops.values())
     return row
 
 
@@ -341,26 +366,47 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--only", default=None, help="substring of model names to keep")
     parser.add_argument("--bench-runs", type=int, default=30)
     parser.add_argument("--out", default=str(HERE / "CORPUS.md"))
+    parser.add_argument(
+        "--batch",
+        metavar="DIR",
+        default=None,
+        help="compile through `qcompile batch` (each task in its own process; inputs and "
+        "outputs under DIR, a rerun skips what is done) instead of in this process",
+    )
+    parser.add_argument("--ray", nargs="?", const="", default=None, metavar="ADDRESS")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.ERROR)
     for noisy in ("qcompile", "onnxscript", "onnx_ir"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
     start = time.perf_counter()
     rows = []
-    for entry in all_models():
-        if args.only and args.only not in entry.name:
-            continue
-        for target in args.targets.split(","):
+    entries = [e for e in all_models() if not args.only or args.only in e.name]
+    targets = args.targets.split(",")
+    if args.batch:
+        from benchmarks.corpus_batch import run_through_batch
+
+        use_ray = args.ray is not None
+        rows = run_through_batch(
+            entries, targets, args.bench_runs, Path(args.batch), use_ray, args.ray or None
+        )
+        for row in rows:
+            _print(row)
+    for entry in [] if args.batch else entries:
+        for target in targets:
             row = run_model(entry, target, args.bench_runs)
             rows.append(row)
-            print(
-                f"{row.model:45s} {target:5s} {row.outcome:8s} {_fmt(row.sqnr_db, '.1f'):>6s} "
-                f"{_fmt(row.speedup, '.2f'):>5s} {row.guard:8s} {row.reason[:80]}",
-                flush=True,
-            )
+            _print(row)
     command = "python -m benchmarks.corpus " + " ".join(argv or [])
     write_markdown(rows, Path(args.out), command.strip(), time.perf_counter() - start)
     return 0
+
+
+def _print(row: Row) -> None:
+    print(
+        f"{row.model:45s} {row.target:5s} {row.outcome:8s} {_fmt(row.sqnr_db, '.1f'):>6s} "
+        f"{_fmt(row.speedup, '.2f'):>5s} {row.guard:8s} {row.reason[:80]}",
+        flush=True,
+    )
 
 
 if __name__ == "__main__":

@@ -172,3 +172,28 @@ def test_report_compares_outputs_shape_aware():
     same_shape("y", np.zeros((24, 1, 12), np.float32), np.zeros((24, 1, 12), np.float32))
     with pytest.raises(RuntimeError, match=r"output y is float32\[1, 288\]"):
         same_shape("y", np.zeros((24, 1, 12), np.float32), np.zeros((1, 288), np.float32))
+
+
+def test_the_corpus_through_qcompile_batch_matches_the_in_process_rows(tmp_path):
+    """`python -m benchmarks.corpus --batch DIR`: the same outcomes and SQNR as compiling
+    in this process, a rerun reads every task from DIR."""
+    import dataclasses
+
+    from benchmarks.corpus_batch import run_through_batch
+
+    wanted = {"test_Conv2d", "test_Linear_no_bias", "test_MaxPool2d"}
+    # the speed guard's timing-dependent choices stay out of an equality test
+    entries = [
+        dataclasses.replace(e, options={"speed_guard": False})
+        for e in corpus.backend_models()
+        if e.name in wanted
+    ]
+    batch = run_through_batch(entries, ["cpu"], 0, tmp_path)
+    local = [corpus.run_model(e, "cpu", bench_runs=0) for e in entries]
+    assert [(r.model, r.outcome, r.sqnr_db, r.guard) for r in batch] == [
+        (r.model, r.outcome, r.sqnr_db, r.guard) for r in local
+    ]
+    summary = (tmp_path / "out" / "summary.json").read_text()
+    assert '"cached": false' in summary
+    run_through_batch(entries, ["cpu"], 0, tmp_path)
+    assert '"cached": false' not in (tmp_path / "out" / "summary.json").read_text()
