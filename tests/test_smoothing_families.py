@@ -179,3 +179,38 @@ def test_real_transformer_exports_stay_fp32_exact_after_smoothing(family, export
             scale = max(float(np.abs(a).max()), 1.0)
             np.testing.assert_allclose(b, a, rtol=1e-3, atol=1e-3 * scale)
     assert isinstance(result.model, ir.Model)
+
+
+def test_gated_fold_into_a_transposed_gemm_with_a_scalar_bias_keeps_outputs():
+    """The up projection as a Gemm (transB = 1, a scalar C): 1/s scales its weight rows
+    and turns the bias into a per-channel vector."""
+    rng = np.random.default_rng(4)
+    nodes = [
+        helper.make_node("Gemm", ["x", "w_gate"], ["gate"], name="gate_proj"),
+        helper.make_node("Gemm", ["x", "w_up", "c_up"], ["up"], transB=1, name="up_proj"),
+        helper.make_node("Sigmoid", ["gate"], ["sig"], name="sigmoid"),
+        helper.make_node("Mul", ["gate", "sig"], ["silu"], name="silu"),
+        helper.make_node("Mul", ["up", "silu"], ["gated"], name="gated"),
+        helper.make_node("MatMul", ["gated", "w_down"], ["y"], name="down_proj"),
+    ]
+    inits = [
+        numpy_helper.from_array(_w(rng, DIM, HIDDEN), "w_gate"),
+        numpy_helper.from_array(_w(rng, HIDDEN, DIM), "w_up"),  # [out, in]: transB
+        numpy_helper.from_array(np.array(0.3, np.float32), "c_up"),
+        numpy_helper.from_array(_w(rng, HIDDEN, DIM), "w_down"),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "gemm_glu",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [16, DIM])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [16, DIM])],
+        inits,
+    )
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    feeds = [
+        {"x": np.random.default_rng(i).standard_normal((16, DIM)).astype(np.float32)}
+        for i in range(4)
+    ]
+    before, after, groups, p, records = _smooth(proto, feeds, alpha=0.5, shift=False)
+    assert [g.producer for g in groups] == ["gated"] and records[0].modified
+    _assert_same_outputs(before, after, feeds)

@@ -90,6 +90,9 @@ def gated_up_projection(node: ir.Node) -> tuple[ir.Node, tuple[ir.Node, int] | N
         w = const_array(producer.inputs[1]) if len(producer.inputs) > 1 else None
         if w is None or w.ndim != 2 or len(list(producer.inputs[1].uses())) != 1:
             continue
+        trans_b = producer.op_type == "Gemm" and producer.attributes.get_int("transB", 0)
+        if (w.shape[0] if trans_b else w.shape[1]) != _last_dim(node.outputs[0]):
+            continue  # the product's channels must be the projection's own outputs
         if producer.op_type == "Gemm":
             if producer.attributes.get_int("transA", 0):
                 continue
@@ -141,7 +144,9 @@ def fold_inverse_scale(
     if bias is not None:
         owner, idx = bias
         b = const_array(owner.inputs[idx]).astype(np.float32)
-        scaled_b = b * inv.reshape((1,) * (b.ndim - 1) + (-1,)) if b.ndim else b
+        if b.size == 1:  # a scalar bias broadcast to every channel becomes a vector
+            b = np.full(inv.shape, float(b.ravel()[0]), np.float32)
+        scaled_b = b * inv.reshape((1,) * (b.ndim - 1) + (-1,))
         owner.replace_input_with(
             idx, add_initializer(graph, f"{owner.inputs[idx].name}_smoothed", scaled_b)
         )
