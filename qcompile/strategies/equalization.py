@@ -46,7 +46,10 @@ def compile_equalizing_hardswish(job: CompileJob, workspace: Workspace) -> Compi
     """`--equalize-hardswish auto`: compile without the gates; when the worst output is
     poor and HardSwish pairs exist, compile again with them and keep the better model."""
     plain = compile_single(job, workspace)
-    if job.options.equalize_hardswish != "auto" or not plain.report.outputs:
+    options = job.options
+    if options.equalize_hardswish != "auto" or CLE in options.disabled_passes:
+        return plain
+    if not plain.report.outputs:  # e.g. an already quantized model kept as it is
         return plain
     before = worst_sqnr(plain)
     pairs = hardswish_pairs(plain)
