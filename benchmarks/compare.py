@@ -590,10 +590,13 @@ def _mixed_section(all_rows: dict[str, list[Row]]) -> list[str]:
             lines += [head, "|" + "---|" * (head.count("|") - 1)]
             for layer in mp["layers"]:
                 c = layer["candidates"]
+                q8 = c.get("int8")  # absent when INT8 cost no less than FP32 (not measured)
                 row = (
                     f"| {layer['node']} | {layer['op_type']} | {layer['choice']} | "
-                    f"{c['int8']['nsr_db']:.1f} | {c['fp32']['cost'] * scale:.3f} | "
-                    f"{c['int8']['cost'] * scale:.3f} |"
+                    + (f"{q8['nsr_db']:.1f}" if q8 else "–")
+                    + f" | {c['fp32']['cost'] * scale:.3f} | "
+                    + (f"{q8['cost'] * scale:.3f}" if q8 else "–")
+                    + " |"
                 )
                 if int4:
                     w4 = c.get("int4w")
