@@ -44,7 +44,9 @@ def cnn_calib(tmp_path: Path) -> Path:
     return path
 
 
-FAST = {"progress": False, "bench_runs": 0, "speed_guard": False}
+# calibration confidence costs a quantize and three sessions per compile: its own tests
+# turn it back on
+FAST = {"progress": False, "bench_runs": 0, "speed_guard": False, "calib_confidence": False}
 QUIET = ("--quiet", "--bench-runs", "0", "--no-speed-guard")  # the CLI's equivalent of FAST
 
 

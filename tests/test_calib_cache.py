@@ -6,6 +6,8 @@ import qcompile
 from qcompile.driver import calib_cache
 from tests.conftest import FAST
 
+FAST = {**FAST, "calib_confidence": True}
+
 
 def _feeds(seed: int = 0):
     return [{"input": builders.images(1, seed=seed + i)} for i in range(6)]

@@ -9,6 +9,8 @@ from qcompile.calibrate.runner import CalibrationStats
 from qcompile.driver.confidence import range_shrinks
 from tests.conftest import FAST
 
+FAST = {**FAST, "calib_confidence": True}
+
 
 def _feeds(outlier: float | None) -> list[dict[str, np.ndarray]]:
     images = builders.images(11, seed=3)
@@ -44,7 +46,9 @@ def test_one_outlying_feed_is_found_and_flagged():
 
 
 def test_confidence_can_be_turned_off_and_needs_two_feeds():
-    off = qcompile.compile(builders.cnn(), calibration=_feeds(None), calib_confidence=False, **FAST)
+    off = qcompile.compile(
+        builders.cnn(), calibration=_feeds(None), **{**FAST, "calib_confidence": False}
+    )
     assert off.report.calibration_confidence == {}
     one = qcompile.compile(builders.cnn(), calibration=_feeds(None)[:1], **FAST)
     assert one.report.calibration_confidence["verdict"].startswith("no estimate")
