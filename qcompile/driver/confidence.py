@@ -39,23 +39,36 @@ CONFIDENCE_FEEDS = 4  # held-out feeds the two SQNRs are measured on
 WORST_LISTED = 5
 
 
+def _feed_ranges(obs, batches: int) -> np.ndarray | None:
+    """The observer's (min, max) per calibration feed, when it saw each feed once."""
+    ranges = np.asarray(getattr(obs, "feed_ranges", ()), np.float64)
+    if ranges.ndim != 2 or len(ranges) < 2 or len(ranges) != batches:
+        return None
+    return ranges
+
+
+def _span(ranges: np.ndarray) -> tuple[float, float]:
+    """The [lo, hi] these feeds reach, widened to include 0 (as every range is)."""
+    return min(0.0, ranges[:, 0].min()), max(0.0, ranges[:, 1].max())
+
+
+def _width(span: tuple[float, float]) -> float:
+    return span[1] - span[0]
+
+
 def range_shrinks(stats: CalibrationStats) -> dict[str, np.ndarray]:
     """Per calibrated tensor with two or more feeds: the relative shrink of its range
     [min, max] when each feed is left out (0: another feed reaches as far)."""
     shrinks: dict[str, np.ndarray] = {}
     for name, obs in stats.observers.items():
-        ranges = np.asarray(obs.feed_ranges, np.float64)
-        if ranges.ndim != 2 or len(ranges) < 2 or len(ranges) != stats.batches:
+        ranges = _feed_ranges(obs, stats.batches)
+        if ranges is None:
             continue
-        lo, hi = ranges[:, 0], ranges[:, 1]
-        width = max(0.0, hi.max()) - min(0.0, lo.min())
+        width = _width(_span(ranges))
         if width == 0.0:
             continue
-        loo = np.empty(len(ranges))
-        for k in range(len(ranges)):
-            rest = np.delete(ranges, k, axis=0)
-            loo[k] = max(0.0, rest[:, 1].max()) - min(0.0, rest[:, 0].min())
-        shrinks[name] = 1.0 - loo / width
+        loo = [_width(_span(np.delete(ranges, k, axis=0))) for k in range(len(ranges))]
+        shrinks[name] = 1.0 - np.asarray(loo) / width
     return shrinks
 
 
@@ -66,13 +79,11 @@ def without_feed(
     per-tensor clipping range narrowed by that tensor's own leave-one-out factors."""
     out = dict(qparams)
     for name, q in qparams.items():
-        obs = stats.observers.get(name)
-        ranges = np.asarray(getattr(obs, "feed_ranges", ()), np.float64)
-        if q.per_channel or ranges.ndim != 2 or len(ranges) != stats.batches or len(ranges) < 2:
+        ranges = _feed_ranges(stats.observers.get(name), stats.batches)
+        if q.per_channel or ranges is None:
             continue
-        rest = np.delete(ranges, feed, axis=0)
-        full_lo, full_hi = min(0.0, ranges[:, 0].min()), max(0.0, ranges[:, 1].max())
-        rest_lo, rest_hi = min(0.0, rest[:, 0].min()), max(0.0, rest[:, 1].max())
+        full_lo, full_hi = _span(ranges)
+        rest_lo, rest_hi = _span(np.delete(ranges, feed, axis=0))
         scale, zero = float(q.scale), float(q.zero_point)
         lo, hi = scale * (q.spec.qmin - zero), scale * (q.spec.qmax - zero)
         lo *= rest_lo / full_lo if full_lo < 0 else 1.0
@@ -81,35 +92,28 @@ def without_feed(
     return out
 
 
-def worst_sqnr_per_feed(fp32: object, quantized: object, feeds: Sequence[Feed]) -> list[float]:
-    """The worst output's SQNR on each feed."""
-    values = []
-    for feed in feeds:
-        ref = fp32.run(None, dict(feed))
-        got = quantized.run(None, dict(feed))
-        worst = np.inf
-        for a, b in zip(ref, got, strict=True):
-            if not np.issubdtype(np.asarray(a).dtype, np.floating):
-                continue
-            s = [0.0] * 5
-            accumulate(s, a, b)
-            if not np.isnan(value := sqnr(s)):
-                worst = min(worst, value)
-        values.append(float(worst))
-    return values
-
-
-def pooled_worst_sqnr(fp32: object, quantized: object, feeds: Sequence[Feed]) -> float:
-    """The worst output's SQNR over all feeds pooled (as the report's outputs)."""
-    sums: dict[int, list[float]] = {}
-    for feed in feeds:
-        for i, (a, b) in enumerate(
-            zip(fp32.run(None, dict(feed)), quantized.run(None, dict(feed)), strict=True)
-        ):
-            if np.issubdtype(np.asarray(a).dtype, np.floating):
-                accumulate(sums.setdefault(i, [0.0] * 5), a, b)
+def _worst(sums: Mapping[int, list[float]]) -> float:
     values = [sqnr(s) for s in sums.values()]  # NaN: float32 sums overflowed (huge outputs)
     return min((v for v in values if not np.isnan(v)), default=float("inf"))
+
+
+def measure_sqnr(
+    fp32: object, compiled: object, left_out: object, feeds: Sequence[Feed]
+) -> tuple[list[float], float, float]:
+    """Each session run once per feed: the compiled model's worst output SQNR per feed
+    and pooled over the feeds (as the report's outputs), and the left-out model's pooled."""
+    per_feed: list[float] = []
+    pooled: dict[int, list[float]] = {}
+    pooled_left: dict[int, list[float]] = {}
+    for feed in feeds:
+        ref, got, alt = (s.run(None, dict(feed)) for s in (fp32, compiled, left_out))
+        this: dict[int, list[float]] = {}
+        for i, (a, b, c) in enumerate(zip(ref, got, alt, strict=True)):
+            if np.issubdtype(np.asarray(a).dtype, np.floating):
+                for sums, q in ((this, b), (pooled, b), (pooled_left, c)):
+                    accumulate(sums.setdefault(i, [0.0] * 5), a, q)
+        per_feed.append(float(_worst(this)))
+    return per_feed, _worst(pooled), _worst(pooled_left)
 
 
 def calibration_confidence(
@@ -156,9 +160,7 @@ def calibration_confidence(
     fp32 = make(fp32_model, threads=threads)
     compiled = make(quantize(dict(qparams)), threads=threads)
     left_out = make(quantize(without_feed(qparams, stats, feed)), threads=threads)
-    per_feed = worst_sqnr_per_feed(fp32, compiled, feeds)
-    base = pooled_worst_sqnr(fp32, compiled, feeds)
-    moved = pooled_worst_sqnr(fp32, left_out, feeds)
+    per_feed, base, moved = measure_sqnr(fp32, compiled, left_out, feeds)
     delta = moved - base
     record.update(
         worst_output_sqnr_db=base,

@@ -147,22 +147,10 @@ class Workspace:
         `cache_dir`, the cache is also a content-addressed file there (calib_cache.py)."""
         fingerprint = graph_fingerprint(model)
         graph = f"{fingerprint}|{settings!r}"
-        cached = [self._stats.get((graph, t)) for t in tensors]
-        if tensors and all(
-            e is not None and e[0] == key_for(t) for e, t in zip(cached, tensors, strict=True)
-        ):
+        stats = self._cached(graph, tensors, key_for)
+        if stats is not None:
             self.hits += 1
-            meta = self._runs[graph]
-            return CalibrationStats(
-                observers={t: e[1] for t, e in zip(tensors, cached, strict=True)},
-                observed={
-                    t: e[2] for t, e in zip(tensors, cached, strict=True) if e[2] is not None
-                },
-                batches=meta.batches,
-                holdout=list(meta.holdout),
-                holdout_is_calibration=meta.holdout_is_calibration,
-                cached=True,
-            )
+            return stats
         path = None
         if cache_dir is not None and data is not None:
             if id(data) not in self._digests:
@@ -175,7 +163,7 @@ class Workspace:
                 for t in tensors:
                     self._stats[(graph, t)] = entries[t]
                 self._runs[graph] = _Run(*stored["run"])
-                stats = self.observe(model, tensors, key_for, run, settings)
+                stats = self._cached(graph, tensors, key_for)
                 stats.cache_file = str(path)
                 return stats
         stats = run(list(tensors))
@@ -188,3 +176,23 @@ class Workspace:
             stored["run"] = (stats.batches, list(stats.holdout), stats.holdout_is_calibration)
             calib_cache.write(path, stored)
         return stats
+
+    def _cached(
+        self, graph: str, tensors: Sequence[str], key_for: Callable[[str], Hashable]
+    ) -> CalibrationStats | None:
+        """The statistics of `tensors` from memory, when each was observed on `graph` with
+        the observer kind `key_for` gives it."""
+        cached = [self._stats.get((graph, t)) for t in tensors]
+        if not tensors or any(
+            e is None or e[0] != key_for(t) for e, t in zip(cached, tensors, strict=True)
+        ):
+            return None
+        meta = self._runs[graph]
+        return CalibrationStats(
+            observers={t: e[1] for t, e in zip(tensors, cached, strict=True)},
+            observed={t: e[2] for t, e in zip(tensors, cached, strict=True) if e[2] is not None},
+            batches=meta.batches,
+            holdout=list(meta.holdout),
+            holdout_is_calibration=meta.holdout_is_calibration,
+            cached=True,
+        )

@@ -35,6 +35,14 @@ def const_array(value: ir.Value | None) -> np.ndarray | None:
     return value.const_value.numpy()
 
 
+def scalar_const(value: ir.Value | None) -> float | None:
+    """The value's constant contents when it holds exactly one number, else None."""
+    array = const_array(value)
+    if array is None or array.size != 1:
+        return None
+    return float(array.reshape(()))
+
+
 def values_by_name(graph: ir.Graph) -> dict[str, ir.Value]:
     """Every named value of the graph: inputs, initializers and node outputs."""
     values: dict[str, ir.Value] = {v.name: v for v in graph.inputs}

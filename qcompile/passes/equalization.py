@@ -38,7 +38,7 @@ import logging
 import numpy as np
 import onnx_ir as ir
 
-from qcompile.ir.graph import add_initializer, const_array
+from qcompile.ir.graph import add_initializer, const_array, scalar_const
 
 logger = logging.getLogger(__name__)
 
@@ -61,8 +61,8 @@ class HardSwishGate:
 
 
 def _scalar(value: ir.Value | None, expected: float) -> bool:
-    array = const_array(value)
-    return array is not None and array.size == 1 and abs(float(array.ravel()[0]) - expected) < 1e-6
+    got = scalar_const(value)
+    return got is not None and abs(got - expected) < 1e-6
 
 
 def _hardswish_gate(conv1: ir.Node) -> HardSwishGate | None:

@@ -15,16 +15,8 @@ import onnx_ir.passes.common as common_passes
 from onnxscript import rewriter
 from onnxscript.rewriter import pattern
 
+from qcompile.ir.graph import scalar_const
 from qcompile.passes.naming import NamePreservingRewrite
-
-
-def _scalar(value: ir.Value | None) -> float | None:
-    if value is None or value.const_value is None:
-        return None
-    array = value.const_value.numpy()
-    if array.size != 1:
-        return None
-    return float(array.reshape(()))
 
 
 def _fresh_name(value: ir.Value, suffix: str) -> str:
@@ -40,7 +32,7 @@ def _fresh_name(value: ir.Value, suffix: str) -> str:
 
 
 def _close(value: ir.Value | None, expected: float) -> bool:
-    got = _scalar(value)
+    got = scalar_const(value)
     return got is not None and abs(got - expected) <= 1e-6 * max(1.0, abs(expected))
 
 
@@ -146,7 +138,7 @@ def _scaled_linear(op, x, w, b, shape, c):
 
 
 def _scaled_linear_check(context, x, w, b, shape, c, t=None, **_):
-    scale = _scalar(c)
+    scale = scalar_const(c)
     if (
         scale is None
         or w.const_value is None
@@ -158,7 +150,7 @@ def _scaled_linear_check(context, x, w, b, shape, c, t=None, **_):
 
 
 def _scaled_linear_replace(op, x, w, b, shape, c, t=None, **_):
-    scale = np.float32(_scalar(c))
+    scale = np.float32(scalar_const(c))
     transpose = t.producer()
     reshape = transpose.inputs[0].producer()
     new_w = op.initializer(
@@ -245,7 +237,7 @@ class LayerNormFusion(pattern.RewriteRuleClassBase):
         if x.dtype not in _LAYER_NORM_TYPES:
             return result.fail("Input is not a float type.", x)
         self._stash_type = x.dtype
-        eps = _scalar(epsilon)
+        eps = scalar_const(epsilon)
         if eps is None:
             return result.fail("Epsilon is not a constant scalar.", epsilon)
         self._epsilon = eps

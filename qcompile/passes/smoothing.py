@@ -160,6 +160,14 @@ def _linear_readers(out: ir.Value) -> tuple[list[ir.Node], list[ir.Node]]:
     return consumers, readers
 
 
+def _other_readers(x: ir.Value, readers: set[str]) -> bool:
+    """Whether X is read by anything but `readers` (names) that needs its values: then a
+    foldable producer gets a smoothed twin (a gated product is not foldable at all)."""
+    return x.is_graph_output() or any(
+        u.node.name not in readers and u.node.op_type not in SHAPE_ONLY for u in x.uses()
+    )
+
+
 def find_smooth_groups(model: ir.Model, *, explicit: bool = False) -> list[SmoothGroup]:
     groups = []
     for node in model.graph:
@@ -167,11 +175,9 @@ def find_smooth_groups(model: ir.Model, *, explicit: bool = False) -> list[Smoot
             consumers, readers = _linear_readers(out)
             if not consumers:
                 continue
-            others = out.is_graph_output() or any(
-                u.node not in readers and u.node.op_type not in SHAPE_ONLY for u in out.uses()
-            )
-            if producers.foldable(node, out, others) or explicit:
-                folds = producers.foldable(node, out, others)
+            names = {r.name for r in readers}
+            folds = producers.foldable(node, out, _other_readers(out, names))
+            if folds or explicit:
                 groups.append(
                     SmoothGroup(
                         out.name,
@@ -318,10 +324,7 @@ class SmoothQuant(ir.passes.InPlacePass):
             mul.outputs[0].dtype, mul.outputs[0].shape = x.dtype, x.shape
             graph.insert_after(x.producer(), mul)
             return mul.outputs[0]
-        readers = set(group.readers or group.consumers)
-        twin = x in graph.outputs or any(
-            u.node.name not in readers and u.node.op_type not in SHAPE_ONLY for u in x.uses()
-        )
+        twin = _other_readers(x, set(group.readers or group.consumers))
         return producers.fold_inverse_scale(graph, nodes[group.producer], x, inv, delta, twin)
 
     def _scale_weight(self, graph: ir.Graph, node: ir.Node, s: np.ndarray) -> None:

@@ -69,21 +69,19 @@ def gated_up_projection(node: ir.Node) -> tuple[ir.Node, tuple[ir.Node, int] | N
         if producer is None or len(list(value.uses())) != 1 or value.is_graph_output():
             continue
         bias: tuple[ir.Node, int] | None = None
-        if producer.op_type == "Add":
+        if producer.op_type == "Add":  # MatMul + bias: the MatMul whose bias this Add is
             linear = next(
                 (
-                    v.producer()
-                    for v in producer.inputs
-                    if v is not None
-                    and v.producer() is not None
-                    and v.producer().op_type == "MatMul"
+                    p
+                    for p in (v.producer() for v in producer.inputs if v is not None)
+                    if p is not None and p.op_type == "MatMul"
                 ),
                 None,
             )
             w = const_array(linear.inputs[1]) if linear is not None else None
-            if w is None or w.ndim != 2 or matmul_bias(linear, w.shape[1]) is None:
+            bias = matmul_bias(linear, w.shape[1]) if w is not None and w.ndim == 2 else None
+            if bias is None:
                 continue
-            bias = matmul_bias(linear, w.shape[1])
             producer = linear
         if producer.op_type not in ("MatMul", "Gemm"):
             continue
