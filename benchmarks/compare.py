@@ -8,50 +8,33 @@ where it works), and qcompile per target and calibration method. Every row is ev
 the same way on the same held-out data: the task metric, output SQNR and cosine vs FP32,
 median latency over interleaved runs in this one process at fixed threads, size and
 compile time. A quantizer that fails becomes a row saying why, not a crash.
+
+Every row compiles through `qcompile batch` (benchmarks/compare_batch.py): one task per
+row, each in a child process of its own, on this machine or as Ray tasks (`--ray
+[ADDRESS]`); `--work DIR` keeps the compiled rows, so a rerun compiles only the rows
+whose model, data, configuration or library versions changed. Measurement stays here.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
-import datetime
-import importlib.metadata
 import logging
 import os
-import platform
-import statistics
 import tempfile
 import time
-import traceback
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-import onnxruntime as ort
 
 from benchmarks import datasets, zoo
-from qcompile.backends import ort as ort_backend
+from benchmarks.compare_batch import Row, compile_rows, measure, timing_session
+from benchmarks.compare_report import fmt, write_results
+from qcompile.fleet.executor import make_executor
 
 HERE = Path(__file__).parent
 logger = logging.getLogger("benchmarks.compare")
-
-
-@dataclass
-class Row:
-    model: str
-    config: str
-    path: Path | None = None
-    compile_seconds: float | None = None
-    error: str | None = None
-    metrics: dict[str, float] = field(default_factory=dict)
-    sqnr_db: float | None = None
-    cosine: float | None = None
-    latency_ms: float | None = None
-    speedup: float | None = None
-    size_mb: float | None = None
-    # integer-only rows: what the compile report says, and the reference check
-    extra: dict = field(default_factory=dict)
 
 
 class _Reader:
@@ -148,7 +131,7 @@ def _attention(**options) -> Callable:
 
     def attention_only(src: Path, dst: Path, task) -> dict:
         if task.name != "minilm":
-            raise _Skip
+            raise Skip
         return run(src, dst, task)
 
     return attention_only
@@ -160,17 +143,6 @@ def _common_shapes(task) -> dict[str, tuple[int, ...]] | None:
     if all({k: tuple(v.shape) for k, v in f.items()} == shapes for f in feeds):
         return {k: v for k, v in shapes.items() if np.issubdtype(feeds[0][k].dtype, np.floating)}
     return None
-
-
-def _bit_exact(path: Path, feed) -> bool:
-    """ORT (QDQ fusions off: they would rewrite float islands) equals the numpy reference."""
-    import onnx
-
-    from qcompile.backends.reference import run_reference
-
-    sess = ort_backend.make_session(path, qdq_fusions=False)
-    ours = run_reference(onnx.load(str(path)), feed)
-    return all(np.array_equal(a, b) for a, b in zip(sess.run(None, feed), ours, strict=True))
 
 
 def configs(quick: bool) -> dict[str, Callable]:
@@ -219,7 +191,7 @@ def configs(quick: bool) -> dict[str, Callable]:
 def _mixed_detection(src: Path, dst: Path, task) -> dict:
     """The accuracy-budget search on the detector's own metric (benchmarks/detection.py)."""
     if task.name != "layout":
-        raise _Skip("the detection-budget row is benchmarked on layout")
+        raise Skip("the detection-budget row is benchmarked on layout")
     from benchmarks import detection
 
     return _qcompile("cpu", "auto", **detection.mixed_options())(src, dst, task)
@@ -232,7 +204,7 @@ def _size_budget(src: Path, dst: Path, task) -> dict:
     """`--size-budget`: least output noise with the quantized layers' weights under the
     budget; INT8 alone does not fit, so some layers take INT4 weights (MatMulNBits)."""
     if task.name != "minilm":
-        raise _Skip("the size-budget row is benchmarked on minilm")
+        raise Skip("the size-budget row is benchmarked on minilm")
     return _qcompile("cpu", "auto", size_budget_mb=SIZE_BUDGET_MB)(src, dst, task)
 
 
@@ -255,14 +227,14 @@ def _mixed(target: str, classifier_metric: str, **options) -> Callable:
 
     def run(src: Path, dst: Path, task) -> dict:
         if task.name not in MIXED_MODELS:
-            raise _Skip("mixed precision is benchmarked on " + " and ".join(MIXED_MODELS))
+            raise Skip("mixed precision is benchmarked on " + " and ".join(MIXED_MODELS))
         classifier = task.labels is not None
         if not classifier and classifier_metric != "accuracy":
-            raise _Skip("one mixed-precision row (cosine) for models without labels")
-        verify, held, held_labels = None, task.evaluation, task.labels
+            raise Skip("one mixed-precision row (cosine) for models without labels")
+        verify = None
         labeled: dict = {"metric": "cosine"}
         if classifier:
-            verify, verify_labels, held, held_labels = classifier_split(task)
+            verify, verify_labels, _, _ = classifier_split(task)
             labeled["metric"] = classifier_metric
             if classifier_metric == "accuracy":
                 labeled["labels"] = verify_labels
@@ -279,25 +251,35 @@ def _mixed(target: str, classifier_metric: str, **options) -> Callable:
             **options,
         )(src, dst, task)
         extra["pareto_png"] = png
-        fp32 = _session(src, 2)
-        quant = _session(dst, 2)
-        a = [fp32.run(None, f) for f in held]
-        b = [quant.run(None, f) for f in held]
-        held_out = {"samples": int(sum(len(o[0]) for o in a))}
-        if classifier:
-            pa = np.concatenate([o[0] for o in a]).argmax(1)
-            pb = np.concatenate([o[0] for o in b]).argmax(1)
-            held_out["top1_agreement"] = float(np.mean(pa == pb))
-            held_out["flips"] = int(np.sum(pa != pb))
-            held_out["flips_in_evaluation_half"] = int(np.sum((pa != pb)[: len(task.labels) // 2]))
-            held_out["accuracy_fp32"] = float(np.mean(pa == held_labels))
-            held_out["accuracy"] = float(np.mean(pb == held_labels))
-        else:
-            held_out["metric"] = task.metric(a, b)
-        extra["held_out"] = held_out
+        extra["held_out_pending"] = True  # judged in the benchmark's process: held_out()
         return extra
 
     return run
+
+
+def held_out(row: Row, src: Path, task) -> None:
+    """A mixed-precision row judged on the samples its search did not check."""
+    if not row.extra.pop("held_out_pending", False) or row.path is None:
+        return
+    classifier = task.labels is not None
+    held, held_labels = task.evaluation, task.labels
+    if classifier:
+        _, _, held, held_labels = classifier_split(task)
+    fp32, quant = timing_session(src, 2), timing_session(row.path, 2)
+    a = [fp32.run(None, f) for f in held]
+    b = [quant.run(None, f) for f in held]
+    result = {"samples": int(sum(len(o[0]) for o in a))}
+    if classifier:
+        pa = np.concatenate([o[0] for o in a]).argmax(1)
+        pb = np.concatenate([o[0] for o in b]).argmax(1)
+        result["top1_agreement"] = float(np.mean(pa == pb))
+        result["flips"] = int(np.sum(pa != pb))
+        result["flips_in_evaluation_half"] = int(np.sum((pa != pb)[: len(task.labels) // 2]))
+        result["accuracy_fp32"] = float(np.mean(pa == held_labels))
+        result["accuracy"] = float(np.mean(pb == held_labels))
+    else:
+        result["metric"] = task.metric(a, b)
+    row.extra["held_out"] = result
 
 
 def classifier_split(task) -> tuple[list[dict], np.ndarray, list[dict], np.ndarray]:
@@ -327,321 +309,8 @@ def _split_samples(feeds: list[dict]) -> tuple[list[dict], list[dict]]:
     return batches(slice(0, None, 2)), batches(slice(1, None, 2))
 
 
-class _Skip(Exception):
+class Skip(Exception):
     """A configuration that does not apply to this model (no row is written)."""
-
-
-def _session(path: Path, threads: int) -> ort.InferenceSession:
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = threads
-    opts.inter_op_num_threads = 1
-    # Idle worker threads must not spin: with several sessions timed interleaved, one
-    # session's spinning threads would steal the cores from the next one's run.
-    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    opts.log_severity_level = 3
-    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
-
-
-def evaluate(
-    name: str,
-    model_path: Path,
-    task,
-    cfgs: dict[str, Callable],
-    threads: int,
-    runs: int,
-    work: Path,
-) -> list[Row]:
-    rows = [Row(name, "FP32", path=model_path)]
-    for label, fn in cfgs.items():
-        dst = work / f"{name}-{len(rows)}.onnx"
-        row = Row(name, label)
-        t0 = time.perf_counter()
-        try:
-            row.extra = fn(model_path, dst, task) or {}
-            row.path = dst
-            if "chosen_method" in row.extra:  # auto: say what it chose
-                row.config = row.config.replace("auto", f"auto → {row.extra['chosen_method']}")
-        except _Skip:
-            continue
-        except Exception as exc:
-            row.error = f"{type(exc).__name__}: {str(exc).splitlines()[0][:160]}"
-            logger.warning("%s / %s failed:\n%s", name, label, traceback.format_exc())
-        row.compile_seconds = time.perf_counter() - t0
-        rows.append(row)
-
-    sessions = {}
-    for row in rows:
-        if row.path is None:
-            continue
-        try:
-            sessions[row.config] = _session(row.path, threads)
-        except Exception as exc:
-            row.error = f"ORT cannot load it: {str(exc).splitlines()[0][:160]}"
-            row.path = None
-    fp32_sess = sessions["FP32"]
-    fp32_out = [fp32_sess.run(None, f) for f in task.evaluation]
-    for row in rows:
-        sess = sessions.get(row.config)
-        if sess is None:
-            continue
-        try:
-            outs = [sess.run(None, f) for f in task.evaluation]
-        except Exception as exc:
-            row.error = f"ORT fails at run time: {str(exc).splitlines()[0][:160]}"
-            sessions.pop(row.config)
-            continue
-        row.metrics = task.metric(fp32_out, outs)
-        a = np.concatenate([o.ravel() for out in fp32_out for o in out]).astype(np.float64)
-        b = np.concatenate([o.ravel() for out in outs for o in out]).astype(np.float64)
-        noise = float(np.sum((a - b) ** 2))
-        row.sqnr_db = float("inf") if noise == 0 else 10 * np.log10(float(np.sum(a * a)) / noise)
-        row.cosine = float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b)))
-        row.size_mb = sum(p.stat().st_size for p in row.path.parent.glob(row.path.name + "*")) / 1e6
-        if "islands" in row.extra:
-            t0 = time.perf_counter()
-            row.extra["bit_exact"] = _bit_exact(row.path, task.evaluation[0])
-            row.extra["reference_s"] = time.perf_counter() - t0
-
-    # Latency: interleaved runs, same feed and threads for every session.
-    times: dict[str, list[float]] = {k: [] for k in sessions}
-    for sess in sessions.values():
-        for _ in range(3):
-            sess.run(None, task.bench_feed)
-    for _ in range(runs):
-        for key, sess in sessions.items():
-            t0 = time.perf_counter()
-            sess.run(None, task.bench_feed)
-            times[key].append((time.perf_counter() - t0) * 1e3)
-    base = statistics.median(times["FP32"])
-    for row in rows:
-        if row.config in times:
-            row.latency_ms = statistics.median(times[row.config])
-            row.speedup = base / row.latency_ms
-    return rows
-
-
-def _fmt(v, digits=3):
-    if v is None:
-        return "–"
-    if isinstance(v, float):
-        if np.isinf(v):
-            return "∞"
-        return f"{v:.{digits}f}"
-    return str(v)
-
-
-def write_results(
-    all_rows: dict[str, list[Row]], tasks: dict, args, out: Path, plot: Path, seconds: float
-) -> None:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    libs = []
-    for lib in ("onnx", "onnxruntime", "onnxscript", "onnx-ir", "numpy", "torch", "transformers"):
-        with contextlib.suppress(importlib.metadata.PackageNotFoundError):
-            libs.append(f"{lib} {importlib.metadata.version(lib)}")
-    lines = [
-        "# qcompile benchmark results",
-        "",
-        "Generated by `python -m benchmarks.compare "
-        + " ".join(args.argv)
-        + "` — do not edit by hand.",
-        "",
-        f"- date: {datetime.datetime.now(datetime.UTC):%Y-%m-%d %H:%M UTC}",
-        f"- CPU: {cpu}, {args.threads} threads for every session; latency = median of {args.runs} interleaved runs",
-        f"- libraries: {', '.join(libs)}",
-        f"- total benchmark time: {seconds:.0f} s",
-        "",
-        "SQNR and cosine compare each model's outputs with FP32 over the whole evaluation set. "
-        "Speedup is FP32 latency / row latency measured in the same process.",
-        "",
-    ]
-    for name, rows in all_rows.items():
-        entry = zoo.ZOO[name]
-        metric_names = sorted({k for r in rows for k in r.metrics})
-        task = tasks[name]
-        lines += [
-            f"## {name}",
-            "",
-            entry.description + ".",
-            f"Calibration feeds: {len(task.calibration)}, evaluation feeds: {len(task.evaluation)}; "
-            f"headline metric: `{task.primary}`.",
-            "",
-        ]
-        header = [
-            "config",
-            *metric_names,
-            "SQNR dB",
-            "cosine",
-            "latency ms",
-            "speedup",
-            "size MB",
-            "compile s",
-        ]
-        lines.append("| " + " | ".join(header) + " |")
-        lines.append("|" + "---|" * len(header))
-        for r in rows:
-            if r.error:
-                lines.append(
-                    f"| {r.config} | "
-                    + " | ".join(["–"] * (len(header) - 2))
-                    + f" | failed: {r.error} |"
-                )
-                continue
-            cells = [
-                r.config,
-                *(_fmt(r.metrics.get(m)) for m in metric_names),
-                _fmt(r.sqnr_db, 1),
-                _fmt(r.cosine, 4),
-                _fmt(r.latency_ms, 2),
-                _fmt(r.speedup, 2) + "×",
-                _fmt(r.size_mb, 2),
-                _fmt(r.compile_seconds, 1) if r.config != "FP32" else "–",
-            ]
-            lines.append("| " + " | ".join(cells) + " |")
-        lines.append("")
-        integer_rows = [r for r in rows if "islands" in r.extra and not r.error]
-        if integer_rows:
-            lines += [
-                "Integer-only rows: ORT output vs the numpy reference interpreter on the first "
-                "evaluation feed (equality; ORT with its QDQ fusions off, which would rewrite "
-                "float islands), float islands left, weight memory and the FPGA cost model's "
-                "latency (256 8×8 MACs/cycle at 200 MHz, first-order).",
-                "",
-                "| config | bit-exact | float islands | weight Mbit | FPGA est. ms | reference s |",
-                "|---|---|---|---|---|---|",
-            ]
-            for r in integer_rows:
-                lines.append(
-                    f"| {r.config} | {'yes' if r.extra.get('bit_exact') else 'NO'} | "
-                    f"{', '.join(r.extra['islands']) or 'none'} | "
-                    f"{_fmt(r.extra.get('weight_mbit'), 2)} | {_fmt(r.extra.get('fpga_ms'), 3)} | "
-                    f"{_fmt(r.extra.get('reference_s'), 1)} |"
-                )
-            lines.append("")
-    lines += [f"![accuracy vs speedup]({plot.name})", ""]
-    lines += _mixed_section(all_rows)
-    tvm = HERE / "TVM.md"  # written by benchmarks/tvm_bench.py (run it first)
-    if tvm.exists():
-        lines += [tvm.read_text(), ""]
-    out.write_text("\n".join(lines))
-    _plot(all_rows, tasks, plot)
-
-
-def _held_out_text(held: dict) -> str:
-    if not held:
-        return "–"
-    if "top1_agreement" in held:
-        return (
-            f"{held['samples']} samples, top-1 agreement with FP32 {held['top1_agreement']:.4f} "
-            f"({held.get('flips', '?')} flipped, {held.get('flips_in_evaluation_half', '?')} of "
-            f"them in the evaluation set's held-out half), accuracy {held['accuracy']:.4f} vs "
-            f"FP32 {held['accuracy_fp32']:.4f}: accuracy drop "
-            f"{held['accuracy_fp32'] - held['accuracy']:.2%} (budget {MIXED_DROP:.1%}: "
-            f"{'met' if held['accuracy_fp32'] - held['accuracy'] <= MIXED_DROP else 'MISSED'}), "
-            f"top-1 agreement drop {1 - held['top1_agreement']:.2%}"
-        )
-    return f"{held['samples']} samples, " + ", ".join(
-        f"{k} {v:.4f}" for k, v in held["metric"].items()
-    )
-
-
-def _mixed_section(all_rows: dict[str, list[Row]]) -> list[str]:
-    """Per-layer choices and the Pareto plot of each mixed-precision row."""
-    lines = []
-    for name, rows in all_rows.items():
-        for r in rows:
-            mp = r.extra.get("mixed")
-            if not mp or r.error:
-                continue
-            lines += [
-                f"## Mixed precision: {name}",
-                "",
-                f"`{r.config}`: metric `{mp['metric']}`, sensitivity "
-                f"`{mp.get('sensitivity', 'measured')}` (drop vs FP32 measured on the "
-                f"verification feeds during the search: {mp['verified_drop']:.4f}"
-                + (
-                    f", budget {mp['max_accuracy_drop']}: "
-                    f"{'met' if mp['budget_met'] else 'MISSED'}). "
-                    f"Held out: {_held_out_text(r.extra['held_out'])}. "
-                    if "held_out" in r.extra
-                    else f"; predicted weight bits {mp['predicted_cost'] / 1e6:.2f} Mbit). "
-                    "Evaluation-set metrics: the table above. "
-                )
-                + f"Objective: {mp['objective']}; "
-                f"search time {mp['search_seconds']:.1f} s "
-                f"({len(mp['steps'])} verify/repair step(s)).",
-                "",
-                f"![Pareto front]({r.extra.get('pareto_png', f'pareto_{name}.png')})",
-                "",
-            ]
-            int4 = any("int4w" in layer["candidates"] for layer in mp["layers"])
-            unit = "ms" if mp["objective"] == "latency" else "Mbit"
-            scale = 1.0 if unit == "ms" else 1e-6
-            head = (
-                f"| layer | op | choice | INT8 sensitivity (NSR dB) | FP32 {unit} | INT8 {unit} |"
-            )
-            head += " INT4-weight sensitivity (NSR dB) | INT4-weight " + unit + " |" if int4 else ""
-            lines += [head, "|" + "---|" * (head.count("|") - 1)]
-            for layer in mp["layers"]:
-                c = layer["candidates"]
-                q8 = c.get("int8")  # absent when INT8 cost no less than FP32 (not measured)
-                row = (
-                    f"| {layer['node']} | {layer['op_type']} | {layer['choice']} | "
-                    + (f"{q8['nsr_db']:.1f}" if q8 else "–")
-                    + f" | {c['fp32']['cost'] * scale:.3f} | "
-                    + (f"{q8['cost'] * scale:.3f}" if q8 else "–")
-                    + " |"
-                )
-                if int4:
-                    w4 = c.get("int4w")
-                    row += f" {w4['nsr_db']:.1f} | {w4['cost'] * scale:.3f} |" if w4 else " – | – |"
-                lines.append(row)
-            lines.append("")
-    return lines
-
-
-def _plot(all_rows: dict[str, list[Row]], tasks: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    n = len(all_rows)
-    fig, axes = plt.subplots(1, n, figsize=(4.2 * n, 3.8), squeeze=False)
-    for ax, (name, rows) in zip(axes[0], all_rows.items(), strict=True):
-        primary = tasks[name].primary
-        for r in rows:
-            if r.error or r.speedup is None:
-                continue
-            color = (
-                "black"
-                if r.config == "FP32"
-                else "tab:red"
-                if r.config.startswith("ORT")
-                else "tab:blue"
-            )
-            ax.scatter(r.speedup, r.metrics.get(primary, np.nan), color=color, s=30)
-            ax.annotate(
-                r.config.replace("qcompile ", "qc ").split(" (")[0]
-                + ("" if "(" not in r.config else " " + r.config.split("(")[1][:10]),
-                (r.speedup, r.metrics.get(primary, np.nan)),
-                fontsize=6,
-                xytext=(3, 3),
-                textcoords="offset points",
-            )
-        ax.set_title(name)
-        ax.set_xlabel("speedup vs FP32 (×)")
-        ax.set_ylabel(primary)
-        ax.grid(alpha=0.3)
-    fig.suptitle("accuracy vs speedup (black FP32, red ORT quantizer, blue qcompile)", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -654,6 +323,27 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="one qcompile row per model")
     parser.add_argument("--out", default=str(HERE / "RESULTS.md"))
     parser.add_argument("--plot", default=str(HERE / "results.png"))
+    parser.add_argument(
+        "--work",
+        default=None,
+        metavar="DIR",
+        help="keep the compiled rows here: a rerun compiles only what changed",
+    )
+    parser.add_argument(
+        "--ray",
+        nargs="?",
+        const="",
+        default=None,
+        metavar="ADDRESS",
+        help="compile the rows as Ray tasks (a local Ray, or the cluster at ADDRESS)",
+    )
+    parser.add_argument(
+        "--time-limit",
+        type=float,
+        default=None,
+        metavar="SECONDS",
+        help="a row compiling longer fails (its row says so)",
+    )
     args = parser.parse_args(argv)
     args.argv = sys.argv[1:] if argv is None else argv
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
@@ -662,18 +352,23 @@ def main(argv: list[str] | None = None) -> int:
     names = list(zoo.ZOO) if args.models == "all" else args.models.split(",")
     start = time.perf_counter()
     all_rows, tasks = {}, {}
-    with tempfile.TemporaryDirectory(prefix="qcompile-bench-") as tmp:
+    executor = make_executor(args.ray or None, args.ray is not None, args.time_limit)
+    with contextlib.ExitStack() as stack:
+        work = args.work or stack.enter_context(tempfile.TemporaryDirectory(prefix="qcompile-"))
         for name in names:
             path = zoo.fetch(name)
-            tasks[name] = datasets.task_data(name, path)
+            tasks[name] = task = datasets.task_data(name, path)
             print(f"== {name}", flush=True)
-            all_rows[name] = evaluate(
-                name, path, tasks[name], configs(args.quick), args.threads, args.runs, Path(tmp)
-            )
-            for r in all_rows[name]:
+            labels = list(configs(args.quick))
+            rows = compile_rows(name, path, task, labels, args.quick, Path(work), executor)
+            for row in rows:
+                held_out(row, path, task)
+            measure(rows, task, args.threads, args.runs)
+            all_rows[name] = rows
+            for r in rows:
                 print(
-                    f"  {r.config:60s} {r.error or ''} {tasks[name].primary}={_fmt(r.metrics.get(tasks[name].primary))} "
-                    f"sqnr={_fmt(r.sqnr_db, 1)} speedup={_fmt(r.speedup, 2)}",
+                    f"  {r.config:60s} {r.error or ''} {tasks[name].primary}={fmt(r.metrics.get(tasks[name].primary))} "
+                    f"sqnr={fmt(r.sqnr_db, 1)} speedup={fmt(r.speedup, 2)}",
                     flush=True,
                 )
     write_results(

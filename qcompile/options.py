@@ -211,6 +211,11 @@ class CompileOptions:
     # stops when it is spent and returns the best model found so far.
     time_budget_s: float | None = None
     threads: int | None = None
+    # Where the searches' independent accuracy runs go (qcompile.driver.fanout): "serial"
+    # (here) or "ray" (Ray tasks on a local Ray started on the fly, or on `ray_address`).
+    # Timing always stays in this process.
+    fanout: str = "serial"
+    ray_address: str | None = None
     progress: bool = True
     seed: int = 0
 
@@ -270,6 +275,8 @@ class CompileOptions:
             raise QCompileError(f"time budget must be positive, got {self.time_budget_s} s")
         if self.bench_runs < 0:
             raise QCompileError("bench_runs must be >= 0")
+        if self.fanout not in ("serial", "ray"):
+            raise QCompileError(f"fanout must be 'serial' or 'ray', got {self.fanout!r}")
         if self.threads is not None and self.threads < 1:
             raise QCompileError("threads must be >= 1")
 

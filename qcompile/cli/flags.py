@@ -158,6 +158,13 @@ FLAGS: tuple[Flag, ...] = (
          metavar="SECONDS", scope="compile"),
     Flag("--threads", "threads", "ONNX Runtime threads (default: all cores)", type=int,
          scope="compile"),
+    Flag("--fanout", "fanout", "where the searches' accuracy runs go (mixed precision's "
+         "sensitivities, --calib-method auto's candidates): serial (here) or ray (Ray "
+         "tasks; pip install 'qcompile[ray]'); timing stays here", choices=("serial", "ray"),
+         scope="compile"),
+    Flag("--ray-address", "ray_address", "--fanout ray: the Ray cluster to use (default: "
+         "a local Ray started on the fly, or the one this process already joined)",
+         metavar="ADDRESS", scope="compile"),
     Flag("--int4-weights", "int4_weights", "MatMuls (node name, op:TYPE or re:REGEX; "
          "repeatable) that get block-wise INT4 weights with FP32 activations (ORT "
          "MatMulNBits) instead of INT8: smaller; compute per --int4-accuracy-level", "append", metavar="PATTERN",

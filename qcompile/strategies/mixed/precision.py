@@ -15,6 +15,7 @@ from qcompile.backends import ort as ort_backend
 from qcompile.backends.ort_profile import boundary_ms, node_times_ms
 from qcompile.data.feeds import Feed, input_specs, open_calibration, read_labels
 from qcompile.driver.compile import CompileResult, first_feeds
+from qcompile.driver.fanout import make_fanout
 from qcompile.driver.job import CompileJob, Workspace
 from qcompile.errors import QCompileError
 from qcompile.options import CompileOptions, NodeMatcher, NodeOverride
@@ -136,8 +137,9 @@ def compile_mixed(job: CompileJob, workspace: Workspace) -> CompileResult:
     phases["costs"], mark = time.perf_counter() - mark, time.perf_counter()
     nsr = cache.get("nsr")
     if nsr is None:
+        fanout = make_fanout(options.fanout, options.ray_address, options.threads)
         nsr = mixed.sensitivities(
-            switch, flags, sens_feeds, options.threads, deadline, skip=dominated
+            switch, flags, sens_feeds, options.threads, deadline, dominated, fanout
         )
         unmeasured = sum(v == mixed.UNMEASURED_NSR for v in nsr.values())
         if unmeasured:  # a partial measurement is not kept: a rerun measures it all

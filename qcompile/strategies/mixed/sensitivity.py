@@ -8,10 +8,12 @@ import time
 from collections.abc import Collection, Mapping, Sequence
 
 import numpy as np
+import onnx
 import onnx_ir as ir
 
 from qcompile.backends import ort as ort_backend
 from qcompile.calibrate.observers import weight_qparams
+from qcompile.driver.fanout import Fanout, SerialFanout, chunks, task_threads
 from qcompile.driver.measure import branch_slice, concat_groups
 from qcompile.ir.graph import add_initializer
 from qcompile.numerics.qparams import QParams, fake_quantize
@@ -183,6 +185,7 @@ def sensitivities(
     threads: int | None = None,
     deadline: float = math.inf,
     skip: Collection[tuple[str, str]] = frozenset(),
+    fanout: Fanout | None = None,
 ) -> dict[tuple[str, str], float]:
     """Output noise/signal power per (layer, candidate), one run per flag and feed: the
     mean over the outputs (and the branches of concatenated ones), each part against its
@@ -190,18 +193,47 @@ def sensitivities(
 
     Past `deadline` (a `time.perf_counter()` value) the candidates not yet measured get
     UNMEASURED_NSR, as loud as the signal itself: the search then keeps those layers at
-    their most precise choice instead of guessing."""
+    their most precise choice instead of guessing.
+
+    With a `fanout` of several workers the candidates are measured in contiguous chunks,
+    one task each (every task runs the reference once more); the result is the serial
+    run's (same runs, same order within a chunk, merged in the serial order)."""
+    fanout = fanout or SerialFanout()
+    todo = [(key, flag) for key, flag in flags.items() if key not in skip]
+    names = list(flags.values())
+    threads = task_threads(fanout, threads)
+    parts = chunks(todo, fanout.workers(threads or 1)) if todo else [[]]
+    if len(parts) == 1:  # no copy of the model: measure here
+        return _measure(model, feeds, names, threads, deadline - time.perf_counter(), parts[0])
+    model_bytes = ir.serde.serialize_model(model).SerializeToString()
+    seconds_left = deadline - time.perf_counter()
+    results = fanout.map(
+        _measure, (model_bytes, feeds, names, threads, seconds_left), [(p,) for p in parts]
+    )
+    return {key: value for result in results for key, value in result.items()}
+
+
+def _measure(
+    model: ir.Model | bytes,
+    feeds: Sequence[Feed],
+    flag_names: Sequence[str],
+    threads: int | None,
+    seconds_left: float,
+    todo: Sequence[tuple[tuple[str, str], str]],
+) -> dict[tuple[str, str], float]:
+    """`sensitivities` for the (key, flag) pairs in `todo`, in this process."""
+    deadline = time.perf_counter() + seconds_left
+    if isinstance(model, bytes):
+        model = ir.from_proto(onnx.load_from_string(model))
     sess = ort_backend.make_session(model, threads=threads)
-    off = {name: np.array(False) for name in flags.values()}
+    off = {name: np.array(False) for name in flag_names}
     reference = [sess.run(None, {**feed, **off}) for feed in feeds]
     parts = _output_parts(model)
     # each part of the reference outputs, in float64, once: every flag's run is compared
     reference = [[np.asarray(ref[i], np.float64)[part] for i, part in parts] for ref in reference]
     signal = _powers(parts, reference)
     result = {}
-    for key, flag in flags.items():
-        if key in skip:
-            continue
+    for key, flag in todo:
         if time.perf_counter() > deadline:
             result[key] = UNMEASURED_NSR
             continue
