@@ -50,8 +50,10 @@ def test_compiles_to_valid_accurate_model(name, target):
     assert result.report.min_output_sqnr_db > min_sqnr - margin
     assert result.report.outputs[0].cosine > 0.99
     # The FPGA target is integer-only: each requantization is ~17 small nodes (about 1.5 KB
-    # of graph per layer), which on these tiny test models weighs as much as their weights.
-    ratio = 0.7 if target == "fpga" else 0.6
+    # of graph per layer), which on these tiny test models weighs as much as their weights;
+    # the transformer's integer LayerNorm and Softmax add about 60 nodes each (105 KB of
+    # 138 KB FP32 here: its weights alone are 30 KB as int8).
+    ratio = 0.8 if target == "fpga" else 0.6
     assert result.report.size_quantized_bytes < ratio * result.report.size_fp32_bytes
     ops = {n.op_type for n in proto.graph.node}
     assert {"QuantizeLinear", "DequantizeLinear"} <= ops

@@ -83,6 +83,26 @@ def test_integer_only_models_are_bit_exact_and_compute_in_integers(build, feeds)
     assert compute and all('dtype="int32"' in line for line in compute), compute
 
 
+def test_integer_transformer_block_is_bit_exact_in_tvm_ort_and_the_reference():
+    # integer LayerNorm, Softmax (table exp, int64 division) and GELU table: three ways equal
+    from qcompile.backends.reference import run_reference
+
+    feeds = [{"input": builders.token_embeddings(4, seed=i)} for i in range(8)]
+    result = qcompile.compile(
+        builders.transformer_block(), target="fpga", calibration=feeds, **FAST
+    )
+    assert result.report.float_islands == []
+    executable, names, _ = tvm_backend.compile_model(
+        result.model, input_shapes={"input": (4, 16, 64)}
+    )
+    runner = tvm_backend.TVMRunner(executable, names)
+    proto = ir.to_proto(result.model)
+    for feed in feeds[:2]:
+        ours = _ort(result.model, feed)[0]
+        np.testing.assert_array_equal(runner.run(feed)[0], ours)
+        np.testing.assert_array_equal(run_reference(proto, feed)[0], ours)
+
+
 def test_cuda_target_builds_without_a_gpu():
     proto, shapes = tvm_backend.prepare(builders.mlp(), {"input": (8, 64)})
     mod = tvm_backend.import_relax(proto, shapes)

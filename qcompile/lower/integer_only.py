@@ -15,6 +15,7 @@ them and the caller decides whether they are allowed.
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections import Counter
 from collections.abc import Callable
@@ -44,10 +45,10 @@ from qcompile.lower.integer_parts import (
     _narrowed,
     _np,
     _quantizer,
-    _static_dims,
     _take_over,
     float_ops_between,
 )
+from qcompile.lower.integer_reductions import REDUCTIONS, wide_sum
 from qcompile.numerics.dyadic import Dyadic, DyadicRangeError, to_dyadic
 from qcompile.quantize.log2 import levels, log2_codes, power_table
 
@@ -121,9 +122,9 @@ class LowerToIntegerOnly(ir.passes.InPlacePass):
             "Add": self._add,
             "Mul": self._mul,
             "Concat": self._concat,
-            "GlobalAveragePool": self._global_average_pool,
-            "AveragePool": self._average_pool,
         }
+        for name, lower in REDUCTIONS.items():  # pools, LayerNormalization, Softmax
+            lowerings[name] = functools.partial(lower, self)
         for name in MOVEMENT_OPS:
             lowerings[name] = self._movement
         for name in LUT_OPS:
@@ -133,7 +134,7 @@ class LowerToIntegerOnly(ir.passes.InPlacePass):
         for node in list(graph):
             if node.op_type in (Q, DQ) or node.graph is None:
                 continue
-            if not any(self._int_view(v) is not None for v in node.inputs):
+            if not any(self._int_view(v) or wide_sum(self, v) for v in node.inputs):
                 self._refused.add(node.name)  # float in the QDQ graph already: the plan's
                 continue  # not fed by quantized tensors: outside the integer region
             standard = node.domain in ("", "ai.onnx") or (node.domain, node.op_type) in MS_LUT
@@ -148,6 +149,7 @@ class LowerToIntegerOnly(ir.passes.InPlacePass):
                 modified = True
             else:
                 self.islands.append(FloatIsland(node.name, node.op_type, reason))
+        modified |= self._requantize_pairs(graph, used, constants)
         if modified:
             common_passes.RemoveUnusedNodesPass()(model)
             graph.sort()
@@ -160,6 +162,28 @@ class LowerToIntegerOnly(ir.passes.InPlacePass):
             for i, n in enumerate(floating)
         ]
         return ir.passes.PassResult(model, modified)
+
+    def _requantize_pairs(self, graph: ir.Graph, used: set[str], constants: dict) -> bool:
+        """DQ → Q left between two integer kernels (a residual sum kept in int32 for an
+        integer LayerNorm, then requantized for the next Add) → one dyadic requantization."""
+        done = False
+        for q in [n for n in graph if n.op_type == Q]:
+            dq, out = q.inputs[0].producer(), _quantizer(q)
+            if dq is None or dq.op_type != DQ or out is None:
+                continue
+            x = self._int_view(dq.outputs[0]) or wide_sum(self, dq.outputs[0])
+            if not isinstance(x, IntAct):
+                continue
+            emit = _Emitter(graph, q, q.name or "requantize", used, constants)
+            try:
+                d = to_dyadic(x.scale / out.scale)
+            except DyadicRangeError:
+                continue
+            y = emit.requantize(emit.centered(x, ir.DataType.INT64, "x"), d, out)
+            self._finish(graph, out, y, q.outputs[0].shape)
+            self.lowered["requantize"] += 1
+            done = True
+        return done
 
     def ensures(self, model: ir.Model) -> None:
         """Nothing float between input Q and output DQ but islands the lowering could not
@@ -353,6 +377,8 @@ class LowerToIntegerOnly(ir.passes.InPlacePass):
         ta = emit.op("Mul", [emit.cast(a, I32, "a32"), emit.const("ma", ma)], I32, "a_scaled")
         tb = emit.op("Mul", [emit.cast(b, I32, "b32"), emit.const("mb", mb)], I32, "b_scaled")
         acc = emit.op("Add", [ta, tb], I32, "sum")
+        bound = 255 * (abs(int(ma)) + abs(int(mb)))  # 8-bit operands, centered
+        self._bounds[id(acc)] = (-bound, bound)  # for an integer LayerNorm reading it
         s = emit.const("sum_scale", np.float32(scale))
         y = emit.op(
             DQ, [acc, s, emit.const("sum_zp", np.int32(0))], ir.DataType.FLOAT, "dequantized"
@@ -383,52 +409,6 @@ class LowerToIntegerOnly(ir.passes.InPlacePass):
             return "an input is not a quantized activation"
         parts = [emit.rescaled(v, out, f"in{i}") for i, v in enumerate(views)]
         y = emit.op("Concat", parts, out.dtype, "concat", dict(node.attributes.items()))
-        self._finish(graph, out, y, node.outputs[0].shape)
-        return None
-
-    def _global_average_pool(self, node: ir.Node, emit: _Emitter, graph: ir.Graph) -> str | None:
-        x, out = self._int_view(node.inputs[0]), self._out_quant(node.outputs[0], graph)
-        if not isinstance(x, IntAct) or out is None:
-            return "input or output not quantized"
-        dims = _static_dims(node.inputs[0]) or _static_dims(x.value)
-        if dims is None or len(dims) < 3 or min(dims[2:]) < 0:
-            return "spatial size unknown at compile time (pin it with --input-shape)"
-        count = int(np.prod(dims[2:]))
-        centered = emit.centered(x, ir.DataType.INT32, "x")
-        axes = emit.const("axes", np.arange(2, len(dims), dtype=np.int64))
-        acc = emit.op("ReduceSum", [centered, axes], ir.DataType.INT32, "sum", {"keepdims": 1})
-        y = emit.requantize(acc, to_dyadic(x.scale / (out.scale * count)), out)
-        self._finish(graph, out, y, node.outputs[0].shape)
-        return None
-
-    def _average_pool(self, node: ir.Node, emit: _Emitter, graph: ir.Graph) -> str | None:
-        x, out = self._int_view(node.inputs[0]), self._out_quant(node.outputs[0], graph)
-        if not isinstance(x, IntAct) or out is None:
-            return "input or output not quantized"
-        a = node.attributes
-        kernel = list(a.get_ints("kernel_shape", []))
-        pads = list(a.get_ints("pads", [0] * 2 * len(kernel)))
-        dims = _static_dims(node.inputs[0]) or _static_dims(x.value)
-        if a.get_int("ceil_mode", 0) or a.get_string("auto_pad", "NOTSET") != "NOTSET":
-            return "ceil_mode/auto_pad changes the divisor per window"
-        if any(pads) and not a.get_int("count_include_pad", 0):
-            return "padded windows without count_include_pad divide by varying counts"
-        if dims is None or dims[1] <= 0:
-            return "channel count unknown at compile time (pin it with --input-shape)"
-        channels = dims[1]
-        ones = np.ones((channels, 1, *kernel), dtype=x.value.dtype.numpy())
-        attrs = {"group": channels, "kernel_shape": kernel, "pads": pads}
-        attrs["strides"] = list(a.get_ints("strides", [1] * len(kernel)))
-        if "dilations" in a:
-            attrs["dilations"] = list(a.get_ints("dilations"))
-        inputs = [
-            x.value,
-            emit.const("ones", ones),
-            emit.const("x_zp", np.asarray(x.zero_point, ones.dtype)),
-        ]
-        acc = emit.op("ConvInteger", inputs, ir.DataType.INT32, "window_sum", attrs)
-        count = int(np.prod(kernel))
-        y = emit.requantize(acc, to_dyadic(x.scale / (out.scale * count)), out)
         self._finish(graph, out, y, node.outputs[0].shape)
         return None
 

@@ -1,0 +1,178 @@
+"""Integer LayerNorm, Softmax, isqrt and a runtime-sized GlobalAveragePool
+(qcompile/lower/integer_reductions.py): exact where they claim to be, ORT = reference."""
+
+from __future__ import annotations
+
+import math
+
+import builders
+import numpy as np
+import onnx
+import onnx_ir as ir
+import onnxruntime as ort
+import pytest
+from conftest import FAST
+
+import qcompile
+from qcompile.backends.reference import run_reference
+from qcompile.lower.integer_parts import _Emitter, float_ops_between
+from qcompile.lower.integer_reductions import isqrt
+
+
+def _session(proto: onnx.ModelProto) -> ort.InferenceSession:
+    return ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
+
+
+def _isqrt_model(bits: int) -> onnx.ModelProto:
+    v = ir.Value(name="v", type=ir.TensorType(ir.DataType.INT64), shape=ir.Shape(["N", 1]))
+    sink = ir.node("Identity", [v], name="sink")
+    graph = ir.Graph([v], sink.outputs, nodes=[sink], opset_imports={"": 17}, name="isqrt")
+    root = isqrt(_Emitter(graph, sink, "isqrt", set(), {}), v, bits)
+    sink.replace_input_with(0, root)
+    sink.outputs[0].name, sink.outputs[0].dtype = "root", ir.DataType.INT64
+    return ir.to_proto(ir.Model(graph, ir_version=8))
+
+
+def test_isqrt_is_floor_sqrt_for_every_magnitude():
+    rng = np.random.default_rng(0)
+    values = {1, 2, 3, 4, 8, 15, 16, 17, 2**62 - 1, 2**61, (2**31 - 1) ** 2, (2**31 - 1) ** 2 - 1}
+    for k in range(1, 62):  # around every power of two and every square near it
+        values |= {2**k - 1, 2**k, 2**k + 1}
+        r = math.isqrt(2**k)
+        values |= {r * r - 1, r * r, r * r + 1, (r + 1) ** 2 - 1}
+    values |= {int(x) for x in rng.integers(1, 2**62, 2000)}
+    values |= {int(x) for x in rng.integers(1, 2**20, 2000)}
+    v = np.array(sorted(x for x in values if 1 <= x < 2**62), np.int64).reshape(-1, 1)
+    proto = _isqrt_model(62)
+    got = _session(proto).run(None, {"v": v})[0].ravel()
+    want = np.array([math.isqrt(int(x)) for x in v.ravel()], np.int64)
+    np.testing.assert_array_equal(got, want)
+    np.testing.assert_array_equal(run_reference(proto, {"v": v[:200]})[0].ravel(), want[:200])
+
+
+def test_transformer_block_is_integer_from_input_to_output():
+    # LayerNorm on the int32 residual sum, Softmax and GELU all in integers (the first
+    # LayerNorm reads the float model input, before the input quantizer): no island,
+    # ORT = reference with ORT's QDQ fusions on, as accurate as the QDQ graph with those
+    # ops in float
+    feeds = [{"input": builders.token_embeddings(4, seed=i)} for i in range(10)]
+    result = qcompile.compile(
+        builders.transformer_block(), target="fpga", calibration=feeds, **FAST
+    )
+    assert result.report.float_islands == []
+    assert float_ops_between(result.model.graph) == []
+    ops = result.report.integer_ops
+    assert ops["LayerNormalization"] == 1 and ops["Softmax"] == 1 and ops["requantize"] >= 1
+    proto = ir.to_proto(result.model)
+    sess = _session(proto)
+    for feed in feeds[:3]:
+        np.testing.assert_array_equal(sess.run(None, feed)[0], run_reference(proto, feed)[0])
+    qdq = qcompile.compile(
+        builders.transformer_block(), target="fpga", calibration=feeds,
+        disabled_passes=("LowerToIntegerOnly",), **FAST,
+    )  # fmt: skip
+    assert result.report.min_output_sqnr_db > qdq.report.min_output_sqnr_db - 1.0
+
+
+@pytest.mark.parametrize("spread", [0.5, 3.0, 15.0])
+def test_integer_softmax_tracks_the_float_one(spread):
+    # attention scores (an int32 accumulator) of three spreads: the integer softmax is
+    # within one output step of the QDQ graph's float Softmax of the same scores
+    rng = np.random.default_rng(1)
+    x = rng.normal(0, spread, (32, 24, 16)).astype(np.float32) / 4
+    feeds = [{"x": x[i : i + 4]} for i in range(0, 32, 4)]
+    result = qcompile.compile(_attention_model(24), target="fpga", calibration=feeds, **FAST)
+    assert result.report.float_islands == [] and result.report.integer_ops["Softmax"] == 1
+    qdq = qcompile.compile(
+        _attention_model(24), target="fpga", calibration=feeds,
+        disabled_passes=("LowerToIntegerOnly",), **FAST,
+    )  # fmt: skip
+    options = ort.SessionOptions()
+    options.add_session_config_entry("session.disable_quant_qdq", "1")  # float Softmax
+    float_softmax = ort.InferenceSession(
+        ir.to_proto(qdq.model).SerializeToString(), options, providers=["CPUExecutionProvider"]
+    )
+    proto = ir.to_proto(result.model)
+    got = _session(proto).run(None, {"x": x})[1]  # the probabilities, dequantized
+    want = float_softmax.run(None, {"x": x})[1]
+    step = float(np.min(np.diff(np.unique(want))))  # the probabilities' quantization step
+    assert np.max(np.abs(got - want)) <= step * 1.01
+    assert np.mean(got != want) < 0.01  # and nearly always the same integers
+    np.testing.assert_array_equal(got, run_reference(proto, {"x": x})[1])
+
+
+def _attention_model(tokens: int, dim: int = 16) -> onnx.ModelProto:
+    """softmax(x·xᵀ)·x (activation × activation MatMuls on both sides, as in attention),
+    and the probabilities themselves through an identity MatMul (exact in integers)."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    eye = numpy_helper.from_array(np.eye(tokens, dtype=np.float32), "eye")
+    nodes = [
+        helper.make_node("Transpose", ["x"], ["xt"], perm=[0, 2, 1], name="keys"),
+        helper.make_node("MatMul", ["x", "xt"], ["scores"], name="scores"),
+        helper.make_node("Softmax", ["scores"], ["probs"], axis=-1, name="softmax"),
+        helper.make_node("MatMul", ["probs", "x"], ["y"], name="context"),
+        helper.make_node("MatMul", ["probs", "eye"], ["probs_out"], name="probs_copy"),
+    ]
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["B", tokens, dim])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["B", tokens, dim])
+    probs = helper.make_tensor_value_info("probs_out", TensorProto.FLOAT, ["B", tokens, tokens])
+    graph = helper.make_graph(nodes, "attention", [x], [y, probs], initializer=[eye])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def test_global_average_pool_of_a_runtime_size_divides_at_run_time():
+    model = builders.cnn(size=32)
+    for dim in model.graph.input[0].type.tensor_type.shape.dim[2:]:
+        dim.dim_param = "S"  # spatial size known only at run time
+    feeds = [{"input": builders.images(4, 32, seed=i)} for i in range(6)]
+    result = qcompile.compile(model, target="fpga", calibration=feeds, **FAST)
+    assert result.report.integer_ops["GlobalAveragePool"] == 1
+    assert float_ops_between(result.model.graph) == []
+    proto = ir.to_proto(result.model)
+    assert any(n.op_type == "ReduceProd" for n in proto.graph.node)  # the count, at run time
+    sess = _session(proto)
+    for size in (32, 40):  # another size than calibrated: the divisor follows it
+        feed = {"input": builders.images(2, size, seed=9)}
+        np.testing.assert_array_equal(sess.run(None, feed)[0], run_reference(proto, feed)[0])
+
+
+def _reduce_mean_model(opset: int) -> onnx.ModelProto:
+    """Conv → ReduceMean over H, W without keepdims (shufflenet's global pool) → Gemm."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    w = numpy_helper.from_array(rng.normal(0, 0.3, (8, 3, 3, 3)).astype(np.float32), "w")
+    fc = numpy_helper.from_array(rng.normal(0, 0.3, (8, 4)).astype(np.float32), "fc")
+    inits = [w, fc]
+    if opset >= 18:
+        inits.append(numpy_helper.from_array(np.array([2, 3], np.int64), "axes"))
+        mean = helper.make_node("ReduceMean", ["c", "axes"], ["m"], keepdims=0, name="pool")
+    else:
+        mean = helper.make_node("ReduceMean", ["c"], ["m"], axes=[2, 3], keepdims=0, name="pool")
+    nodes = [
+        helper.make_node("Conv", ["input", "w"], ["c"], pads=[1, 1, 1, 1], name="conv"),
+        mean,
+        helper.make_node("MatMul", ["m", "fc"], ["logits"], name="fc"),
+    ]
+    x = helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", 3, "H", "W"])
+    y = helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 4])
+    graph = helper.make_graph(nodes, "reduce_mean", [x], [y], initializer=inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+
+
+@pytest.mark.parametrize("opset", [17, 18])
+def test_reduce_mean_as_global_pooling_is_integer(opset):
+    feeds = [{"input": builders.images(4, 16, seed=i)} for i in range(6)]
+    model = _reduce_mean_model(opset)
+    result = qcompile.compile(model, target="fpga", calibration=feeds, **FAST)
+    assert result.report.integer_ops["ReduceMean"] == 1 and result.report.float_islands == []
+    proto = ir.to_proto(result.model)
+    sess = _session(proto)
+    for size in (16, 20):  # sized at run time: the divisor follows the input
+        feed = {"input": builders.images(2, size, seed=7)}
+        np.testing.assert_array_equal(sess.run(None, feed)[0], run_reference(proto, feed)[0])
+    qdq = qcompile.compile(
+        model, target="fpga", calibration=feeds, disabled_passes=("LowerToIntegerOnly",), **FAST
+    )
+    assert result.report.min_output_sqnr_db > qdq.report.min_output_sqnr_db - 1.0
