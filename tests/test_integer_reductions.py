@@ -176,3 +176,57 @@ def test_reduce_mean_as_global_pooling_is_integer(opset):
         model, target="fpga", calibration=feeds, disabled_passes=("LowerToIntegerOnly",), **FAST
     )
     assert result.report.min_output_sqnr_db > qdq.report.min_output_sqnr_db - 1.0
+
+
+def _masked_attention_with_class_token(tokens: int = 12, dim: int = 16) -> onnx.ModelProto:
+    """A ViT/BERT-like head: a constant class token Expanded to the batch and concatenated
+    with projected tokens, attention scores masked by Where(mask, scores, −3.4e38) (the
+    plan keeps the mask float: the Softmax reads it into its integer form)."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    inits = [
+        numpy_helper.from_array(rng.normal(0, 0.3, (dim, dim)).astype(np.float32), "w"),
+        numpy_helper.from_array(rng.normal(0, 1, (1, 1, dim)).astype(np.float32), "cls"),
+        numpy_helper.from_array(np.array([1, dim], np.int64), "cls_tail"),
+        numpy_helper.from_array(np.array([-3.4e38], np.float32), "sentinel"),
+    ]
+    nodes = [
+        helper.make_node("MatMul", ["x", "w"], ["h"], name="proj"),
+        helper.make_node("Shape", ["x"], ["x_shape"], end=1, name="batch"),
+        helper.make_node("Concat", ["x_shape", "cls_tail"], ["cls_shape"], axis=0),
+        helper.make_node("Expand", ["cls", "cls_shape"], ["cls_b"], name="cls_expand"),
+        helper.make_node("Concat", ["cls_b", "h"], ["seq"], axis=1, name="with_cls"),
+        helper.make_node("Transpose", ["seq"], ["seq_t"], perm=[0, 2, 1]),
+        helper.make_node("MatMul", ["seq", "seq_t"], ["scores"], name="scores"),
+        helper.make_node("Where", ["mask", "scores", "sentinel"], ["masked"], name="mask"),
+        helper.make_node("Softmax", ["masked"], ["probs"], axis=-1, name="softmax"),
+        helper.make_node("MatMul", ["probs", "seq"], ["y"], name="context"),
+    ]
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["B", tokens, dim])
+    mask = helper.make_tensor_value_info("mask", TensorProto.BOOL, ["B", 1, tokens + 1])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["B", tokens + 1, dim])
+    graph = helper.make_graph(nodes, "masked", [x, mask], [y], initializer=inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def test_mask_where_and_class_token_expand_are_integer():
+    def feed(seed: int) -> dict:
+        r = np.random.default_rng(seed)
+        keep = np.arange(13)[None, None, :] < r.integers(6, 14, (4, 1, 1))  # padded tails
+        return {"x": r.normal(0, 1, (4, 12, 16)).astype(np.float32), "mask": keep}
+
+    feeds = [feed(i) for i in range(8)]
+    model = _masked_attention_with_class_token()
+    result = qcompile.compile(model, target="fpga", calibration=feeds, **FAST)
+    assert result.report.float_islands == []
+    ops = result.report.integer_ops  # the mask Where is read into the integer Softmax
+    assert ops["Softmax"] == 1 and ops["Expand"] == 1
+    proto = ir.to_proto(result.model)
+    sess = _session(proto)
+    for f in (feed(20), feed(21)):
+        np.testing.assert_array_equal(sess.run(None, f)[0], run_reference(proto, f)[0])
+    qdq = qcompile.compile(
+        model, target="fpga", calibration=feeds, disabled_passes=("LowerToIntegerOnly",), **FAST
+    )
+    assert result.report.min_output_sqnr_db > qdq.report.min_output_sqnr_db - 1.0

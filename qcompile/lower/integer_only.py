@@ -48,7 +48,8 @@ from qcompile.lower.integer_parts import (
     _take_over,
     float_ops_between,
 )
-from qcompile.lower.integer_reductions import REDUCTIONS, wide_sum
+from qcompile.lower.integer_reductions import REDUCTIONS, masked_scores, wide_sum
+from qcompile.lower.integer_select import constant_movement, where
 from qcompile.numerics.dyadic import Dyadic, DyadicRangeError, to_dyadic
 from qcompile.quantize.log2 import levels, log2_codes, power_table
 
@@ -127,6 +128,7 @@ class LowerToIntegerOnly(ir.passes.InPlacePass):
             lowerings[name] = functools.partial(lower, self)
         for name in MOVEMENT_OPS:
             lowerings[name] = self._movement
+        lowerings["Where"] = functools.partial(where, self)
         for name in LUT_OPS:
             lowerings.setdefault(name, self._lookup_table)
         modified = False
@@ -134,7 +136,13 @@ class LowerToIntegerOnly(ir.passes.InPlacePass):
         for node in list(graph):
             if node.op_type in (Q, DQ) or node.graph is None:
                 continue
-            if not any(self._int_view(v) or wide_sum(self, v) for v in node.inputs):
+            if not any(self._int_view(v) or wide_sum(self, v) or masked_scores(self, v)
+                       for v in node.inputs):  # fmt: skip
+                emit = _Emitter(graph, node, node.name or node.op_type, used, constants)
+                if constant_movement(self, node, emit, graph) is None:  # a quantized constant
+                    self.lowered[node.op_type] += 1
+                    modified = True
+                    continue
                 self._refused.add(node.name)  # float in the QDQ graph already: the plan's
                 continue  # not fed by quantized tensors: outside the integer region
             standard = node.domain in ("", "ai.onnx") or (node.domain, node.op_type) in MS_LUT

@@ -129,6 +129,77 @@ def wide_sum(low: LowerToIntegerOnly, value: ir.Value | None) -> IntAct | None:
     return IntAct(src, float(scale), 0, *bounds)
 
 
+MASK_SENTINEL = -1e4  # a masking constant at or below this: its exp is 0 in float32
+
+
+def masked_scores(low: LowerToIntegerOnly, value: ir.Value | None):
+    """(scores, condition, negated) when `value`, read only by the Softmax, is attention's
+    masking of quantized scores by a constant sentinel <= MASK_SENTINEL:
+    Where(c, scores, sentinel) / Where(c, sentinel, scores), or scores + M with
+    M = Where(c, 0, sentinel) / Where(c, sentinel, 0) (BERT exports). The positions that
+    count are where the condition holds (negated: where it does not)."""
+    node = value.producer() if value is not None else None
+    if node is None or len(value.uses()) != 1 or node.op_type not in ("Where", "Add"):
+        return None
+    if node.op_type == "Add":
+        for scores_at in (0, 1):
+            view = low._int_view(node.inputs[scores_at]) or wide_sum(low, node.inputs[scores_at])
+            mask = _sentinel_select(node.inputs[1 - scores_at], zero_other=True)
+            if view is not None and mask is not None:
+                return view, *mask
+        return None
+    for scores_at in (1, 2):
+        view = low._int_view(node.inputs[scores_at]) or wide_sum(low, node.inputs[scores_at])
+        mask = _sentinel_select(value, zero_other=False, keep_at=scores_at)
+        if view is not None and mask is not None:
+            return view, *mask
+    return None
+
+
+def _sentinel_select(value: ir.Value | None, *, zero_other: bool, keep_at: int = 0):
+    """(condition, negated) when `value` = Where(c, x, y) with a sentinel constant on one
+    side (and 0, or the branch `keep_at`, on the other)."""
+    where = value.producer() if value is not None else None
+    if where is None or where.op_type != "Where" or where.inputs[0] is None:
+        return None
+    if where.inputs[0].dtype != ir.DataType.BOOL:
+        return None
+    branches = [const_array(v) for v in where.inputs[1:3]]
+    for sentinel_at in (1, 2):
+        other = 3 - sentinel_at
+        sentinel = branches[sentinel_at - 1]
+        if (
+            sentinel is None
+            or sentinel.size != 1
+            or not float(sentinel.ravel()[0]) <= MASK_SENTINEL
+        ):
+            continue
+        if zero_other:
+            kept = branches[other - 1]
+            if kept is None or kept.size != 1 or float(kept.ravel()[0]) != 0.0:
+                continue
+        elif other != keep_at:
+            continue
+        return where.inputs[0], sentinel_at == 1  # sentinel where c holds: keep where not
+    return None
+
+
+def _after_nan_guard(low: LowerToIntegerOnly, probs: ir.Value, graph: ir.Graph):
+    """The quantizer after Where(IsNaN(p), 0, p), the guard exporters put after a Softmax
+    whose rows may be fully masked with −inf: integer probabilities are never NaN (such a
+    row gives zeros, what the guard returns), so the guard goes."""
+    uses = {u.node.op_type: u.node for u in probs.uses()}
+    if len(uses) != 2 or set(uses) != {"IsNaN", "Where"}:
+        return None
+    isnan, where = uses["IsNaN"], uses["Where"]
+    zero = const_array(where.inputs[1])
+    if where.inputs[0] is not isnan.outputs[0] or where.inputs[2] is not probs:
+        return None
+    if zero is None or zero.size != 1 or float(zero.ravel()[0]) != 0.0:
+        return None
+    return low._out_quant(where.outputs[0], graph)
+
+
 def _shifted(emit: _Emitter, x: IntAct, excess: int) -> IntAct:
     """x / 2**excess rounded half to even, at scale · 2**excess (fewer bits, same range)."""
     magnitude = max(abs(x.qmin - x.zero_point), abs(x.qmax - x.zero_point))
@@ -221,8 +292,12 @@ def softmax(low: LowerToIntegerOnly, node: ir.Node, emit: _Emitter, graph: ir.Gr
     e·2**31), and the output is round(e·2**31 / Σe) (<= 2**31) requantized by 2**-31 / s_y;
     a floor there at 2**-16 had flipped one output step in 3% of an attention test's
     probabilities. An int32 input (attention scores from their MatMul) works alike."""
-    x = low._int_view(node.inputs[0]) or wide_sum(low, node.inputs[0])
-    out = low._out_quant(node.outputs[0], graph)
+    x, keep = low._int_view(node.inputs[0]) or wide_sum(low, node.inputs[0]), None
+    if x is None and (masked := masked_scores(low, node.inputs[0])) is not None:
+        x, keep, negated = masked
+        if negated:
+            keep = emit.op("Not", [keep], ir.DataType.BOOL, "keep")
+    out = low._out_quant(node.outputs[0], graph) or _after_nan_guard(low, node.outputs[0], graph)
     if not isinstance(x, IntAct) or out is None:
         return "input or output not quantized"
     opset = graph.opset_imports.get("", 13)
@@ -232,7 +307,11 @@ def softmax(low: LowerToIntegerOnly, node: ir.Node, emit: _Emitter, graph: ir.Gr
     if n > 2**16:
         return f"axis of {n} values overflows the int64 sum"
     wide = emit.cast(x.value, I64, "x64")
-    rel = emit.op("Sub", [wide, _reduce(emit, "ReduceMax", wide, "max")], I64, "minus_max")
+    kept = wide
+    if keep is not None:  # the row maximum of the kept scores only
+        floor = _i64(emit, -(2**40), "masked_low")
+        kept = emit.op("Where", [keep, wide, floor], I64, "kept_scores")
+    rel = emit.op("Sub", [wide, _reduce(emit, "ReduceMax", kept, "max")], I64, "minus_max")
     exponent = OutQuant(x.value, 1.0, 0, -(2**62), 0, I64)  # r: only its integers matter
     r = emit.requantize(rel, to_dyadic(x.scale * EXP_STEPS / math.log(2)), exponent)
     z = emit.op("Div", [emit.op("Neg", [r], I64, "neg"), _i64(emit, EXP_STEPS, "steps")], I64,
@@ -262,7 +341,12 @@ def softmax(low: LowerToIntegerOnly, node: ir.Node, emit: _Emitter, graph: ir.Gr
     e = emit.op("BitShift", [emit.cast(mantissa, U64, "mantissa_u"), halvings], U64, "exp",
                 {"direction": "RIGHT"})  # fmt: skip
     e = emit.cast(e, I64, "exp64")
+    if keep is not None:  # masked scores: exp(−3.4e38 − max) is 0; a fully masked row sums
+        # to 0 and gives zeros (float gives the uniform distribution over the sentinels)
+        e = emit.op("Where", [keep, e, _i64(emit, 0, "zero")], I64, "exp_kept")
     total = _reduce(emit, "ReduceSum", e, "exp_sum")
+    if keep is not None:
+        total = emit.op("Max", [total, _i64(emit, 1, "one")], I64, "exp_sum_pos")
     num = emit.op("Mul", [e, _i64(emit, 2**SOFTMAX_BITS, "fraction")], I64, "exp_fixed")
     half = emit.op("Div", [total, _i64(emit, 2, "two")], I64, "half_sum")
     num = emit.op("Add", [num, half], I64, "exp_rounded")
