@@ -124,13 +124,19 @@ class CompileOptions:
     # saturate int16 pair sums with full-range weights ("auto": probe this machine's ORT)
     reduce_range: str = "auto"
     # SmoothQuant on linear layers fed by a LayerNorm (α searched per group when None);
-    # smooth_explicit also smooths inputs with no foldable producer via an inserted Mul;
+    # smooth_explicit also smooths inputs with no foldable producer via an inserted Mul
+    # ("auto": where the target keeps float elementwise ops, i.e. not integer-only, and
+    # the consumers are wide enough that the Mul costs nothing measurable);
     # smooth_shift also centres each channel (folded into β and the consumers' biases);
     # off by default: on MiniLM it moved top-5 agreement 0.935 -> 0.928 (noise level).
     smoothquant: bool = True
     smooth_alpha: float | None = None
-    smooth_explicit: bool = False
+    smooth_explicit: str = "auto"
     smooth_shift: bool = False
+    # QuaRot-style rotation of RMSNorm residual streams (LLaMA-like decoders), folded into
+    # the embedding and linear weights: FP32-exact, spreads outlier channels before
+    # quantization; off by default until measured on a trained model that ships in a wheel
+    rotate: bool = False
     # cross-layer equalization across HardSwish (a 1×1 depthwise gate Conv per pair, which
     # costs time): "auto" compiles again with it when the worst output SQNR is poor
     equalize_hardswish: str = "auto"
@@ -234,6 +240,10 @@ class CompileOptions:
             raise QCompileError(
                 f"int4_accuracy_level must be 0-4, got {self.int4_accuracy_level}",
                 hint="0: FP32 compute, 4: int8 compute; leave it unset to measure both",
+            )
+        if self.smooth_explicit not in ("auto", "on", "off"):
+            raise QCompileError(
+                f"smooth_explicit must be auto, on or off, got {self.smooth_explicit!r}"
             )
         if self.reduce_range not in ("auto", "on", "off"):
             raise QCompileError(f"reduce_range must be auto, on or off, got {self.reduce_range!r}")

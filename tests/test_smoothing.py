@@ -1,5 +1,7 @@
 """SmoothQuant: FP32 outputs unchanged, outliers moved into weights, accuracy gained."""
 
+import argparse
+
 import builders
 import numpy as np
 import onnx
@@ -13,6 +15,7 @@ from onnx import TensorProto, helper, numpy_helper
 import qcompile
 from qcompile.backends.ort import runner_factory
 from qcompile.calibrate.runner import calibrate
+from qcompile.cli.flags import add_flags, options_kwargs
 from qcompile.ir import load_model
 from qcompile.passes.canonicalize import canonicalize
 from qcompile.passes.manager import run_phase
@@ -68,7 +71,7 @@ def _assert_same_outputs(before, after, feeds):
             np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-4)
 
 
-def _smooth(proto, feeds, explicit=False, alpha=None, shift=True):
+def _smooth(proto, feeds, explicit="off", alpha=None, shift=True):
     model, _ = run_phase(load_model(proto), "rewrite", canonicalize())
     groups = find_smooth_groups(model, explicit=explicit)
     stats = calibrate(
@@ -111,7 +114,7 @@ def test_pre_ln_smoothing_folds_into_gamma_and_beta():
 def test_explicit_smoothing_inserts_mul_and_keeps_outputs():
     proto = builders.mlp()
     feeds = [{"input": builders.features(16, seed=i)} for i in range(4)]
-    before, after, groups, _, _ = _smooth(proto, feeds, explicit=True, alpha=0.5)
+    before, after, groups, _, _ = _smooth(proto, feeds, explicit="on", alpha=0.5)
     assert groups and all(g.producer is None for g in groups)
     assert any(n.op_type == "Mul" and n.name.endswith("_smooth") for n in after.graph)
     _assert_same_outputs(before, after, feeds)
@@ -203,7 +206,7 @@ def test_explicit_smoothing_compiles_with_a_float_mul_before_the_quantizer():
     proto = builders.mlp()
     feeds = [{"input": builders.features(32, seed=i)} for i in range(10)]
     result = qcompile.compile(
-        proto, calibration=feeds, smooth_explicit=True, smooth_alpha=0.5, **FAST
+        proto, calibration=feeds, smooth_explicit="on", smooth_alpha=0.5, **FAST
     )
     model = ir.to_proto(result.model)
     muls = [n for n in model.graph.node if n.op_type == "Mul" and n.name.endswith("_smooth")]
@@ -306,3 +309,45 @@ def test_random_smoothing_groups_keep_fp32_outputs(case):
         after, "again", [SmoothQuant([], {}, cpu.PROFILE.activation, cpu.PROFILE.weight)]
     )
     assert again[0].modified is False
+
+
+def _mlp_with_outlier_channels() -> onnx.ModelProto:
+    """The test MLP with a few of fc1's and fc2's output channels 20x wider, so both
+    Relu outputs (fc2's input: 128 columns after it; fc3's: 16) have outlier channels."""
+    proto = builders.mlp()
+    for init in proto.graph.initializer:
+        if init.name in ("W_1", "W_5"):
+            w = onnx.numpy_helper.to_array(init).copy()
+            w[:, :3] *= 20.0
+            init.CopyFrom(onnx.numpy_helper.from_array(w, init.name))
+    return proto
+
+
+def test_explicit_smoothing_auto_smooths_wide_consumers_unless_integer_only():
+    proto = _mlp_with_outlier_channels()
+    feeds = [{"input": builders.features(32, seed=i)} for i in range(10)]
+
+    def smoothed(**kw) -> set[str]:
+        model = ir.to_proto(qcompile.compile(proto, calibration=feeds, **kw, **FAST).model)
+        return {
+            n.name for n in model.graph.node if n.op_type == "Mul" and n.name.endswith("_smooth")
+        }
+
+    # default auto: fc2 (128 columns) gets its Mul, fc3 (16 columns) is too narrow to pay
+    assert smoothed() == {"relu_4_out_smooth"}
+    assert smoothed(smooth_explicit="on") == {"relu_4_out_smooth", "relu_7_out_smooth"}
+    assert smoothed(smooth_explicit="off") == set()
+    # integer-only: a float Mul would be an island, so auto leaves it out
+    assert smoothed(integer_only=True) == set()
+
+
+def test_smooth_explicit_flag_bare_means_on():
+    parser = argparse.ArgumentParser()
+    add_flags(parser, "compile")
+
+    def explicit(*argv: str) -> str:
+        return options_kwargs(parser.parse_args(list(argv))).get("smooth_explicit", "unset")
+
+    assert explicit("--smooth-explicit") == "on"
+    assert explicit("--smooth-explicit", "off") == "off"
+    assert explicit() == "unset"  # the dataclass default (auto) applies

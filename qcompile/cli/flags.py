@@ -42,6 +42,8 @@ class Flag:
     scope: str = "model"
     # CLI text -> field value, for the few that differ (e.g. "none" -> None)
     convert: Callable[[Any], Any] | None = None
+    # "value" flags that may also be given bare: the value that means
+    bare: str | None = None
 
     def add_to(self, parser: argparse.ArgumentParser) -> None:
         kwargs: dict[str, Any] = {"dest": self.field, "default": argparse.SUPPRESS}
@@ -56,6 +58,8 @@ class Flag:
                 kwargs["type"] = self.type
                 if default not in (None, dataclasses.MISSING) and not isinstance(default, tuple):
                     text += f" (default: {default})"
+            if self.bare is not None:
+                kwargs["nargs"], kwargs["const"] = "?", self.bare
             if self.choices:
                 kwargs["choices"] = self.choices
             if self.metavar:
@@ -114,9 +118,14 @@ FLAGS: tuple[Flag, ...] = (
     Flag("--smooth-alpha", "smooth_alpha", "fix SmoothQuant's alpha (default: searched per "
          "layer)", type=float),
     Flag("--smooth-explicit", "smooth_explicit", "also smooth inputs without a foldable "
-         "producer, inserting a Mul", "on"),
+         "producer (GELU -> FFN2), inserting a float Mul (auto: unless integer-only, where "
+         "the consumer has >= 64 output columns; bare flag: on)", choices=("auto", "on", "off"),
+         bare="on"),
     Flag("--smooth-shift", "smooth_shift", "also centre LayerNorm-fed channels (OS+/RepQ-ViT "
          "shift, folded into β and biases)", "on"),
+    Flag("--rotate", "rotate", "rotate RMSNorm residual streams (LLaMA-like decoders) by a "
+         "randomized Hadamard matrix folded into the weights (QuaRot, FP32-exact): spreads "
+         "outlier channels before quantization", "on"),
     Flag("--equalize-hardswish", "equalize_hardswish", "cross-layer equalization across "
          "HardSwish via a 1x1 depthwise gate Conv per pair (costs time; auto: compile again "
          "with it when the worst output SQNR is below 25 dB, keep it if it gains 1 dB)",

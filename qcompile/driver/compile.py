@@ -46,6 +46,7 @@ from qcompile.options import CompileOptions
 from qcompile.passes.manager import PassRecord, pass_name, run_phase
 from qcompile.passes.operator_format import DynamicToFloat, OperatorsToQDQ
 from qcompile.passes.prequantized import DequantizeQDQ, quantized_ops
+from qcompile.passes.rotation import rotation_notes
 from qcompile.passes.smoothing import ChannelObserver, find_smooth_groups
 from qcompile.quantize.bias_correction import ChannelMeanObserver, correction_inputs
 from qcompile.quantize.plan import QuantPlan, build_plan
@@ -191,6 +192,7 @@ def prepare(job: CompileJob, workspace: Workspace) -> Prepared | CompileResult:
     graph_model, records, notes = checked_phase(
         graph_model, "rewrite", pipe.rewrite, reference, feed, skip=skip, verify=verify
     )
+    notes += rotation_notes(pipe.rewrite)
     infer_shapes(graph_model)
     prep = Prepared(
         job,
@@ -208,7 +210,10 @@ def prepare(job: CompileJob, workspace: Workspace) -> Prepared | CompileResult:
 
     # Smooth: migrate activation outliers into weights (needs its own statistics).
     if pipe.smooth is not None and options.smoothquant and "SmoothQuant" not in skip:
-        groups = find_smooth_groups(graph_model, explicit=options.smooth_explicit)
+        explicit = options.smooth_explicit
+        if explicit == "auto" and profile.integer_only:
+            explicit = "off"  # the Mul would be a float island
+        groups = find_smooth_groups(graph_model, explicit=explicit)
         if groups:
             channel_stats = prep.observe(
                 [g.activation for g in groups], ChannelObserver, lambda t: "channel"

@@ -20,6 +20,7 @@ from qcompile.options import CompileOptions
 from qcompile.passes.canonicalize import canonicalize
 from qcompile.passes.equalization import CrossLayerEqualization
 from qcompile.passes.fusion import FuseForQuantization
+from qcompile.passes.rotation import RotateResidualStream
 from qcompile.passes.smoothing import SmoothQuant
 from qcompile.profile import (
     ARITH_OPS,
@@ -50,9 +51,16 @@ PROFILE = TargetProfile(
 def rewrite(options: CompileOptions) -> list[ir.passes.PassBase]:
     """FP32 clean-up, fusions that put quantizers where integer kernels exist, then
     cross-layer equalization of Conv → Relu → Conv chains (after BatchNorm folding), and of
-    Conv → HardSwish → Conv ones where --equalize-hardswish asks (strategies/equalization)."""
+    Conv → HardSwish → Conv ones where --equalize-hardswish asks (strategies/equalization);
+    with --rotate, RMSNorm residual streams rotated first (passes/rotation.py)."""
     hardswish = options.equalize_hardswish == "on"
-    return [*canonicalize(), FuseForQuantization(), CrossLayerEqualization(hardswish=hardswish)]
+    rotate = [RotateResidualStream(options.seed)] if options.rotate else []
+    return [
+        *canonicalize(),
+        FuseForQuantization(),
+        *rotate,
+        CrossLayerEqualization(hardswish=hardswish),
+    ]
 
 
 def smooth(profile: TargetProfile, options: CompileOptions) -> SmoothPhase:
