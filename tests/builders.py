@@ -228,20 +228,24 @@ def decomposed_layernorm(seed: int = 0, dim: int = 32) -> onnx.ModelProto:
     return b.model([inp], [out])
 
 
-def decoder(seed: int = 0, size: int = 16, width: int = 8) -> onnx.ModelProto:
-    """Detector-style decoder: strided Conv, ConvTranspose upsampling, Resize, AveragePool,
-    Sigmoid head; covers the ops the CNN does not."""
+def decoder(seed: int = 0, size: int = 16, width: int = 8, up_kernel: int = 2) -> onnx.ModelProto:
+    """Detector-style decoder: strided Conv, ConvTranspose upsampling (kernel 2 = stride,
+    or an overlapping kernel 3 with padding), Resize, AveragePool, Sigmoid head; covers
+    the ops the CNN does not."""
     b = _Builder("decoder", seed)
     x = b.op("Relu", [b.conv("input", 3, width, stride=2, name="down")])
-    w = (b.rng.standard_normal((width, width, 2, 2)) * np.sqrt(2.0 / (width * 4))).astype(
+    k = up_kernel
+    w = (b.rng.standard_normal((width, width, k, k)) * np.sqrt(2.0 / (width * 4))).astype(
         np.float32
     )
+    overlap = {} if k == 2 else {"pads": [1, 1, 1, 1], "output_padding": [1, 1]}
     up = b.op(
         "ConvTranspose",
         [x, b.const("Wt", w), b.const("bt", np.zeros(width, np.float32))],
         name="up",
-        kernel_shape=[2, 2],
+        kernel_shape=[k, k],
         strides=[2, 2],
+        **overlap,
     )
     up = b.op("Relu", [up])
     small = b.op("AveragePool", [x], name="pool", kernel_shape=[2, 2], strides=[2, 2])

@@ -195,3 +195,23 @@ def test_python_api_builds_a_compiled_model_with_tvm(tmp_path, feeds):
         ir.to_proto(result.model).SerializeToString(), providers=["CPUExecutionProvider"]
     ).run(None, feeds[0])[0]
     assert sqnr_db(want, got) > 30
+
+
+def test_integer_upsampling_is_bit_exact_in_tvm_ort_and_the_reference():
+    # ConvTranspose (kernel = stride) as a 1x1 ConvInteger and an 8-bit DepthToSpace
+    from test_integer_upsample import _feeds, upsampling_head
+
+    from qcompile.backends.reference import run_reference
+
+    feeds = _feeds()
+    result = qcompile.compile(upsampling_head(), target="fpga", calibration=feeds, **FAST)
+    assert result.report.float_islands == []
+    executable, names, _ = tvm_backend.compile_model(
+        result.model, input_shapes={"x": (1, 3, 12, 16)}
+    )
+    runner = tvm_backend.TVMRunner(executable, names)
+    proto = ir.to_proto(result.model)
+    for feed in feeds[:2]:
+        ours = _ort(result.model, feed)[0]
+        np.testing.assert_array_equal(runner.run(feed)[0], ours)
+        np.testing.assert_array_equal(run_reference(proto, feed)[0], ours)

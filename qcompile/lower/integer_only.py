@@ -50,6 +50,7 @@ from qcompile.lower.integer_parts import (
 )
 from qcompile.lower.integer_reductions import REDUCTIONS, masked_scores, wide_sum
 from qcompile.lower.integer_select import constant_movement, where
+from qcompile.lower.integer_upsample import conv_transpose
 from qcompile.numerics.dyadic import Dyadic, DyadicRangeError, to_dyadic
 from qcompile.quantize.log2 import levels, log2_codes, power_table
 
@@ -129,6 +130,7 @@ class LowerToIntegerOnly(ir.passes.InPlacePass):
         for name in MOVEMENT_OPS:
             lowerings[name] = self._movement
         lowerings["Where"] = functools.partial(where, self)
+        lowerings["ConvTranspose"] = functools.partial(conv_transpose, self)
         for name in LUT_OPS:
             lowerings.setdefault(name, self._lookup_table)
         modified = False

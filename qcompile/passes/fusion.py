@@ -14,6 +14,7 @@ import onnx_ir as ir
 import onnx_ir.passes.common as common_passes
 from onnxscript import rewriter
 from onnxscript.rewriter import pattern
+from onnxscript.rewriter.rules import common as rules
 
 from qcompile.ir.graph import scalar_const
 from qcompile.passes.naming import NamePreservingRewrite
@@ -171,10 +172,23 @@ def _conv_add(op, x, w, b):
     return op.Add(op.Conv(x, w, _allow_other_attributes=True, _outputs=["conv_out"]), b)
 
 
+def _conv_transpose_add(op, x, w, b):
+    """Paddle writes ConvTranspose's bias as an Add after it (PP-OCR det's upsampling), which
+    also keeps a BatchNormalization after that Add from folding into the ConvTranspose."""
+    return op.Add(op.ConvTranspose(x, w, _allow_other_attributes=True, _outputs=["conv_out"]), b)
+
+
+def _out_channels(conv: ir.Node, w: ir.Value) -> int:
+    """Conv weights are [C_out, C_in/g, ...]; ConvTranspose's are [C_in, C_out/g, ...]."""
+    if conv.op_type == "ConvTranspose":
+        return w.const_value.shape[1] * conv.attributes.get_int("group", 1)
+    return w.const_value.shape[0]
+
+
 def _conv_add_check(context, x, w, b, conv_out=None, **_):
     if w.const_value is None or b.const_value is None or len(conv_out.uses()) != 1:
         return False
-    cout = w.const_value.shape[0]
+    cout = _out_channels(conv_out.producer(), w)
     bias = b.const_value.numpy()
     rank = len(w.const_value.shape)
     if bias.ndim > rank:
@@ -190,12 +204,13 @@ def _conv_add_check(context, x, w, b, conv_out=None, **_):
 
 def _conv_add_replace(op, x, w, b, conv_out=None, **_):
     conv = conv_out.producer()
-    cout = w.const_value.shape[0]
+    cout = _out_channels(conv, w)
     bias = np.broadcast_to(b.const_value.numpy().reshape(-1), (cout,)).astype(np.float32)
     if len(conv.inputs) > 2 and conv.inputs[2] is not None:
         bias = bias + conv.inputs[2].const_value.numpy().astype(np.float32)
     new_b = op.initializer(ir.tensor(bias, name=_fresh_name(w, "fused_bias")))
-    return op.Conv(x, w, new_b, **{k: v for k, v in conv.attributes.items()})
+    build = op.ConvTranspose if conv.op_type == "ConvTranspose" else op.Conv
+    return build(x, w, new_b, **{k: v for k, v in conv.attributes.items()})
 
 
 def _conv_no_bias_or_const_bias(context, x, w, b, conv_out=None, **_):
@@ -316,6 +331,14 @@ RULES = rewriter.RewriteRuleSet(
         pattern.RewriteRule(
             _conv_add, _conv_add_replace, _conv_no_bias_or_const_bias, name="ConvBiasAdd"
         ),
+        pattern.RewriteRule(
+            _conv_transpose_add,
+            _conv_add_replace,
+            _conv_no_bias_or_const_bias,
+            name="ConvTransposeBiasAdd",
+        ),
+        # a BatchNormalization the bias Add kept apart folds once the Add is gone
+        rules.fuse_batchnorm_into_conv_transpose_rule,
         pattern.RewriteRule(
             _scaled_linear, _scaled_linear_replace, _scaled_linear_check, name="ScaleIntoLinear"
         ),

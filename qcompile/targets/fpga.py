@@ -25,7 +25,9 @@ PROFILE = TargetProfile(
     weight=QuantSpec(bits=8, signed=True, symmetric=True, narrow=True, scale_kind="pow2"),
     per_channel_weights=True,
     per_channel_matmul=True,
-    compute_ops=COMPUTE_OPS - {"ConvTranspose"},  # no integer ConvTranspose in ONNX
+    # ConvTranspose: integer form for kernel = stride (lower/integer_upsample.py); other
+    # shapes are refused by the lowering, naming the node
+    compute_ops=COMPUTE_OPS,
     # elementwise ops become lookup tables, so they are quantized too
     arith_ops=(ARITH_OPS - {"Softmax"}) | TABLE_OPS,
     remove_clamping_activations=False,

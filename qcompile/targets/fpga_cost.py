@@ -67,6 +67,13 @@ def layer_macs(node: ir.Node, observed: Mapping[str, tuple] | None = None) -> in
     if node.op_type == "Conv":
         # each output element reduces over C_in/group × kernel
         return outputs * int(np.prod(w_dims[1:]))
+    if node.op_type == "ConvTranspose":
+        # each input element meets C_out/group × kernel weights; per output element that
+        # is C_in/group × kernel / stride (C_in/group for the kernel = stride upsampling)
+        group = node.attributes.get_int("group", 1)
+        strides = node.attributes.get_ints("strides", [1] * (len(w_dims) - 2))
+        per_output = w_dims[0] // group * int(np.prod(w_dims[2:]))
+        return outputs * per_output // max(int(np.prod(strides)), 1)
     if node.op_type == "Gemm":
         k = w_dims[1] if node.attributes.get_int("transB", 0) else w_dims[0]
         return outputs * k
