@@ -51,6 +51,7 @@ from qcompile.lower.integer_parts import (
 from qcompile.lower.integer_reductions import REDUCTIONS, masked_scores, wide_sum
 from qcompile.lower.integer_select import constant_movement, where
 from qcompile.lower.integer_upsample import conv_transpose
+from qcompile.lower.integer_wide import add_wide, wide_accumulator
 from qcompile.numerics.dyadic import Dyadic, DyadicRangeError, to_dyadic
 from qcompile.quantize.log2 import levels, log2_codes, power_table
 
@@ -67,8 +68,10 @@ class LowerToIntegerOnly(ir.passes.InPlacePass):
     left in float between quantizers.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, keep_float: Callable[[str, str], bool] | None = None) -> None:
+        """`keep_float(node_name, op_type)`: nodes the user keeps float (`--exclude`)."""
         super().__init__()
+        self.keep_float = keep_float
         self.lowered: Counter[str] = Counter()
         self.islands: list[FloatIsland] = []
         self._refused: set[str] = set()
@@ -139,7 +142,7 @@ class LowerToIntegerOnly(ir.passes.InPlacePass):
             if node.op_type in (Q, DQ) or node.graph is None:
                 continue
             if not any(self._int_view(v) or wide_sum(self, v) or masked_scores(self, v)
-                       for v in node.inputs):  # fmt: skip
+                       or wide_accumulator(self, v) for v in node.inputs):  # fmt: skip
                 emit = _Emitter(graph, node, node.name or node.op_type, used, constants)
                 if constant_movement(self, node, emit, graph) is None:  # a quantized constant
                     self.lowered[node.op_type] += 1
@@ -149,6 +152,9 @@ class LowerToIntegerOnly(ir.passes.InPlacePass):
                 continue  # not fed by quantized tensors: outside the integer region
             standard = node.domain in ("", "ai.onnx") or (node.domain, node.op_type) in MS_LUT
             lower = lowerings.get(node.op_type) if standard else None
+            if self.keep_float and self.keep_float(node.name or "", node.op_type):
+                self.islands.append(FloatIsland(node.name, node.op_type, "excluded by option"))
+                continue
             emit = _Emitter(graph, node, node.name or node.op_type, used, constants)
             try:
                 reason = lower(node, emit, graph) if lower else "no integer form"
@@ -346,6 +352,8 @@ class LowerToIntegerOnly(ir.passes.InPlacePass):
         return operands
 
     def _add(self, node: ir.Node, emit: _Emitter, graph: ir.Graph) -> str | None:
+        if any(wide_accumulator(self, v) for v in node.inputs):
+            return add_wide(self, node, emit, graph)
         out = self._out_quant(node.outputs[0], graph)
         operands = self._operands(node, emit)
         if isinstance(operands, str):

@@ -26,6 +26,7 @@ from qcompile.options import CompileOptions
 from qcompile.profile import TargetProfile
 from qcompile.quantize.quant_plan import FLOAT_TYPES, BiasUse, NodeKind, QuantPlan, WeightUse
 from qcompile.quantize.weight_only import int4_eligible
+from qcompile.quantize.wide_inputs import wide_add_inputs
 
 logger = logging.getLogger(__name__)
 
@@ -257,8 +258,18 @@ def build_plan(
             plan.skipped[name] = "positive scalar scale folded into the dequantizer"
 
     # 4. Tensors: activation inputs of quantized nodes, and outputs with quantized consumers.
+    # Integer-only Adds read a Linear layer's accumulator wide (quantize/wide_inputs.py).
+    wide, lookups = wide_add_inputs(nodes, kinds, graph_outputs) if integer_only else ({}, [])
+    for gather in lookups:  # an embedding table, quantized per column (wide_inputs.py)
+        table = gather.inputs[0]
+        axis = 1 if options.per_channel is not False else None
+        plan.weights.append(WeightUse(gather.name or "", 0, table.name, axis))
+
     def consumer_quantized(value: ir.Value) -> bool:
-        return any((u.node.name or "") in kinds for u in value.uses())
+        return any(
+            (u.node.name or "") in kinds and u.idx not in wide.get(u.node.name or "", ())
+            for u in value.uses()
+        )
 
     for node in nodes:
         name = node.name or ""
@@ -267,6 +278,8 @@ def build_plan(
             continue
         plan.nodes[name] = kind
         for i in _activation_inputs(node, kind):
+            if name in wide and (i in wide[name] or _const(node.inputs[i]) is not None):
+                continue
             if i < len(node.inputs) and node.inputs[i] is not None:
                 # Constant operands of Add/Mul/Concat are quantized like activations
                 # (same type, per tensor); calibration observes them like any tensor.
@@ -279,7 +292,12 @@ def build_plan(
             # MatMul whose consumers stay float becomes MatMulIntegerToFloat instead.
             # Graph outputs stay float unless quantized nodes also read them: a head's
             # output precision is the user's accuracy, not ours to spend.
-            must = kind == "compute" and node.op_type != "MatMul" and out.name not in graph_outputs
+            # A wide Add's sum is quantized even for float readers (a LayerNorm): the
+            # lowering needs its calibrated range to keep 16 bits of it. Neither is when
+            # the reader takes it wide.
+            must = (kind == "compute" and node.op_type != "MatMul") or name in wide
+            must = must and out.name not in graph_outputs
+            must = must and not any(u.idx in wide.get(u.node.name or "", ()) for u in out.uses())
             if must or consumer_quantized(out):
                 plan.tensors.setdefault(out.name, out.name)
                 plan.consumers.setdefault(out.name, [])

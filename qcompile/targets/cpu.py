@@ -104,7 +104,7 @@ def lower(options: CompileOptions, profile: TargetProfile) -> list[ir.passes.Pas
     """The QDQ graph with float-output MatMuls written as ORT's CPU kernel (bias folded
     in), or lowered to integer-only arithmetic (--integer-only)."""
     if options.integer_only:
-        return [*finalize(), LowerToIntegerOnly()]
+        return [*finalize(), LowerToIntegerOnly(keep_float=options.is_excluded)]
     if profile.execution_providers[0] == "CPUExecutionProvider":
         return [FuseMatMulIntegerToFloat(), *finalize()]
     return finalize()
