@@ -162,3 +162,23 @@ def test_embedding_tables_are_quantized_per_column_and_summed_wide():
     # one 8-bit scale for the looked-up rows and their sum (the former plan): 24.0 dB
     # here; per-column table and wide sum: 38.4 dB
     assert _sqnr(np.concatenate(want), np.concatenate(got)) > 32.0
+
+
+def test_gelu_reads_the_linear_layer_sum_with_four_more_bits():
+    import builders
+
+    feeds = [{"input": builders.token_embeddings(4, seed=i)} for i in range(6)]
+    model = builders.transformer_block()
+    result = qcompile.compile(model, target="cpu", calibration=feeds, integer_only=True, **FAST)
+    assert result.report.integer_ops["Gelu"] == 1
+    proto = ir.to_proto(result.model)
+    inits = {t.name: numpy_helper.to_array(t) for t in proto.graph.initializer}
+    tables = [
+        inits[n.input[0]].size
+        for n in proto.graph.node
+        if n.op_type == "Gather" and n.input[0] in inits and inits[n.input[0]].ndim == 1
+    ]
+    # GELU's table over the 8-bit range in steps of 1/16: 255·16 + 1 entries, not 256
+    assert 255 * 16 + 1 in tables
+    sess = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
+    np.testing.assert_array_equal(sess.run(None, feeds[0])[0], run_reference(proto, feeds[0])[0])

@@ -468,13 +468,17 @@ class LowerToIntegerOnly(ir.passes.InPlacePass):
         return None
 
     def _lookup_table(self, node: ir.Node, emit: _Emitter, graph: ir.Graph) -> str | None:
-        x, out = self._int_view(node.inputs[0]), self._out_quant(node.outputs[0], graph)
+        x = self._int_view(node.inputs[0]) or wide_sum(self, node.inputs[0])
+        out = self._out_quant(node.outputs[0], graph)
         if not isinstance(x, IntAct) or out is None or len(node.outputs) != 1:
             return "input or output not quantized"
         extra = node.inputs[1:]
         if any(v is not None and v.const_value is None for v in extra):
             return "a non-constant parameter input"
-        lo, hi = INT_RANGE[x.value.dtype]
+        # 8-bit codes, or a wide sum's finer codes (integer_wide.py: up to 4096 entries)
+        lo, hi = INT_RANGE.get(x.value.dtype, (x.qmin, x.qmax))
+        if hi - lo >= 2**16:
+            return "input range too wide for a lookup table"
         codes = np.arange(lo, hi + 1, dtype=np.int64)
         real = ((codes - x.zero_point) * np.float32(x.scale)).astype(np.float32)
         try:

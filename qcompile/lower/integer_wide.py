@@ -32,6 +32,8 @@ from qcompile.ir.graph import const_array
 from qcompile.lower.integer_parts import (
     DQ,
     INT_RANGE,
+    LUT_OPS,
+    MS_LUT,
     IntAct,
     IntConst,
     OutQuant,
@@ -47,6 +49,7 @@ if TYPE_CHECKING:
 FINE_UNIT_BITS = 53  # the int64 sum spans R / 2**53 steps: far inside 2**62
 INT32_BITS = 30  # the int32 sum spans R / 2**30 steps
 EXTRA_BITS = 8  # fraction bits a LayerNorm-only reader gets beyond the 8-bit quantizer
+TABLE_EXTRA_BITS = 4  # and a lookup table (GELU): 4096 entries
 
 
 def _channel_shape(scale: np.ndarray, axis: int, rank: int | None) -> tuple[int, ...] | None:
@@ -147,20 +150,33 @@ def wide_accumulator(low: LowerToIntegerOnly, value: ir.Value | None):
     return (lambda emit: src), scale, bound
 
 
-def _fine_readers(graph: ir.Graph, out: OutQuant) -> list[ir.Node] | None:
-    """The DequantizeLinears of `out` when LayerNormalizations alone read them."""
+def _fine_reader_bits(node: ir.Node) -> int | None:
+    """Extra fraction bits `node` takes on its first input: a LayerNorm 8 (16-bit input),
+    a lookup table 4 (a 4096-entry table instead of 256: GELU's input is a Linear
+    layer's output, whose 8-bit rounding the table would otherwise carry)."""
+    if node.op_type == "LayerNormalization":
+        return EXTRA_BITS
+    standard = node.domain in ("", "ai.onnx") or (node.domain, node.op_type) in MS_LUT
+    if standard and node.op_type in LUT_OPS and len(node.outputs) == 1:
+        return TABLE_EXTRA_BITS
+    return None
+
+
+def _fine_readers(graph: ir.Graph, out: OutQuant) -> tuple[list[ir.Node], int] | None:
+    """(the DequantizeLinears of `out`, extra bits) when LayerNorms alone or lookup
+    tables alone read them, at input 0."""
     if _is_graph_output(out.replace, graph):
         return None
     dqs = [u.node for u in out.replace.uses()]
     if not dqs or any(d.op_type != DQ for d in dqs):
         return None
+    bits = set()
     for d in dqs:
         uses = list(d.outputs[0].uses())
-        if _is_graph_output(d.outputs[0], graph) or not uses:
+        if _is_graph_output(d.outputs[0], graph) or not uses or any(u.idx for u in uses):
             return None
-        if any(u.node.op_type != "LayerNormalization" or u.idx != 0 for u in uses):
-            return None
-    return dqs
+        bits |= {_fine_reader_bits(u.node) for u in uses}
+    return (dqs, bits.pop()) if len(bits) == 1 and None not in bits else None
 
 
 def add_wide(low: LowerToIntegerOnly, node: ir.Node, emit: _Emitter, graph: ir.Graph):
@@ -216,10 +232,11 @@ def add_wide(low: LowerToIntegerOnly, node: ir.Node, emit: _Emitter, graph: ir.G
     out = low._out_quant(node.outputs[0], graph)
     if out is None:  # read by float ops (or a LayerNorm the plan left unquantized)
         return _dequantized(emit, graph, node.outputs[0], sum32, unit)
-    readers = _fine_readers(graph, out)
-    if readers is not None:  # LayerNorm only: the quantizer's range, 8 more bits
-        step = out.scale / 2**EXTRA_BITS
-        lo, hi = ((q - out.zero_point) * 2**EXTRA_BITS for q in (out.qmin, out.qmax))
+    fine = _fine_readers(graph, out)
+    if fine is not None:  # LayerNorm or tables only: the quantizer's range, more bits
+        readers, extra = fine
+        step = out.scale / 2**extra
+        lo, hi = ((q - out.zero_point) * 2**extra for q in (out.qmin, out.qmax))
         wide_out = OutQuant(out.replace, step, 0, lo, hi, I32)
         y = emit.requantize(sum32, to_dyadic(unit / step), wide_out)
         y.shape = node.outputs[0].shape
