@@ -273,6 +273,20 @@ class LayerNormAxesAttributeFusion(LayerNormFusion):
         )
 
 
+class LayerNormDefaultKeepdimsFusion(LayerNormFusion):
+    """The same with `keepdims` left at its default (1), as Paddle2ONNX exports it."""
+
+    def pattern(self, op, x, scale, epsilon):
+        return self._normalized(op, x, lambda v: op.ReduceMean(v, axes=[-1]), scale, epsilon)
+
+    def check(self, context, x, epsilon, **kw) -> pattern.MatchResult:
+        result = super().check(context, x, epsilon, **kw)
+        for use in x.uses():  # the pattern ignores other attributes: keepdims=0 is not ours
+            if use.node.op_type == "ReduceMean" and use.node.attributes.get_int("keepdims", 1) != 1:
+                return pattern.MatchResult().fail("ReduceMean drops the axis", x)
+        return result
+
+
 class LayerNormBiasFusion(pattern.RewriteRuleClassBase):
     """LayerNormalization followed by Add of a bias -> LayerNormalization with that bias."""
 
@@ -312,6 +326,7 @@ RULES = rewriter.RewriteRuleSet(
         # onnxscript's own rules, adapted below: decomposed LayerNorm -> LayerNormalization,
         # rank-2 MatMul + constant bias -> Gemm (one QGemm kernel with its int32 bias).
         LayerNormAxesAttributeFusion.rule(),
+        LayerNormDefaultKeepdimsFusion.rule(),
         LayerNormFusion.rule(),
         LayerNormBiasFusion.rule(),
         MatMulBiasToGemm.rule(),

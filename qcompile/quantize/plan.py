@@ -24,6 +24,7 @@ import onnx_ir as ir
 
 from qcompile.options import CompileOptions
 from qcompile.profile import TargetProfile
+from qcompile.quantize.kept_float import kept_float_reason
 from qcompile.quantize.quant_plan import FLOAT_TYPES, BiasUse, NodeKind, QuantPlan, WeightUse
 from qcompile.quantize.weight_only import int4_eligible
 from qcompile.quantize.wide_inputs import wide_add_inputs
@@ -107,7 +108,7 @@ def build_plan(
 
     # 0. Ops kept FP32 by design are reported, so users see where the float time goes.
     for node in nodes:
-        reason = _kept_float_reason(node)
+        reason = kept_float_reason(node)
         if reason:
             plan.skipped[node.name or ""] = reason
 
@@ -243,7 +244,13 @@ def build_plan(
                 src is not None
                 and _is_float(src)
                 and producer is not None
-                and (producer.name in kinds or producer.name in plan.fused_activations)
+                and (
+                    producer.name in kinds
+                    or producer.name in plan.fused_activations
+                    # not plan nodes, but lowered to integers when their output is
+                    # quantized: movement after them moves integers
+                    or (integer_only and producer.op_type in INTEGER_NORMALIZATIONS)
+                )
             ):
                 kinds[name] = "passthrough"
 
@@ -295,7 +302,10 @@ def build_plan(
             # A wide Add's sum is quantized even for float readers (a LayerNorm): the
             # lowering needs its calibrated range to keep 16 bits of it. Neither is when
             # the reader takes it wide.
+            # Integer-only: moved integers stay integers even for a float reader (a
+            # LayerNorm or Softmax after a Transpose/Flatten reads them as they are).
             must = (kind == "compute" and node.op_type != "MatMul") or name in wide
+            must = must or (integer_only and kind == "passthrough")
             must = must and out.name not in graph_outputs
             must = must and not any(u.idx in wide.get(u.node.name or "", ()) for u in out.uses())
             if must or consumer_quantized(out):
@@ -376,28 +386,7 @@ def _after_softmax(value: ir.Value, depth: int = 4) -> bool:
     return False
 
 
-CONTROL_FLOW_OPS = frozenset({"If", "Loop", "Scan"})
-RECURRENT_OPS = frozenset({"LSTM", "GRU", "RNN"})
-
-
-def _kept_float_reason(node: ir.Node) -> str | None:
-    if node.op_type in CONTROL_FLOW_OPS:
-        inner = sum(len(list(g)) for a in node.attributes.values() for g in _subgraphs(a))
-        return (
-            f"control flow: its subgraphs' {inner} op(s) stay FP32 (calibrating inside "
-            "branches that run for some inputs only is not attempted)"
-        )
-    if node.op_type in RECURRENT_OPS:
-        return "recurrent op: stays FP32 (ONNX Runtime has no static-INT8 kernel for it)"
-    return None
-
-
-def _subgraphs(attr: ir.Attr) -> list[ir.Graph]:
-    if attr.type == ir.AttributeType.GRAPH:
-        return [attr.value]
-    if attr.type == ir.AttributeType.GRAPHS:
-        return list(attr.value)
-    return []
+INTEGER_NORMALIZATIONS = frozenset({"LayerNormalization", "Softmax"})
 
 
 def nodes_touching(model: ir.Model, plan: QuantPlan, tensors: set[str]) -> set[str]:
