@@ -77,3 +77,14 @@ def compile_cli(model, calib, out, *extra) -> int:
     from qcompile.cli import main
 
     return main(["compile", str(model), "-o", str(out), "--calib", str(calib), *extra])
+
+
+def corpus_model(name: str):
+    """(model, calibration feeds) of a cached corpus export, or skip the test."""
+    from benchmarks import corpus
+
+    entry = {e.name: e for e in corpus.all_models()}.get(name)
+    if entry is None:
+        pytest.skip("model corpus not cached: python -m benchmarks.corpus_torch")
+    model = entry.load()
+    return model, entry.feeds(model)

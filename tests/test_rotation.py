@@ -4,6 +4,7 @@ the stream does not allow it, and worth decibels where the stream has outlier ch
 import numpy as np
 import onnx
 import pytest
+from conftest import corpus_model
 from onnx import TensorProto, helper, numpy_helper
 from test_smoothing import _assert_same_outputs, _run
 
@@ -184,13 +185,7 @@ def test_real_decoder_exports_rotate_and_stay_fp32_exact(family, export):
     """Random-init transformers exports (benchmarks/corpus_torch.py), both torch
     exporters: the whole compile with --rotate, checked after every pass; the rotated FP32
     graph against the user's model."""
-    from benchmarks import corpus
-
-    entry = {e.name: e for e in corpus.all_models()}.get(f"{family}.{export}")
-    if entry is None:
-        pytest.skip("model corpus not cached: python -m benchmarks.corpus_torch")
-    model = entry.load()
-    feeds = entry.feeds(model)
+    model, feeds = corpus_model(f"{family}.{export}")
     result = qcompile.compile(
         model,
         calibration=feeds,

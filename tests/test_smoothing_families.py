@@ -5,6 +5,7 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 import pytest
+from conftest import corpus_model
 from onnx import TensorProto, helper, numpy_helper
 from test_smoothing import _assert_same_outputs, _run, _smooth
 
@@ -156,13 +157,7 @@ def test_real_transformer_exports_stay_fp32_exact_after_smoothing(family, export
     exporters: smoothed at a fixed α (their channels have no outliers, so a searched α
     would leave them alone), checked after every pass, and the smoothed FP32 graph run
     against the user's model."""
-    from benchmarks import corpus
-
-    entry = {e.name: e for e in corpus.all_models()}.get(f"{family}.{export}")
-    if entry is None:
-        pytest.skip("model corpus not cached: python -m benchmarks.corpus_torch")
-    model = entry.load()
-    feeds = entry.feeds(model)
+    model, feeds = corpus_model(f"{family}.{export}")
     result = qcompile.compile(
         model,
         calibration=feeds,

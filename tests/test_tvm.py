@@ -37,6 +37,19 @@ def _ort(model, feed):
     )
 
 
+def _three_way_equal(model: ir.Model, shapes: dict, feeds: list) -> None:
+    """TVM, ORT and the numpy reference give the same integers on every feed."""
+    from qcompile.backends.reference import run_reference
+
+    executable, names, _ = tvm_backend.compile_model(model, input_shapes=shapes)
+    runner = tvm_backend.TVMRunner(executable, names)
+    proto = ir.to_proto(model)
+    for feed in feeds:
+        ours = _ort(model, feed)[0]
+        np.testing.assert_array_equal(runner.run(feed)[0], ours)
+        np.testing.assert_array_equal(run_reference(proto, feed)[0], ours)
+
+
 def _build(model):
     executable, names, mod = tvm_backend.compile_model(model, input_shapes=SHAPES)
     return tvm_backend.TVMRunner(executable, names), mod
@@ -85,22 +98,13 @@ def test_integer_only_models_are_bit_exact_and_compute_in_integers(build, feeds)
 
 def test_integer_transformer_block_is_bit_exact_in_tvm_ort_and_the_reference():
     # integer LayerNorm, Softmax (table exp, int64 division) and GELU table: three ways equal
-    from qcompile.backends.reference import run_reference
 
     feeds = [{"input": builders.token_embeddings(4, seed=i)} for i in range(8)]
     result = qcompile.compile(
         builders.transformer_block(), target="fpga", calibration=feeds, **FAST
     )
     assert result.report.float_islands == []
-    executable, names, _ = tvm_backend.compile_model(
-        result.model, input_shapes={"input": (4, 16, 64)}
-    )
-    runner = tvm_backend.TVMRunner(executable, names)
-    proto = ir.to_proto(result.model)
-    for feed in feeds[:2]:
-        ours = _ort(result.model, feed)[0]
-        np.testing.assert_array_equal(runner.run(feed)[0], ours)
-        np.testing.assert_array_equal(run_reference(proto, feed)[0], ours)
+    _three_way_equal(result.model, {"input": (4, 16, 64)}, feeds[:2])
 
 
 def test_cuda_target_builds_without_a_gpu():
@@ -201,17 +205,7 @@ def test_integer_upsampling_is_bit_exact_in_tvm_ort_and_the_reference():
     # ConvTranspose (kernel = stride) as a 1x1 ConvInteger and an 8-bit DepthToSpace
     from test_integer_upsample import _feeds, upsampling_head
 
-    from qcompile.backends.reference import run_reference
-
     feeds = _feeds()
     result = qcompile.compile(upsampling_head(), target="fpga", calibration=feeds, **FAST)
     assert result.report.float_islands == []
-    executable, names, _ = tvm_backend.compile_model(
-        result.model, input_shapes={"x": (1, 3, 12, 16)}
-    )
-    runner = tvm_backend.TVMRunner(executable, names)
-    proto = ir.to_proto(result.model)
-    for feed in feeds[:2]:
-        ours = _ort(result.model, feed)[0]
-        np.testing.assert_array_equal(runner.run(feed)[0], ours)
-        np.testing.assert_array_equal(run_reference(proto, feed)[0], ours)
+    _three_way_equal(result.model, {"x": (1, 3, 12, 16)}, feeds[:2])
