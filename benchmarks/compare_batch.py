@@ -118,6 +118,9 @@ def _bit_exact(path: Path, feed) -> bool:
 
     from qcompile.backends.reference import run_reference
 
+    # one sample: the reference's int64 intermediates of a whole batch of PP-OCR rec
+    # lines outgrow a 23 GB machine
+    feed = {k: v[:1] if np.ndim(v) else v for k, v in feed.items()}
     sess = ort_backend.make_session(path, qdq_fusions=False)
     ours = run_reference(onnx.load(str(path)), feed)
     return all(np.array_equal(a, b) for a, b in zip(sess.run(None, feed), ours, strict=True))

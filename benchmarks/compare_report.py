@@ -105,7 +105,7 @@ def write_results(
         if integer_rows:
             lines += [
                 "Integer-only rows: ORT output vs the numpy reference interpreter on the first "
-                "evaluation feed (equality; ORT with its QDQ fusions off, which would rewrite "
+                "sample of the first evaluation feed (equality; ORT with its QDQ fusions off, which would rewrite "
                 "float islands), float islands left, weight memory and the FPGA cost model's "
                 "latency (256 8×8 MACs/cycle at 200 MHz, first-order).",
                 "",
