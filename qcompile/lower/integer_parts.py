@@ -242,6 +242,21 @@ class _Emitter:
         return self.cast(clamped, out.dtype, "requantized")
 
 
+def int32_behind_dq(value: ir.Value | None) -> tuple[ir.Value, np.ndarray, int] | None:
+    """(q, scale, axis) for DequantizeLinear(q, scale, 0) of a run-time int32 tensor q (a
+    kept accumulator or residual sum), or None."""
+    dq = value.producer() if value is not None else None
+    if dq is None or dq.op_type != DQ or dq.inputs[0].dtype != ir.DataType.INT32:
+        return None
+    src, scale = dq.inputs[0], const_array(dq.inputs[1])
+    if src.const_value is not None or scale is None:
+        return None
+    zp = const_array(dq.inputs[2]) if len(dq.inputs) > 2 and dq.inputs[2] is not None else None
+    if zp is not None and np.any(zp != 0):
+        return None
+    return src, scale, dq.attributes.get_int("axis", 1)
+
+
 def _np(value: ir.Value) -> np.dtype:
     return value.dtype.numpy()
 

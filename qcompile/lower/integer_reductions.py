@@ -26,7 +26,14 @@ import numpy as np
 import onnx_ir as ir
 
 from qcompile.ir.graph import const_array
-from qcompile.lower.integer_parts import IntAct, IntConst, OutQuant, _Emitter, _static_dims
+from qcompile.lower.integer_parts import (
+    IntAct,
+    IntConst,
+    OutQuant,
+    _Emitter,
+    _static_dims,
+    int32_behind_dq,
+)
 from qcompile.numerics.dyadic import Dyadic, to_dyadic
 
 if TYPE_CHECKING:
@@ -116,15 +123,10 @@ def wide_sum(low: LowerToIntegerOnly, value: ir.Value | None) -> IntAct | None:
     """An int32 activation behind its DequantizeLinear (scalar scale): a residual sum kept
     in int32 (`_add_to_float`, with its bounds) or an accumulator an activation×activation
     MatMul returned (attention scores; bounded by int32)."""
-    dq = value.producer() if value is not None else None
-    if dq is None or dq.op_type != "DequantizeLinear" or dq.inputs[0].dtype != ir.DataType.INT32:
+    found = int32_behind_dq(value)
+    if found is None or found[1].ndim != 0:
         return None
-    scale, src = const_array(dq.inputs[1]), dq.inputs[0]
-    if scale is None or scale.ndim != 0 or src.const_value is not None:
-        return None
-    zp = const_array(dq.inputs[2]) if len(dq.inputs) > 2 and dq.inputs[2] is not None else None
-    if zp is not None and np.any(zp != 0):
-        return None
+    src, scale, _ = found
     bounds = low._bounds.get(id(src), (-(2**31), 2**31 - 1))
     return IntAct(src, float(scale), 0, *bounds)
 

@@ -40,6 +40,7 @@ from qcompile.lower.integer_parts import (
     _Emitter,
     _is_graph_output,
     _take_over,
+    int32_behind_dq,
 )
 from qcompile.numerics.dyadic import Dyadic, to_dyadic
 
@@ -49,7 +50,7 @@ if TYPE_CHECKING:
 FINE_UNIT_BITS = 53  # the int64 sum spans R / 2**53 steps: far inside 2**62
 INT32_BITS = 30  # the int32 sum spans R / 2**30 steps
 EXTRA_BITS = 8  # fraction bits a LayerNorm-only reader gets beyond the 8-bit quantizer
-TABLE_EXTRA_BITS = 4  # and a lookup table (GELU): 4096 entries
+TABLE_EXTRA_BITS = 4  # and a lookup table (GELU): up to 4096 entries
 
 
 def _channel_shape(scale: np.ndarray, axis: int, rank: int | None) -> tuple[int, ...] | None:
@@ -123,19 +124,15 @@ def wide_accumulator(low: LowerToIntegerOnly, value: ir.Value | None):
     """(make, scale, bound) broadcastable to `value`, for integers that `make(emit)`
     returns: a run-time int32 tensor behind its DequantizeLinear (a Linear layer's
     accumulator, an earlier wide sum) or rows of a per-column quantized table."""
-    dq = value.producer() if value is not None else None
-    if dq is not None and dq.op_type == "Gather":
+    producer = value.producer() if value is not None else None
+    if producer is not None and producer.op_type == "Gather":
         return _table_rows(low, value)
-    if dq is None or dq.op_type != DQ or dq.inputs[0].dtype != ir.DataType.INT32:
+    found = int32_behind_dq(value)
+    if found is None or found[1].ndim > 1:
         return None
-    src, scale = dq.inputs[0], const_array(dq.inputs[1])
-    zp = const_array(dq.inputs[2]) if len(dq.inputs) > 2 and dq.inputs[2] is not None else None
-    if src.const_value is not None or scale is None or scale.ndim > 1:
-        return None
-    if zp is not None and np.any(zp != 0):
-        return None
+    src, scale, axis = found
     rank = len(value.shape) if value.shape is not None else None
-    shape = _channel_shape(scale, dq.attributes.get_int("axis", 1), rank)
+    shape = _channel_shape(scale, axis, rank)
     if shape is None:
         return None
     if id(src) in low._bounds:
@@ -231,7 +228,8 @@ def add_wide(low: LowerToIntegerOnly, node: ir.Node, emit: _Emitter, graph: ir.G
     low._bounds[id(sum32)] = (-bound, bound)
     out = low._out_quant(node.outputs[0], graph)
     if out is None:  # read by float ops (or a LayerNorm the plan left unquantized)
-        return _dequantized(emit, graph, node.outputs[0], sum32, unit)
+        _dequantized(emit, graph, node.outputs[0], sum32, unit)
+        return None
     fine = _fine_readers(graph, out)
     if fine is not None:  # LayerNorm or tables only: the quantizer's range, more bits
         readers, extra = fine
@@ -257,4 +255,3 @@ def _dequantized(
     y = emit.op(DQ, [ints, s, emit.const("sum_zp", np.int32(0))], ir.DataType.FLOAT, "dequantized")
     y.shape = old.shape
     _take_over(graph, old, y)
-    return None

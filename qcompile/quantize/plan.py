@@ -299,15 +299,17 @@ def build_plan(
             # MatMul whose consumers stay float becomes MatMulIntegerToFloat instead.
             # Graph outputs stay float unless quantized nodes also read them: a head's
             # output precision is the user's accuracy, not ours to spend.
-            # A wide Add's sum is quantized even for float readers (a LayerNorm): the
-            # lowering needs its calibrated range to keep 16 bits of it. Neither is when
-            # the reader takes it wide.
-            # Integer-only: moved integers stay integers even for a float reader (a
-            # LayerNorm or Softmax after a Transpose/Flatten reads them as they are).
-            must = (kind == "compute" and node.op_type != "MatMul") or name in wide
-            must = must or (integer_only and kind == "passthrough")
-            must = must and out.name not in graph_outputs
-            must = must and not any(u.idx in wide.get(u.node.name or "", ()) for u in out.uses())
+            # Also quantized for float readers: a wide Add's sum (the lowering keeps 16
+            # bits of its calibrated range for a LayerNorm) and, integer-only, moved
+            # integers (a LayerNorm/Softmax after a Transpose/Flatten reads them as they
+            # are). Never when the reader takes the value wide.
+            must = (
+                (kind == "compute" and node.op_type != "MatMul")
+                or name in wide
+                or (integer_only and kind == "passthrough")
+            )
+            read_wide = any(u.idx in wide.get(u.node.name or "", ()) for u in out.uses())
+            must = must and out.name not in graph_outputs and not read_wide
             if must or consumer_quantized(out):
                 plan.tensors.setdefault(out.name, out.name)
                 plan.consumers.setdefault(out.name, [])

@@ -48,7 +48,7 @@ def wide_add_inputs(
     result: dict[str, set[int]] = {}
     for node in nodes:  # topological: producers first
         name = node.name or ""
-        if kinds.get(name) in ("compute",) and _weighted(node):
+        if kinds.get(name) == "compute" and _weighted(node):
             wide_nodes.add(name)
             continue
         if name not in kinds and embedding_table(node) is not None:
