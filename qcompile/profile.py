@@ -44,6 +44,9 @@ PASSTHROUGH_OPS = frozenset(
         "SpaceToDepth",
     }
 )
+# Integer-only graphs also move constant Pads as codes: the padding becomes its code
+# (the zero point for 0, lower/integer_select.py). The QDQ targets leave Pad out.
+INTEGER_PASSTHROUGH_OPS = PASSTHROUGH_OPS | {"Pad"}
 # Elementwise ops with no integer kernel in ORT that integer-only lowering turns into
 # 256-entry lookup tables (Sigmoid, HardSwish... are in ARITH_OPS already).
 TABLE_OPS = frozenset({"Gelu", "Tanh", "Erf", "Elu", "Softplus", "Exp", "HardSwish"})
@@ -99,4 +102,9 @@ class TargetProfile:
 
 def integer_only_variant(profile: TargetProfile) -> TargetProfile:
     """The profile for integer-only lowering: every op with an integer form is quantized."""
-    return dataclasses.replace(profile, arith_ops=profile.arith_ops | TABLE_OPS, integer_only=True)
+    return dataclasses.replace(
+        profile,
+        arith_ops=profile.arith_ops | TABLE_OPS,
+        passthrough_ops=profile.passthrough_ops | INTEGER_PASSTHROUGH_OPS,
+        integer_only=True,
+    )

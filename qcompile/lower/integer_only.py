@@ -49,7 +49,7 @@ from qcompile.lower.integer_parts import (
     float_ops_between,
 )
 from qcompile.lower.integer_reductions import REDUCTIONS, masked_scores, wide_sum
-from qcompile.lower.integer_select import constant_movement, where
+from qcompile.lower.integer_select import constant_movement, movement_parameters, where
 from qcompile.lower.integer_upsample import conv_transpose
 from qcompile.lower.integer_wide import add_wide, wide_accumulator
 from qcompile.numerics.dyadic import Dyadic, DyadicRangeError, to_dyadic
@@ -436,10 +436,9 @@ class LowerToIntegerOnly(ir.passes.InPlacePass):
             return "data input not a quantized activation"
         if any(self._int_view(v) is not None for v in node.inputs[1:]):
             return "a parameter input is quantized"
-        if node.op_type == "Resize" and node.attributes.get_string("mode", "nearest") != "nearest":
-            return "Resize other than nearest interpolates"
-        if node.op_type == "Pad" and node.attributes.get_string("mode", "constant") == "constant":
-            return "constant Pad would need its pad value quantized"
+        params = movement_parameters(node, x, emit)
+        if isinstance(params, str):
+            return params
         if node.op_type == "MaxPool" and len(node.outputs) > 1 and node.outputs[1].uses():
             return "MaxPool indices are used"
         outs = [
@@ -451,7 +450,7 @@ class LowerToIntegerOnly(ir.passes.InPlacePass):
             return "output not quantized"
         clone = ir.node(
             node.op_type,
-            [x.value, *node.inputs[1:]],
+            [x.value, *params],
             attributes=dict(node.attributes.items()),
             num_outputs=len(node.outputs),
             name=emit._name("int"),

@@ -72,3 +72,26 @@ def constant_movement(low: LowerToIntegerOnly, node: ir.Node, emit: _Emitter, gr
                 dict(node.attributes.items()))  # fmt: skip
     low._finish(graph, out, y, node.outputs[0].shape)
     return None
+
+
+def movement_parameters(node: ir.Node, x: IntAct, emit: _Emitter) -> list | str:
+    """A movement op's non-data inputs for its integer clone, or why it has none.
+
+    Everything moves codes unchanged except a constant Pad, whose padding is a value:
+    on integers it is the code that stands for it — the zero point for ONNX's default 0
+    (a Swin window's padding) — which exists only if the value lies on x's grid."""
+    params = list(node.inputs[1:])
+    if node.op_type == "Resize" and node.attributes.get_string("mode", "nearest") != "nearest":
+        return "Resize other than nearest interpolates"
+    if node.op_type != "Pad" or node.attributes.get_string("mode", "constant") != "constant":
+        return params
+    given = params[1] if len(params) > 1 else None
+    array = np.zeros(()) if given is None else const_array(given)
+    if array is None or array.size != 1:
+        return "constant Pad with a run-time pad value"
+    value = np.float32(array.reshape(()))
+    code = int(np.rint(value / np.float32(x.scale))) + x.zero_point
+    if not x.qmin <= code <= x.qmax or (code - x.zero_point) * np.float32(x.scale) != value:
+        return f"constant Pad value {value} is not a code of its input"
+    fill = emit.const("pad_value", np.asarray(code, dtype=x.value.dtype.numpy()))
+    return [params[0], fill, *params[2:]]

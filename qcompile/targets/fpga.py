@@ -14,7 +14,13 @@ import dataclasses
 
 from qcompile.numerics.qparams import QuantSpec
 from qcompile.options import CompileOptions
-from qcompile.profile import ARITH_OPS, COMPUTE_OPS, TABLE_OPS, TargetProfile
+from qcompile.profile import (
+    ARITH_OPS,
+    COMPUTE_OPS,
+    INTEGER_PASSTHROUGH_OPS,
+    TABLE_OPS,
+    TargetProfile,
+)
 from qcompile.quantize.qdq import InsertQDQ
 from qcompile.targets import cpu
 from qcompile.targets.pipeline import Calibration, Pipeline
@@ -32,6 +38,7 @@ PROFILE = TargetProfile(
     arith_ops=(ARITH_OPS - {"Softmax"}) | TABLE_OPS,
     remove_clamping_activations=False,
     integer_only=True,
+    passthrough_ops=INTEGER_PASSTHROUGH_OPS,
     bit_widths=frozenset(range(2, 9)),
     log2_softmax=True,
     cost_model="layer-cycles",
