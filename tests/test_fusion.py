@@ -109,3 +109,79 @@ def test_hardswish_runs_on_integer_kernels_with_the_scale_folded():
     for alias, (source, k) in plan.aliases.items():
         assert inits[f"{alias}_scale"] == pytest.approx(inits[f"{source}_scale"] * k, rel=1e-6)
     assert result.report.min_output_sqnr_db > 25
+
+
+def _gelu_graph(form: str, opset: int) -> onnx.ModelProto:
+    """x → MatMul → GELU written out with Erf in one exporter's association."""
+    from onnx import TensorProto, helper
+
+    rng = np.random.default_rng(0)
+    consts = {"sqrt2": np.sqrt(2.0), "one": 1.0, "half": 0.5}
+    inits = [numpy_helper.from_array(np.float32(v), k) for k, v in consts.items()]
+    inits.append(numpy_helper.from_array(rng.standard_normal((8, 8)).astype("f"), "w"))
+    nodes = [
+        helper.make_node("MatMul", ["x", "w"], ["f"]),
+        helper.make_node("Div", ["f", "sqrt2"], ["d"]),
+        helper.make_node("Erf", ["d"], ["e"]),
+        helper.make_node("Add", ["e", "one"], ["a"]),
+    ]
+    if form == "half_last":  # torchscript: (x * (1 + erf)) * 0.5
+        nodes += [helper.make_node("Mul", ["f", "a"], ["m"]), helper.make_node("Mul", ["m", "half"], ["y"])]  # fmt: skip
+    elif form == "half_first":  # (x * 0.5) * (1 + erf)
+        nodes += [helper.make_node("Mul", ["f", "half"], ["m"]), helper.make_node("Mul", ["m", "a"], ["y"])]  # fmt: skip
+    else:  # dynamo: x * (0.5 * (1 + erf))
+        nodes += [helper.make_node("Mul", ["half", "a"], ["m"]), helper.make_node("Mul", ["f", "m"], ["y"])]  # fmt: skip
+    graph = helper.make_graph(
+        nodes,
+        "gelu",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 8])],
+        inits,
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+
+
+@pytest.mark.parametrize("form", ["half_last", "half_first", "half_inner"])
+@pytest.mark.parametrize("opset", [18, 20])
+def test_erf_gelu_fuses_in_every_exporter_association(form, opset):
+    proto = _gelu_graph(form, opset)
+    model = _fused(proto)
+    gelus = [n for n in model.graph if n.op_type == "Gelu"]
+    assert len(gelus) == 1 and not any(n.op_type == "Erf" for n in model.graph)
+    assert gelus[0].domain == ("com.microsoft" if opset < 20 else "")
+    feed = {"x": np.random.default_rng(1).standard_normal((2, 8)).astype(np.float32)}
+    np.testing.assert_allclose(_run(model, feed)[0], _run(proto, feed)[0], rtol=1e-5, atol=1e-5)
+
+
+def test_all_true_mask_where_becomes_a_moved_constant():
+    """Where(Expand(all-true, [N, 1, 6, 6]), 0, −max) + scores, as torch's dynamo
+    exporter writes a ViT's attention mask: no Where and no sentinel left, same values."""
+    from onnx import TensorProto, helper
+
+    inits = [
+        numpy_helper.from_array(np.ones((1, 1, 6, 1), bool), "all_true"),
+        numpy_helper.from_array(np.array([1, 6, 6], np.int64), "tail"),
+        numpy_helper.from_array(np.float32(0.0), "zero"),
+        numpy_helper.from_array(np.float32(np.finfo(np.float32).min), "lowest"),
+    ]
+    nodes = [
+        helper.make_node("Shape", ["scores"], ["batch"], start=0, end=1),
+        helper.make_node("Concat", ["batch", "tail"], ["shape"], axis=0),
+        helper.make_node("Expand", ["all_true", "shape"], ["cond"]),
+        helper.make_node("Where", ["cond", "zero", "lowest"], ["mask"]),
+        helper.make_node("Add", ["scores", "mask"], ["masked"]),
+        helper.make_node("Softmax", ["masked"], ["y"], axis=-1),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "mask",
+        [helper.make_tensor_value_info("scores", TensorProto.FLOAT, ["N", 2, 6, 6])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 2, 6, 6])],
+        inits,
+    )
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    model = _fused(proto)
+    ops = collections.Counter(n.op_type for n in model.graph)
+    assert ops["Where"] == 0 and ops["Expand"] == 1
+    feed = {"scores": np.random.default_rng(0).standard_normal((3, 2, 6, 6)).astype("f")}
+    np.testing.assert_array_equal(_run(model, feed)[0], _run(proto, feed)[0])

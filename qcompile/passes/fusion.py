@@ -91,6 +91,34 @@ def _hswish_canonical(op, x, **_):
     return op.Mul(op.Mul(x, op.Clip(op.Add(x, three), zero, six)), sixth)
 
 
+# -- A Where whose condition is an all-true constant, broadcast ------------------------------
+# torch's dynamo exporter writes a ViT's (empty) attention mask as
+# Where(Expand(all-true constant, shape), 0, −max): always the first branch. As
+# Expand(first branch broadcast to the condition's shape, shape) the −max sentinel is gone
+# and the mask is data movement of a constant, which integer graphs move as codes.
+
+
+def _where_expanded_true(op, cond, shape, a, b):
+    return op.Where(op.Expand(cond, shape), a, b)
+
+
+def _where_expanded_true_check(context, cond, shape, a, b, **_):
+    c = cond.const_value
+    if c is None or c.dtype != ir.DataType.BOOL or not np.all(c.numpy()):
+        return False
+    rank = len(c.shape)
+    return all(
+        v.const_value is not None and v.const_value.size == 1 and len(v.const_value.shape) <= rank
+        for v in (a, b)
+    )
+
+
+def _where_expanded_true_replace(op, cond, shape, a, b):
+    # a's broadcast to the condition's shape keeps the output shape exact
+    full = np.broadcast_to(a.const_value.numpy(), cond.const_value.shape).copy()
+    return op.Expand(op.initializer(ir.tensor(full, name=_fresh_name(a, "where_true"))), shape)
+
+
 # -- GELU written out with Erf: 0.5 * x * (1 + erf(x / sqrt(2))) ---------------------------
 
 
@@ -100,6 +128,11 @@ def _gelu_erf(op, x, sqrt2, one, half):
 
 def _gelu_erf_half_first(op, x, sqrt2, one, half):
     return op.Mul(op.Mul(x, half), op.Add(op.Erf(op.Div(x, sqrt2)), one))
+
+
+def _gelu_erf_half_inner(op, x, sqrt2, one, half):
+    # torch.onnx's dynamo exporter: x * (0.5 * (1 + erf(x / sqrt(2))))
+    return op.Mul(x, op.Mul(half, op.Add(op.Erf(op.Div(x, sqrt2)), one)))
 
 
 def _gelu_constants(sqrt2, one, half) -> bool:
@@ -338,6 +371,12 @@ RULES = rewriter.RewriteRuleSet(
         ),
         pattern.RewriteRule(_hswish_op, _hswish_canonical, name="HardSwishOp"),
         pattern.RewriteRule(
+            _where_expanded_true,
+            _where_expanded_true_replace,
+            _where_expanded_true_check,
+            name="WhereOfExpandedTrue",
+        ),
+        pattern.RewriteRule(
             _hswish_from_hsigmoid,
             _hswish_canonical,
             _hswish_from_hsigmoid_check,
@@ -357,13 +396,17 @@ RULES = rewriter.RewriteRuleSet(
         pattern.RewriteRule(
             _scaled_linear, _scaled_linear_replace, _scaled_linear_check, name="ScaleIntoLinear"
         ),
-        pattern.RewriteRule(_gelu_erf, _gelu_onnx, _gelu_onnx_check, name="GeluErf"),
-        pattern.RewriteRule(
-            _gelu_erf_half_first, _gelu_onnx, _gelu_onnx_check, name="GeluErfHalfFirst"
-        ),
-        pattern.RewriteRule(_gelu_erf, _gelu_contrib, _gelu_contrib_check, name="GeluErfContrib"),
-        pattern.RewriteRule(
-            _gelu_erf_half_first, _gelu_contrib, _gelu_contrib_check, name="GeluErfHalfFirstContrib"
+        *(
+            pattern.RewriteRule(form, replace, check, name=f"Gelu{label}{suffix}")
+            for form, label in (
+                (_gelu_erf, "Erf"),
+                (_gelu_erf_half_first, "ErfHalfFirst"),
+                (_gelu_erf_half_inner, "ErfHalfInner"),
+            )
+            for replace, check, suffix in (
+                (_gelu_onnx, _gelu_onnx_check, ""),
+                (_gelu_contrib, _gelu_contrib_check, "Contrib"),
+            )
         ),
     ],
     commute=True,
