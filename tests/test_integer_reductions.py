@@ -137,34 +137,43 @@ def test_global_average_pool_of_a_runtime_size_divides_at_run_time():
         np.testing.assert_array_equal(sess.run(None, feed)[0], run_reference(proto, feed)[0])
 
 
-def _reduce_mean_model(opset: int) -> onnx.ModelProto:
-    """Conv → ReduceMean over H, W without keepdims (shufflenet's global pool) → Gemm."""
+def _reduce_mean_model(opset: int, reshape: bool = False) -> onnx.ModelProto:
+    """Conv → ReduceMean over H, W without keepdims (shufflenet's global pool) → MatMul;
+    `reshape`: keepdims and a Reshape to [N, C] in between (torch's dynamo exporter)."""
     from onnx import TensorProto, helper, numpy_helper
 
     rng = np.random.default_rng(0)
     w = numpy_helper.from_array(rng.normal(0, 0.3, (8, 3, 3, 3)).astype(np.float32), "w")
     fc = numpy_helper.from_array(rng.normal(0, 0.3, (8, 4)).astype(np.float32), "fc")
     inits = [w, fc]
+    keep = int(reshape)
     if opset >= 18:
         inits.append(numpy_helper.from_array(np.array([2, 3], np.int64), "axes"))
-        mean = helper.make_node("ReduceMean", ["c", "axes"], ["m"], keepdims=0, name="pool")
+        mean = helper.make_node("ReduceMean", ["c", "axes"], ["m"], keepdims=keep, name="pool")
     else:
-        mean = helper.make_node("ReduceMean", ["c"], ["m"], axes=[2, 3], keepdims=0, name="pool")
+        mean = helper.make_node(
+            "ReduceMean", ["c"], ["m"], axes=[2, 3], keepdims=keep, name="pool"
+        )  # fmt: skip
     nodes = [
         helper.make_node("Conv", ["input", "w"], ["c"], pads=[1, 1, 1, 1], name="conv"),
         mean,
-        helper.make_node("MatMul", ["m", "fc"], ["logits"], name="fc"),
     ]
+    if reshape:
+        inits.append(numpy_helper.from_array(np.array([0, -1], np.int64), "flat"))
+        nodes.append(helper.make_node("Reshape", ["m", "flat"], ["m2"], name="flatten"))
+    nodes.append(
+        helper.make_node("MatMul", ["m2" if reshape else "m", "fc"], ["logits"], name="fc")
+    )
     x = helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", 3, "H", "W"])
     y = helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 4])
     graph = helper.make_graph(nodes, "reduce_mean", [x], [y], initializer=inits)
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
 
 
-@pytest.mark.parametrize("opset", [17, 18])
-def test_reduce_mean_as_global_pooling_is_integer(opset):
+@pytest.mark.parametrize("opset, reshape", [(17, False), (18, False), (18, True)])
+def test_reduce_mean_as_global_pooling_is_integer(opset, reshape):
     feeds = [{"input": builders.images(4, 16, seed=i)} for i in range(6)]
-    model = _reduce_mean_model(opset)
+    model = _reduce_mean_model(opset, reshape)
     result = qcompile.compile(model, target="fpga", calibration=feeds, **FAST)
     assert result.report.integer_ops["ReduceMean"] == 1 and result.report.float_islands == []
     proto = ir.to_proto(result.model)

@@ -247,9 +247,7 @@ def build_plan(
                 and (
                     producer.name in kinds
                     or producer.name in plan.fused_activations
-                    # not plan nodes, but lowered to integers when their output is
-                    # quantized: movement after them moves integers
-                    or (integer_only and producer.op_type in INTEGER_NORMALIZATIONS)
+                    or (integer_only and producer.op_type in LOWERED_WHEN_QUANTIZED)
                 )
             ):
                 kinds[name] = "passthrough"
@@ -388,7 +386,10 @@ def _after_softmax(value: ir.Value, depth: int = 4) -> bool:
     return False
 
 
-INTEGER_NORMALIZATIONS = frozenset({"LayerNormalization", "Softmax"})
+# Not plan nodes, but integer-only lowering gives them integer forms when their input and
+# output are quantized (lower/integer_reductions.py): movement after them moves integers.
+# ReduceMean: global pooling as torch's dynamo exporter writes it, ReduceMean → Reshape → Gemm.
+LOWERED_WHEN_QUANTIZED = frozenset({"LayerNormalization", "Softmax", "ReduceMean"})
 
 
 def nodes_touching(model: ir.Model, plan: QuantPlan, tensors: set[str]) -> set[str]:
