@@ -49,7 +49,14 @@ PASSTHROUGH_OPS = frozenset(
 INTEGER_PASSTHROUGH_OPS = PASSTHROUGH_OPS | {"Pad"}
 # Elementwise ops with no integer kernel in ORT that integer-only lowering turns into
 # 256-entry lookup tables (Sigmoid, HardSwish... are in ARITH_OPS already).
-TABLE_OPS = frozenset({"Gelu", "Tanh", "Erf", "Elu", "Softplus", "Exp", "HardSwish"})
+TABLE_OPS = frozenset({"Gelu", "FastGelu", "Tanh", "Erf", "Elu", "Softplus", "Exp", "HardSwish"})
+# ORT contrib ops that are standard ONNX ops of a later opset, as (op, attributes) there:
+# fusions write them for models below opset 20 (passes/fusion.py), integer lowering
+# tabulates them and the reference interpreter evaluates them as the standard op.
+MS_STANDARD_OPS: dict[tuple[str, str], tuple[str, dict[str, str]]] = {
+    ("com.microsoft", "Gelu"): ("Gelu", {}),
+    ("com.microsoft", "FastGelu"): ("Gelu", {"approximate": "tanh"}),
+}
 # Activations folded into the producer's output quantizer.
 FUSIBLE_ACTIVATIONS = frozenset({"Relu", "Clip"})
 

@@ -116,15 +116,26 @@ def _gelu_graph(form: str, opset: int) -> onnx.ModelProto:
     from onnx import TensorProto, helper
 
     rng = np.random.default_rng(0)
-    consts = {"sqrt2": np.sqrt(2.0), "one": 1.0, "half": 0.5}
+    consts = {"sqrt2": np.sqrt(2.0), "one": 1.0, "half": 0.5, "three": 3.0}
+    consts |= {"c": 0.044715, "k": np.sqrt(2.0 / np.pi)}
     inits = [numpy_helper.from_array(np.float32(v), k) for k, v in consts.items()]
     inits.append(numpy_helper.from_array(rng.standard_normal((8, 8)).astype("f"), "w"))
-    nodes = [
-        helper.make_node("MatMul", ["x", "w"], ["f"]),
-        helper.make_node("Div", ["f", "sqrt2"], ["d"]),
-        helper.make_node("Erf", ["d"], ["e"]),
-        helper.make_node("Add", ["e", "one"], ["a"]),
-    ]
+    nodes = [helper.make_node("MatMul", ["x", "w"], ["f"])]
+    if form.startswith("tanh"):  # GPT-2's gelu_new: √(2/π)·(x + 0.044715·x³) into tanh
+        nodes += [
+            helper.make_node("Pow", ["f", "three"], ["cube"]),
+            helper.make_node("Mul", ["cube", "c"], ["cc"]),
+            helper.make_node("Add", ["f", "cc"], ["inner"]),
+            helper.make_node("Mul", ["inner", "k"], ["d"]),
+            helper.make_node("Tanh", ["d"], ["e"]),
+        ]
+    else:
+        nodes += [
+            helper.make_node("Div", ["f", "sqrt2"], ["d"]),
+            helper.make_node("Erf", ["d"], ["e"]),
+        ]
+    nodes.append(helper.make_node("Add", ["e", "one"], ["a"]))
+    form = form.removeprefix("tanh_")
     if form == "half_last":  # torchscript: (x * (1 + erf)) * 0.5
         nodes += [helper.make_node("Mul", ["f", "a"], ["m"]), helper.make_node("Mul", ["m", "half"], ["y"])]  # fmt: skip
     elif form == "half_first":  # (x * 0.5) * (1 + erf)
@@ -141,14 +152,20 @@ def _gelu_graph(form: str, opset: int) -> onnx.ModelProto:
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
 
 
-@pytest.mark.parametrize("form", ["half_last", "half_first", "half_inner"])
+@pytest.mark.parametrize(
+    "form", ["half_last", "half_first", "half_inner", "tanh_half_first", "tanh_half_last"]
+)
 @pytest.mark.parametrize("opset", [18, 20])
-def test_erf_gelu_fuses_in_every_exporter_association(form, opset):
+def test_gelu_fuses_in_every_exporter_association(form, opset):
     proto = _gelu_graph(form, opset)
     model = _fused(proto)
-    gelus = [n for n in model.graph if n.op_type == "Gelu"]
-    assert len(gelus) == 1 and not any(n.op_type == "Erf" for n in model.graph)
+    tanh = form.startswith("tanh")
+    op = ("FastGelu" if tanh else "Gelu") if opset < 20 else "Gelu"
+    gelus = [n for n in model.graph if n.op_type == op]
+    assert len(gelus) == 1 and not any(n.op_type in ("Erf", "Tanh") for n in model.graph)
     assert gelus[0].domain == ("com.microsoft" if opset < 20 else "")
+    if opset >= 20:
+        assert gelus[0].attributes.get_string("approximate", "none") == ("tanh" if tanh else "none")
     feed = {"x": np.random.default_rng(1).standard_normal((2, 8)).astype(np.float32)}
     np.testing.assert_allclose(_run(model, feed)[0], _run(proto, feed)[0], rtol=1e-5, atol=1e-5)
 
@@ -185,3 +202,27 @@ def test_all_true_mask_where_becomes_a_moved_constant():
     assert ops["Where"] == 0 and ops["Expand"] == 1
     feed = {"scores": np.random.default_rng(0).standard_normal((3, 2, 6, 6)).astype("f")}
     np.testing.assert_array_equal(_run(model, feed)[0], _run(proto, feed)[0])
+
+
+@pytest.mark.parametrize("opset", [18, 20])
+def test_tanh_gelu_is_an_integer_table(opset):
+    """MatMul → tanh-GELU → MatMul for fpga: the fused FastGelu (contrib, below opset 20)
+    or Gelu(approximate=tanh) becomes a lookup table, ORT = reference."""
+    from onnx import TensorProto, helper
+
+    from qcompile.backends.reference import run_reference
+
+    proto = _gelu_graph("tanh_half_first", opset)
+    w2 = numpy_helper.from_array(np.random.default_rng(2).standard_normal((8, 4)).astype("f"), "w2")
+    proto.graph.initializer.append(w2)
+    proto.graph.node.append(helper.make_node("MatMul", ["y", "w2"], ["z"]))
+    proto.graph.output[0].CopyFrom(helper.make_tensor_value_info("z", TensorProto.FLOAT, [2, 4]))
+    rng = np.random.default_rng(3)
+    feeds = [{"x": rng.standard_normal((2, 8)).astype(np.float32)} for _ in range(6)]
+    result = qcompile.compile(proto, target="fpga", calibration=feeds, **FAST)
+    assert result.report.float_islands == []
+    assert not any("Gelu" in n.op_type for n in result.model.graph)
+    q = ir.to_proto(result.model)
+    sess = ort.InferenceSession(q.SerializeToString(), providers=["CPUExecutionProvider"])
+    np.testing.assert_array_equal(sess.run(None, feeds[0])[0], run_reference(q, feeds[0])[0])
+    assert result.report.min_output_sqnr_db > 20.0

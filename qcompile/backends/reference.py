@@ -19,6 +19,8 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
+from qcompile.profile import MS_STANDARD_OPS
+
 Kernel = Callable[[onnx.NodeProto, list], list]
 EXACT_LIMIT = 2.0**53
 
@@ -309,9 +311,12 @@ class ReferenceInterpreter:
             return self._delegates[index]
         names = [f"i{k}" if name else "" for k, name in enumerate(node.input)]
         outs = [f"o{k}" for k in range(len(node.output))]
-        # com.microsoft's Gelu is ONNX's Gelu (opset 20), which onnx's reference knows
-        ms_gelu = (node.domain, node.op_type) == ("com.microsoft", "Gelu")
-        one = helper.make_node(node.op_type, names, outs, domain="" if ms_gelu else node.domain)
+        # com.microsoft's Gelu/FastGelu are ONNX's Gelu (opset 20), which onnx's reference knows
+        op, domain, extra = node.op_type, node.domain, {}
+        ms_gelu = (node.domain, node.op_type) in MS_STANDARD_OPS
+        if ms_gelu:
+            (op, extra), domain = MS_STANDARD_OPS[(node.domain, node.op_type)], ""
+        one = helper.make_node(op, names, outs, domain=domain, **extra)
         one.attribute.extend(node.attribute)
         present = [x for x in inputs if x is not None]
         used = [n for n in names if n]

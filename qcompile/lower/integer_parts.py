@@ -13,7 +13,7 @@ import onnx_ir as ir
 
 from qcompile.ir.graph import const_array
 from qcompile.numerics.dyadic import Dyadic, shift_constants, to_dyadic
-from qcompile.profile import PASSTHROUGH_OPS
+from qcompile.profile import MS_STANDARD_OPS, PASSTHROUGH_OPS
 
 logger = logging.getLogger(__name__)
 
@@ -34,6 +34,7 @@ LUT_OPS = frozenset(
         "Tanh",
         "LeakyRelu",
         "Gelu",
+        "FastGelu",
         "Erf",
         "Elu",
         "Selu",
@@ -54,7 +55,7 @@ LUT_OPS = frozenset(
 
 
 # com.microsoft ops that are standard ONNX ops of a later opset (tabulated as those)
-MS_LUT = frozenset({("com.microsoft", "Gelu")})
+MS_LUT = MS_STANDARD_OPS
 
 
 @dataclasses.dataclass(frozen=True)
@@ -420,10 +421,11 @@ def _evaluate(node: ir.Node, x: np.ndarray) -> np.ndarray:
         names.append(f"p{i}")
         inits.append(onnx.numpy_helper.from_array(v.const_value.numpy(), f"p{i}"))
     proto = ir.to_proto(node)
-    attrs = list(proto.attribute)
-    domain = "" if (node.domain, node.op_type) in MS_LUT else node.domain
-    one = onnx.helper.make_node(node.op_type, names, ["y"], domain=domain)
-    one.attribute.extend(attrs)
+    op, domain, extra = node.op_type, node.domain, {}
+    if (node.domain, node.op_type) in MS_LUT:
+        (op, extra), domain = MS_LUT[(node.domain, node.op_type)], ""
+    one = onnx.helper.make_node(op, names, ["y"], domain=domain, **extra)
+    one.attribute.extend(proto.attribute)
     graph = onnx.helper.make_graph(
         [one],
         "lut",

@@ -147,6 +147,47 @@ def _gelu_contrib_check(context, x, sqrt2, one, half, **_):
     return _opset(context) < 20 and _gelu_constants(sqrt2, one, half)
 
 
+# GELU's tanh approximation (GPT-2's gelu_new), as both torch exporters write it:
+# (x · ½) · (1 + tanh(√(2/π) · (x + 0.044715 · x³)))
+
+
+def _gelu_tanh(op, x, three, c, k, one, half):
+    inner = op.Mul(op.Add(x, op.Mul(op.Pow(x, three), c)), k)
+    return op.Mul(op.Mul(x, half), op.Add(op.Tanh(inner), one))
+
+
+def _gelu_tanh_half_last(op, x, three, c, k, one, half):
+    inner = op.Mul(op.Add(x, op.Mul(op.Pow(x, three), c)), k)
+    return op.Mul(op.Mul(x, op.Add(op.Tanh(inner), one)), half)
+
+
+def _gelu_tanh_constants(three, c, k, one, half) -> bool:
+    return (
+        _close(three, 3.0)
+        and _close(c, 0.044715)
+        and _close(k, float(np.sqrt(2.0 / np.pi)))
+        and _close(one, 1.0)
+        and _close(half, 0.5)
+    )
+
+
+def _gelu_tanh_onnx_check(context, x, three, c, k, one, half, **_):
+    return _opset(context) >= 20 and _gelu_tanh_constants(three, c, k, one, half)
+
+
+def _gelu_tanh_contrib_check(context, x, three, c, k, one, half, **_):
+    return _opset(context) < 20 and _gelu_tanh_constants(three, c, k, one, half)
+
+
+def _gelu_tanh_onnx(op, x, **_):
+    return op.Gelu(x, approximate="tanh")
+
+
+def _gelu_tanh_contrib(op, x, **_):
+    # ORT's contrib FastGelu is the same tanh formula (CPU and CUDA EPs)
+    return op.FastGelu(x, _domain="com.microsoft")
+
+
 def _gelu_onnx(op, x, **_):
     return op.Gelu(x)
 
@@ -406,6 +447,14 @@ RULES = rewriter.RewriteRuleSet(
             for replace, check, suffix in (
                 (_gelu_onnx, _gelu_onnx_check, ""),
                 (_gelu_contrib, _gelu_contrib_check, "Contrib"),
+            )
+        ),
+        *(
+            pattern.RewriteRule(form, replace, check, name=f"GeluTanh{label}{suffix}")
+            for form, label in ((_gelu_tanh, ""), (_gelu_tanh_half_last, "HalfLast"))
+            for replace, check, suffix in (
+                (_gelu_tanh_onnx, _gelu_tanh_onnx_check, ""),
+                (_gelu_tanh_contrib, _gelu_tanh_contrib_check, "Contrib"),
             )
         ),
     ],
