@@ -172,6 +172,7 @@ def test_ray_gives_the_same_outputs_as_this_machine(tmp_path):
     ]
 
 
+@pytest.mark.slow  # 32 s of Ray start-up and worker death: over CI's 6-minute budget
 @needs_ray
 def test_a_killed_ray_worker_is_a_failed_row(tmp_path):
     folder = tmp_path / "models"
