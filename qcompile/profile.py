@@ -57,6 +57,16 @@ MS_STANDARD_OPS: dict[tuple[str, str], tuple[str, dict[str, str]]] = {
     ("com.microsoft", "Gelu"): ("Gelu", {}),
     ("com.microsoft", "FastGelu"): ("Gelu", {"approximate": "tanh"}),
 }
+
+
+def standard_op(domain: str, op_type: str) -> tuple[str, dict[str, str]] | None:
+    """The standard ONNX op (and attributes) a node computes: itself in ONNX's domain, the
+    later-opset op for a contrib op in MS_STANDARD_OPS; None for any other domain."""
+    if domain in ("", "ai.onnx"):
+        return op_type, {}
+    return MS_STANDARD_OPS.get((domain, op_type))
+
+
 # Activations folded into the producer's output quantizer.
 FUSIBLE_ACTIVATIONS = frozenset({"Relu", "Clip"})
 

@@ -312,11 +312,10 @@ class ReferenceInterpreter:
         names = [f"i{k}" if name else "" for k, name in enumerate(node.input)]
         outs = [f"o{k}" for k in range(len(node.output))]
         # com.microsoft's Gelu/FastGelu are ONNX's Gelu (opset 20), which onnx's reference knows
-        op, domain, extra = node.op_type, node.domain, {}
-        ms_gelu = (node.domain, node.op_type) in MS_STANDARD_OPS
-        if ms_gelu:
-            (op, extra), domain = MS_STANDARD_OPS[(node.domain, node.op_type)], ""
-        one = helper.make_node(op, names, outs, domain=domain, **extra)
+        standard = MS_STANDARD_OPS.get((node.domain, node.op_type))
+        ms_gelu = standard is not None
+        op, extra = standard or (node.op_type, {})
+        one = helper.make_node(op, names, outs, domain="" if ms_gelu else node.domain, **extra)
         one.attribute.extend(node.attribute)
         present = [x for x in inputs if x is not None]
         used = [n for n in names if n]

@@ -30,7 +30,6 @@ from qcompile.lower.integer_parts import (
     INT_RANGE,
     LUT_OPS,
     MOVEMENT_OPS,
-    MS_LUT,
     FloatIsland,
     IntAct,
     IntConst,
@@ -53,6 +52,7 @@ from qcompile.lower.integer_select import constant_movement, movement_parameters
 from qcompile.lower.integer_upsample import conv_transpose
 from qcompile.lower.integer_wide import add_wide, wide_accumulator
 from qcompile.numerics.dyadic import Dyadic, DyadicRangeError, to_dyadic
+from qcompile.profile import standard_op
 from qcompile.quantize.log2 import levels, log2_codes, power_table
 
 logger = logging.getLogger(__name__)
@@ -150,7 +150,7 @@ class LowerToIntegerOnly(ir.passes.InPlacePass):
                     continue
                 self._refused.add(node.name)  # float in the QDQ graph already: the plan's
                 continue  # not fed by quantized tensors: outside the integer region
-            standard = node.domain in ("", "ai.onnx") or (node.domain, node.op_type) in MS_LUT
+            standard = standard_op(node.domain, node.op_type) is not None
             lower = lowerings.get(node.op_type) if standard else None
             if self.keep_float and self.keep_float(node.name or "", node.op_type):
                 self.islands.append(FloatIsland(node.name, node.op_type, "excluded by option"))

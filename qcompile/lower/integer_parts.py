@@ -13,7 +13,7 @@ import onnx_ir as ir
 
 from qcompile.ir.graph import const_array
 from qcompile.numerics.dyadic import Dyadic, shift_constants, to_dyadic
-from qcompile.profile import MS_STANDARD_OPS, PASSTHROUGH_OPS
+from qcompile.profile import PASSTHROUGH_OPS, standard_op
 
 logger = logging.getLogger(__name__)
 
@@ -52,10 +52,6 @@ LUT_OPS = frozenset(
         "ThresholdedRelu",
     }
 )
-
-
-# com.microsoft ops that are standard ONNX ops of a later opset (tabulated as those)
-MS_LUT = MS_STANDARD_OPS
 
 
 @dataclasses.dataclass(frozen=True)
@@ -421,10 +417,9 @@ def _evaluate(node: ir.Node, x: np.ndarray) -> np.ndarray:
         names.append(f"p{i}")
         inits.append(onnx.numpy_helper.from_array(v.const_value.numpy(), f"p{i}"))
     proto = ir.to_proto(node)
-    op, domain, extra = node.op_type, node.domain, {}
-    if (node.domain, node.op_type) in MS_LUT:
-        (op, extra), domain = MS_LUT[(node.domain, node.op_type)], ""
-    one = onnx.helper.make_node(op, names, ["y"], domain=domain, **extra)
+    # a contrib op with a standard form (com.microsoft's Gelu...) is tabulated as that op
+    op, extra = standard_op(node.domain, node.op_type) or (node.op_type, {})
+    one = onnx.helper.make_node(op, names, ["y"], **extra)
     one.attribute.extend(proto.attribute)
     graph = onnx.helper.make_graph(
         [one],

@@ -33,7 +33,6 @@ from qcompile.lower.integer_parts import (
     DQ,
     INT_RANGE,
     LUT_OPS,
-    MS_LUT,
     IntAct,
     IntConst,
     OutQuant,
@@ -43,6 +42,7 @@ from qcompile.lower.integer_parts import (
     int32_behind_dq,
 )
 from qcompile.numerics.dyadic import Dyadic, to_dyadic
+from qcompile.profile import standard_op
 
 if TYPE_CHECKING:
     from qcompile.lower.integer_only import LowerToIntegerOnly
@@ -153,7 +153,7 @@ def _fine_reader_bits(node: ir.Node) -> int | None:
     layer's output, whose 8-bit rounding the table would otherwise carry)."""
     if node.op_type == "LayerNormalization":
         return EXTRA_BITS
-    standard = node.domain in ("", "ai.onnx") or (node.domain, node.op_type) in MS_LUT
+    standard = standard_op(node.domain, node.op_type) is not None
     if standard and node.op_type in LUT_OPS and len(node.outputs) == 1:
         return TABLE_EXTRA_BITS
     return None

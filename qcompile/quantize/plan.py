@@ -23,7 +23,7 @@ import numpy as np
 import onnx_ir as ir
 
 from qcompile.options import CompileOptions
-from qcompile.profile import MS_STANDARD_OPS, TargetProfile
+from qcompile.profile import TargetProfile, standard_op
 from qcompile.quantize.kept_float import kept_float_reason
 from qcompile.quantize.quant_plan import FLOAT_TYPES, BiasUse, NodeKind, QuantPlan, WeightUse
 from qcompile.quantize.weight_only import int4_eligible
@@ -65,7 +65,7 @@ def _weight_axis(
 
 def _node_kind(node: ir.Node, profile: TargetProfile, options: CompileOptions) -> NodeKind | None:
     op = node.op_type
-    if node.domain not in ("", "ai.onnx") and (node.domain, op) not in MS_STANDARD_OPS:
+    if standard_op(node.domain, op) is None:
         return None  # (com.microsoft's Gelu/FastGelu are ONNX's Gelu before opset 20)
     if op in profile.compute_ops:
         return "compute"
