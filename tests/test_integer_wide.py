@@ -152,8 +152,10 @@ def test_embedding_tables_are_quantized_per_column_and_summed_wide():
     tables = [inits[n.input[0]] for n in gathers if inits[n.input[0]].ndim == 2]
     # the position lookup (constant ids) folds to a constant the sum adds at its fine unit
     assert len(tables) == 1 and tables[0].dtype == np.int8
-    # per column: the small columns of the word table use their whole int8 range too
-    assert np.abs(tables[0][:, 2:]).max(axis=0).min() >= 100
+    # per column: the small columns of the word table use their whole range too (127, or
+    # 63 where --reduce-range auto picks 7-bit weights: x86 without VNNI)
+    full = np.abs(tables[0].astype(np.int64)).max()
+    assert full in (63, 127) and np.abs(tables[0][:, 2:]).max(axis=0).min() >= 0.8 * full
     sess = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
     ref = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
     got = [sess.run(None, f)[0] for f in feeds]
