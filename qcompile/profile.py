@@ -45,8 +45,9 @@ PASSTHROUGH_OPS = frozenset(
     }
 )
 # Integer-only graphs also move constant Pads as codes: the padding becomes its code
-# (the zero point for 0, lower/integer_select.py). The QDQ targets leave Pad out.
-INTEGER_PASSTHROUGH_OPS = PASSTHROUGH_OPS | {"Pad"}
+# (the zero point for 0, lower/integer_select.py), and Expand/Tile (grouped-query
+# attention repeats K and V heads) copy codes. The QDQ targets leave them out.
+INTEGER_PASSTHROUGH_OPS = PASSTHROUGH_OPS | {"Pad", "Expand", "Tile"}
 # Elementwise ops with no integer kernel in ORT that integer-only lowering turns into
 # 256-entry lookup tables (Sigmoid, HardSwish... are in ARITH_OPS already).
 TABLE_OPS = frozenset({"Gelu", "FastGelu", "Tanh", "Erf", "Elu", "Softplus", "Exp", "HardSwish"})

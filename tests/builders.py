@@ -328,6 +328,45 @@ def transformer_block(
     return b.model([inp], [out])
 
 
+def rms_block(seed: int = 0, dim: int = 32, style: str = "torchscript") -> onnx.ModelProto:
+    """A residual sum normalized by RMSNorm, then a linear layer. `style` is how the norm
+    is written: "torchscript" (Pow, ReduceMean axes attribute, Div(1, Sqrt), a no-op Cast
+    before γ; opset 17), "dynamo" (Mul h·h, ReduceMean axes input, Reciprocal, γ first;
+    opset 18) or "op"
+    (ONNX's RMSNormalization, opset 23)."""
+    b = _Builder("rms_block", seed)
+    a = b.linear("input", dim, dim, name="embed")
+    h = b.op("Add", [a, b.linear(a, dim, dim, name="attn_out")], name="residual")
+    gamma = b.const("gamma", (1 + 0.3 * b.rng.standard_normal(dim)).astype(np.float32))
+    eps = b.const("eps", np.float32(1e-6))
+    if style == "op":
+        y = b.op("RMSNormalization", [h, gamma], name="norm", axis=-1, epsilon=1e-6)
+    elif style == "torchscript":
+        sq = b.op("Pow", [h, b.const("two", np.float32(2.0))])
+        var = b.op("ReduceMean", [sq], axes=[-1], keepdims=1)
+        root = b.op("Sqrt", [b.op("Add", [var, eps])])
+        factor = b.op("Div", [b.const("one", np.float32(1.0)), root])
+        y = b.op("Cast", [b.op("Mul", [h, factor], name="norm")], to=TensorProto.FLOAT)
+        y = b.op("Mul", [gamma, y])
+    else:
+        sq = b.op("Mul", [h, h])
+        var = b.op("ReduceMean", [sq, b.const("axes", np.array([-1], np.int64))], keepdims=1)
+        factor = b.op("Reciprocal", [b.op("Sqrt", [b.op("Add", [eps, var])])])
+        y = b.op("Mul", [gamma, b.op("Mul", [factor, h], name="norm")])
+    b.op("MatMul", [y, b.const("W", b.rng.standard_normal((dim, dim)) / np.sqrt(dim))])
+    b.nodes[-1].output[0] = "output"
+    inp = helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", "S", dim])
+    out = helper.make_tensor_value_info("output", TensorProto.FLOAT, ["N", "S", dim])
+    if style == "torchscript":
+        return b.model([inp], [out])
+    graph = helper.make_graph(b.nodes, b.name, [inp], [out], b.inits)
+    opset = 23 if style == "op" else 18
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+    model.ir_version = 10 if style == "op" else 8
+    onnx.checker.check_model(model, full_check=True)
+    return model
+
+
 # -- calibration data --------------------------------------------------------------------
 
 

@@ -8,9 +8,8 @@ pools as integer sums with a dyadic 1/n; data movement on the integers; single-i
 elementwise ops as 256-entry lookup tables. docs/integer-only.md has each op's form.
 
 Only standard ONNX ops are emitted, so stock ONNX Runtime runs the result, and
-`backends/reference.py` reproduces it bit for bit. Ops with no integer form (Softmax,
-LayerNormalization, ConvTranspose...) stay float islands (DQ → op → Q); `islands` lists
-them and the caller decides whether they are allowed.
+`backends/reference.py` reproduces it bit for bit. Ops with no integer form stay float
+islands (DQ → op → Q); `islands` lists them and the caller decides if they are allowed.
 """
 
 from __future__ import annotations
@@ -25,6 +24,7 @@ import onnx_ir as ir
 import onnx_ir.passes.common as common_passes
 
 from qcompile.ir.graph import const_array
+from qcompile.lower.integer_norms import NORMS
 from qcompile.lower.integer_parts import (
     DQ,
     INT_RANGE,
@@ -128,7 +128,7 @@ class LowerToIntegerOnly(ir.passes.InPlacePass):
             "Mul": self._mul,
             "Concat": self._concat,
         }
-        for name, lower in REDUCTIONS.items():  # pools, LayerNormalization, Softmax
+        for name, lower in {**REDUCTIONS, **NORMS}.items():  # pools, norms, Softmax
             lowerings[name] = functools.partial(lower, self)
         for name in MOVEMENT_OPS:
             lowerings[name] = self._movement

@@ -366,14 +366,19 @@ def _connected(nodes: list[ir.Node]) -> list[int]:
 def float_ops_between(graph: ir.Graph) -> list[ir.Node]:
     """Ops with a float run-time input or output between the input quantizers and the
     output dequantizers (reachable from a QuantizeLinear and reaching a DequantizeLinear);
-    Q/DQ nodes themselves count when they sit inside, i.e. around a float island."""
+    Q/DQ nodes themselves count when they sit inside, i.e. around a float island.
+
+    Reaching goes through values, not through Shape/Size: what is computed from a tensor's
+    dimensions alone (rotary cos/sin tables from the sequence length, masks from it) does
+    not depend on the quantized data. Such ops run once per input shape, before the
+    integers they feed are quantized, like a model input's preprocessing."""
     nodes = list(graph)
     consumers: dict[int, list[ir.Node]] = {id(n): [] for n in nodes}
     producers: dict[int, list[ir.Node]] = {id(n): [] for n in nodes}
     for n in nodes:
         for v in n.inputs:
             p = v.producer() if v is not None else None
-            if p is not None and id(p) in consumers:
+            if p is not None and id(p) in consumers and p.op_type not in ("Shape", "Size"):
                 consumers[id(p)].append(n)
                 producers[id(n)].append(p)
 

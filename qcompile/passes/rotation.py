@@ -30,14 +30,13 @@ import numpy as np
 import onnx_ir as ir
 import scipy.linalg
 
-from qcompile.ir.graph import add_initializer, const_array, matmul_bias, scalar_const
+from qcompile.ir.graph import add_initializer, const_array, matmul_bias
+from qcompile.ir.norms import reduces_last_axis, rms_factor
 
 logger = logging.getLogger(__name__)
 
 SHAPE_ONLY = frozenset({"Shape", "Size"})
 NORM_OPS = frozenset({"SimplifiedLayerNormalization", "RMSNormalization"})
-# what may sit between ReduceMean(h²) and the factor h is multiplied (or divided) by
-RMS_STEPS = frozenset({"Add", "Sqrt", "Div", "Reciprocal", "Cast"})
 
 
 def rotation_matrix(d: int, seed: int = 0) -> np.ndarray:
@@ -63,36 +62,8 @@ class Stream:
     norms: list[tuple[ir.Node | None, int | None, list[ir.Node]]] = field(default_factory=list)
 
 
-def _last_axis(node: ir.Node, rank: int | None) -> bool:
-    axes = node.attributes.get_ints("axes", None)
-    if axes is None and len(node.inputs) > 1:
-        found = const_array(node.inputs[1])
-        axes = None if found is None else [int(a) for a in found.ravel()]
-    if axes is None or len(axes) != 1 or not node.attributes.get_int("keepdims", 1):
-        return False
-    return axes[0] == -1 or (rank is not None and axes[0] == rank - 1)
-
-
 def _rank(value: ir.Value) -> int | None:
     return value.shape.rank() if value.shape is not None else None
-
-
-def _rms_of(factor: ir.Value, h: ir.Value) -> bool:
-    """Whether `factor` is computed from mean(h², last axis) alone (through ε, √, 1/x)."""
-    node = factor.producer()
-    while node is not None and node.op_type in RMS_STEPS:
-        varying = [v for v in node.inputs if v is not None and const_array(v) is None]
-        if len(varying) != 1:
-            return False
-        node = varying[0].producer()
-    if node is None or node.op_type != "ReduceMean" or not _last_axis(node, _rank(h)):
-        return False
-    square = node.inputs[0].producer()
-    if square is None:
-        return False
-    if square.op_type == "Pow":
-        return square.inputs[0] is h and scalar_const(square.inputs[1]) == 2.0
-    return square.op_type == "Mul" and square.inputs[0] is h and square.inputs[1] is h
 
 
 def _linear_reader(use: ir.Usage, d: int) -> bool:
@@ -219,9 +190,11 @@ def trace_stream(root: ir.Node) -> Stream | str:
                 stream.norms.append((node, 1, readers))
             elif node.op_type == "Pow":
                 outs = list(node.outputs[0].uses())
-                if not (len(outs) == 1 and _last_axis(outs[0].node, _rank(h))):
+                if not (len(outs) == 1 and reduces_last_axis(outs[0].node, _rank(h))):
                     return f"{node.name}: h² is not averaged over the last axis"
-            elif node.op_type in ("Mul", "Div") and _rms_of(node.inputs[1 - use.idx], h):
+            elif node.op_type in ("Mul", "Div") and rms_factor(
+                node.inputs[1 - use.idx], h, root=node.op_type == "Div"
+            ):
                 if node.op_type == "Div" and use.idx != 0:
                     return f"{node.name} divides by the stream"
                 found = _normalized_readers(node.outputs[0], d)

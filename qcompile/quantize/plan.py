@@ -24,6 +24,7 @@ import onnx_ir as ir
 
 from qcompile.options import CompileOptions
 from qcompile.profile import TargetProfile, standard_op
+from qcompile.quantize.integer_scope import left_unquantized
 from qcompile.quantize.kept_float import kept_float_reason
 from qcompile.quantize.quant_plan import FLOAT_TYPES, BiasUse, NodeKind, QuantPlan, WeightUse
 from qcompile.quantize.weight_only import int4_eligible
@@ -184,6 +185,9 @@ def build_plan(
 
     # Integer-only graphs want every op in integers, chain or not: rules 1b and 1c are off.
     integer_only = profile.integer_only or options.integer_only
+    for name, reason in left_unquantized(nodes).items() if integer_only else ():
+        if kinds.pop(name, None) is not None:  # quantize/integer_scope.py says why
+            plan.skipped[name] = reason
     for node in () if integer_only else reversed(nodes):
         name = node.name or ""
         if kinds.get(name) in ("arith", "compute") and _chain_only(node) and not keep_arith(node):
@@ -389,7 +393,9 @@ def _after_softmax(value: ir.Value, depth: int = 4) -> bool:
 # Not plan nodes, but integer-only lowering gives them integer forms when their input and
 # output are quantized (lower/integer_reductions.py): movement after them moves integers.
 # ReduceMean: global pooling as torch's dynamo exporter writes it, ReduceMean → Reshape → Gemm.
-LOWERED_WHEN_QUANTIZED = frozenset({"LayerNormalization", "Softmax", "ReduceMean"})
+LOWERED_WHEN_QUANTIZED = frozenset(
+    {"LayerNormalization", "RMSNormalization", "Softmax", "ReduceMean"}
+)
 
 
 def nodes_touching(model: ir.Model, plan: QuantPlan, tensors: set[str]) -> set[str]:

@@ -1,0 +1,142 @@
+"""Integer RMSNorm: ONNX's RMSNormalization (opset 23) and the chain torch's exporters
+write for it (`ir/norms.py` reads the chain; the plan quantizes only its ends,
+`quantize/kernel_chains.py`).
+
+The derivation follows the integer LayerNorm next door (`integer_reductions.layer_norm`,
+after I-BERT) without the mean. With c = q − z the input integers (real s·c) over the
+last axis of size n, mean(x²) = s²·Σc²/n, so
+
+    x / sqrt(mean(x²) + ε) = c·sqrt(n) / sqrt(Σc² + ε·n/s²).
+
+Scaling c by 2**m first (c' = c·2**m, m as large as int64 allows for Σc'²) leaves that
+ratio unchanged and makes the integer square root's floor 2**m times finer:
+t = trunc(c'·2**K / isqrt(Σc'² + E)), E = round(ε·n·4**m/s²), is the normalized value /
+sqrt(n) with K = 15 fraction bits (|t| <= 2**K + 1, since c'² <= Σc'²). γ is quantized per
+tensor to G = round(γ/s_γ) (int16 magnitudes), and the accumulator t·G (int32) is
+requantized by the dyadic s_γ·sqrt(n)/2**K / s_y like a Conv's.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING
+
+import numpy as np
+import onnx_ir as ir
+
+from qcompile.ir.norms import rms_norm_at
+from qcompile.lower.integer_parts import IntAct, _Emitter, _static_dims
+from qcompile.lower.integer_reductions import (
+    GAMMA_BITS,
+    _i64,
+    _real,
+    _reduce,
+    _shifted,
+    _signed_div,
+    isqrt,
+    wide_sum,
+)
+from qcompile.numerics.dyadic import to_dyadic
+
+if TYPE_CHECKING:
+    from qcompile.lower.integer_only import LowerToIntegerOnly
+
+I64 = ir.DataType.INT64
+FRACTION = 15  # K: fraction bits of the normalized value
+SUM_BITS = 61  # Σc'² + E stays below 2**SUM_BITS (isqrt handles up to 62 bits)
+
+
+def _view(low: LowerToIntegerOnly, value: ir.Value | None) -> IntAct | None:
+    view = low._int_view(value) or wide_sum(low, value)
+    return view if isinstance(view, IntAct) else None
+
+
+def _same_integers(low: LowerToIntegerOnly):
+    """Whether two inputs read the same integers (h reaches the chain through separate
+    DequantizeLinears of one quantized tensor)."""
+
+    def same(a: ir.Value, b: ir.Value) -> bool:
+        if a is b:
+            return True
+        va, vb = _view(low, a), _view(low, b)
+        return va is not None and vb is not None and (va.value, va.scale, va.zero_point) == (
+            vb.value, vb.scale, vb.zero_point)  # fmt: skip
+
+    return same
+
+
+def rms_norm(low: LowerToIntegerOnly, node: ir.Node, emit: _Emitter, graph: ir.Graph):
+    """RMSNormalization, or the Mul/Div that applies a decomposed RMSNorm's factor (any
+    other Mul is lowered as a Mul). None when written, else why not."""
+    if node.op_type == "RMSNormalization":
+        h, output = node.inputs[0], node.outputs[0]
+        gamma = _real(low, node.inputs[1]) if len(node.inputs) > 1 else None
+        if gamma is None or len(node.outputs) != 1:
+            return "scale is not a constant"
+        epsilon = node.attributes.get_float("epsilon", 1e-5)
+        dims = _static_dims(h)
+        if dims is None or node.attributes.get_int("axis", -1) not in (-1, len(dims) - 1):
+            return "normalizes over more than the last axis"
+    else:
+        norm = rms_norm_at(node, _same_integers(low))
+        if norm is None:
+            return low._mul(node, emit, graph) if node.op_type == "Mul" else "no integer form"
+        h, output, epsilon = norm.h, norm.output, norm.epsilon
+        gamma = None
+        if norm.gamma is not None:
+            gamma = _real(low, norm.gamma.inputs[norm.gamma_index])
+    return _integer_rms(low, h, output, gamma, epsilon, emit, graph)
+
+
+def _integer_rms(
+    low: LowerToIntegerOnly,
+    h: ir.Value,
+    output: ir.Value,
+    gamma: np.ndarray | None,
+    epsilon: float,
+    emit: _Emitter,
+    graph: ir.Graph,
+) -> str | None:
+    x, out = _view(low, h), low._out_quant(output, graph)
+    if x is None or out is None:
+        return "input or output not quantized"
+    dims = _static_dims(h)
+    n = dims[-1] if dims else -1
+    if n <= 0:
+        return "the normalized axis has no static size"
+    gamma = np.ones(n) if gamma is None else gamma
+    if gamma.size not in (1, n):
+        return f"γ has {gamma.size} values for an axis of {n}"
+    gamma = np.broadcast_to(gamma.reshape(-1), (n,))
+    bits = int((SUM_BITS - math.log2(n)) // 2)  # |c| < 2**bits keeps n·c² < 2**SUM_BITS
+    magnitude = max(abs(x.qmax - x.zero_point), abs(x.qmin - x.zero_point))
+    if magnitude.bit_length() > bits:
+        x = _shifted(emit, x, magnitude.bit_length() - bits)
+        magnitude = max(abs(x.qmax - x.zero_point), abs(x.qmin - x.zero_point))
+    base = n * magnitude**2 + epsilon * n / x.scale**2  # the largest Σc² + E at m = 0
+    if base >= 2**SUM_BITS:
+        return f"ε/s² too large for an int64 sum of squares (ε={epsilon}, s={x.scale:g})"
+    m = 0
+    while 4 ** (m + 1) * base < 2**SUM_BITS:
+        m += 1  # a finer root, as far as int64 allows
+    e = round(epsilon * n * 4**m / x.scale**2)
+    v_max = n * (magnitude << m) ** 2 + e
+    g_scale = float(np.max(np.abs(gamma))) / (2**GAMMA_BITS - 1) or 1.0
+    g_int = np.rint(gamma / g_scale).astype(np.int64)
+    c = emit.centered(x, I64, "x")
+    if m:
+        c = emit.op("Mul", [c, _i64(emit, 2**m, "fine")], I64, "x_fine")
+    v = _reduce(emit, "ReduceSum", emit.op("Mul", [c, c], I64, "square"), "sum_sq")
+    v = emit.op("Max", [emit.op("Add", [v, _i64(emit, e, "eps")], I64, "sum_sq_eps"),
+                        _i64(emit, 1, "one")], I64, "sum_sq_pos")  # fmt: skip
+    root = isqrt(emit, v, int(v_max).bit_length())
+    fixed = emit.op("Mul", [c, _i64(emit, 2**FRACTION, "fraction")], I64, "x_fixed")
+    t = _signed_div(emit, fixed, root, "normalized")
+    acc = emit.op("Mul", [t, emit.const("gamma_int", g_int)], I64, "scaled_norm")
+    unit = g_scale * math.sqrt(n) / 2**FRACTION
+    y = emit.requantize(acc, to_dyadic(unit / out.scale), out)
+    low._finish(graph, out, y, output.shape)
+    return None
+
+
+NORMS = {"RMSNormalization": rms_norm, "Mul": rms_norm, "Div": rms_norm}

@@ -1,0 +1,53 @@
+"""What an integer-only plan leaves unquantized although it could quantize it.
+
+- Chains of float ops that integer-only lowering computes as one kernel: the plan
+  quantizes such a chain's input and output only. Quantizing its steps (h², the mean, the
+  reciprocal root) to 8 bits each, as a plan of separate ops would, loses most of the
+  precision, and the integer kernel (`lower/integer_norms.py`) needs the chain whole.
+- Arithmetic on values computed from tensor shapes alone (rotary position angles from
+  the sequence length: Range → Cast → Mul by the inverse frequencies → Cos/Sin): it
+  does not depend on the model's data, so it runs like a model input's preprocessing,
+  and its results are quantized where quantized ops read them. Quantizing the angles
+  themselves (up to the sequence length in radians) to 8 bits would scramble the
+  cos/sin tables. `lower/integer_parts.float_ops_between` does not count such ops as
+  inside the integer region, for the same reason.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import onnx_ir as ir
+
+from qcompile.ir.norms import rms_norm_at
+
+RMS_CHAIN = "inside an RMSNorm, which integer-only lowering computes as one kernel"
+SHAPE_ONLY = "computed from tensor shapes alone (not the model's data): left float"
+
+
+def shape_only_values(nodes: Sequence[ir.Node]) -> set[int]:
+    """ids of the values computed from constants and tensor shapes alone (`nodes` in
+    topological order)."""
+    found: set[int] = set()
+    for node in nodes:
+        dimensions = node.op_type in ("Shape", "Size") and node.domain in ("", "ai.onnx")
+        if dimensions or all(
+            v is None or v.const_value is not None or id(v) in found for v in node.inputs
+        ):
+            found.update(id(v) for v in node.outputs)
+    return found
+
+
+def left_unquantized(nodes: Sequence[ir.Node]) -> dict[str, str]:
+    """Node name → why an integer-only plan leaves it unquantized."""
+    inside: dict[str, str] = {}
+    shaped = shape_only_values(nodes)
+    for node in nodes:
+        norm = rms_norm_at(node)
+        if norm is not None:
+            inside.update((n.name or "", RMS_CHAIN) for n in norm.nodes)
+        elif any(v is not None and v.const_value is None for v in node.inputs) and all(
+            v is None or v.const_value is not None or id(v) in shaped for v in node.inputs
+        ):
+            inside[node.name or ""] = SHAPE_ONLY
+    return inside
