@@ -153,7 +153,15 @@ def _gelu_graph(form: str, opset: int) -> onnx.ModelProto:
 
 
 @pytest.mark.parametrize(
-    "form", ["half_last", "half_first", "half_inner", "tanh_half_first", "tanh_half_last"]
+    "form",
+    [
+        "half_last",
+        "half_first",
+        "half_inner",
+        "tanh_half_first",
+        "tanh_half_last",
+        "tanh_half_inner",
+    ],
 )
 @pytest.mark.parametrize("opset", [18, 20])
 def test_gelu_fuses_in_every_exporter_association(form, opset):

@@ -161,6 +161,12 @@ def _gelu_tanh_half_last(op, x, three, c, k, one, half):
     return op.Mul(op.Mul(x, op.Add(op.Tanh(inner), one)), half)
 
 
+def _gelu_tanh_half_inner(op, x, three, c, k, one, half):
+    # torch.onnx's dynamo exporter (Gemma's gelu_pytorch_tanh): x · (½ · (1 + tanh(...)))
+    inner = op.Mul(op.Add(x, op.Mul(op.Pow(x, three), c)), k)
+    return op.Mul(x, op.Mul(half, op.Add(op.Tanh(inner), one)))
+
+
 def _gelu_tanh_constants(three, c, k, one, half) -> bool:
     return (
         _close(three, 3.0)
@@ -451,7 +457,11 @@ RULES = rewriter.RewriteRuleSet(
         ),
         *(
             pattern.RewriteRule(form, replace, check, name=f"GeluTanh{label}{suffix}")
-            for form, label in ((_gelu_tanh, ""), (_gelu_tanh_half_last, "HalfLast"))
+            for form, label in (
+                (_gelu_tanh, ""),
+                (_gelu_tanh_half_last, "HalfLast"),
+                (_gelu_tanh_half_inner, "HalfInner"),
+            )
             for replace, check, suffix in (
                 (_gelu_tanh_onnx, _gelu_tanh_onnx_check, ""),
                 (_gelu_tanh_contrib, _gelu_tanh_contrib_check, "Contrib"),
