@@ -106,3 +106,72 @@ def test_fpga_cost_model_counts_the_upsampling_macs():
     result = qcompile.compile(upsampling_head(), target="fpga", calibration=_feeds(), **FAST)
     layers = {layer["node"]: layer for layer in result.report.fpga_layers}
     assert layers["up"]["macs"] == 4 * 24 * 32 * 8
+
+
+# -- linear Resize ------------------------------------------------------------------------
+def _resize_model(mode: str, sizes: tuple[int, int] | None) -> onnx.ModelProto:
+    """Conv → Relu → Resize(linear) → Conv at 9×11, upsampled ×2 by scales (opset 17) or
+    to `sizes` of the last two axes (opset 18's `axes`)."""
+    rng = np.random.default_rng(1)
+    inits = [
+        numpy_helper.from_array((rng.standard_normal((4, 3, 3, 3)) * 0.3).astype(np.float32), "w0"),
+        numpy_helper.from_array((rng.standard_normal((2, 4, 1, 1)) * 0.3).astype(np.float32), "w1"),
+    ]
+    if sizes is None:
+        inits.append(numpy_helper.from_array(np.array([1, 1, 2, 2], np.float32), "scales"))
+        resize_inputs = ["h", "", "scales"]
+    else:
+        inits.append(numpy_helper.from_array(np.array(sizes, np.int64), "sizes"))
+        resize_inputs = ["h", "", "", "sizes"]
+    axes = {} if sizes is None else {"axes": [2, 3]}
+    nodes = [
+        helper.make_node("Conv", ["x", "w0"], ["c"], pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["c"], ["h"]),
+        helper.make_node(
+            "Resize",
+            resize_inputs,
+            ["up"],
+            name="resize",
+            mode="linear",
+            coordinate_transformation_mode=mode,
+            **axes,
+        ),  # fmt: skip
+        helper.make_node("Conv", ["up", "w1"], ["y"]),
+    ]
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 9, 11])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, None)
+    graph = helper.make_graph(nodes, "resize", [x], [y], inits)
+    opset = 17 if sizes is None else 18
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+    model.ir_version = 8
+    return onnx.shape_inference.infer_shapes(model)
+
+
+@pytest.mark.parametrize(
+    ("mode", "sizes"),
+    [
+        ("half_pixel", None),
+        ("pytorch_half_pixel", (20, 17)),
+        ("align_corners", (20, 23)),
+        ("asymmetric", None),
+        ("half_pixel", (5, 7)),  # downscaling
+    ],
+)
+def test_linear_resize_interpolates_codes(mode, sizes):
+    # no float op; ORT = reference; the integer Resize equals the QDQ graph's float Resize
+    # of the same codes up to one step where the value sits at a rounding tie
+    rng = np.random.default_rng(0)
+    feeds = [{"x": rng.standard_normal((2, 3, 9, 11)).astype(np.float32)} for _ in range(6)]
+    model = _resize_model(mode, sizes)
+    result = qcompile.compile(model, target="fpga", calibration=feeds, **FAST)
+    assert result.report.float_islands == []
+    assert float_ops_between(result.model.graph) == []
+    assert result.report.integer_ops["Resize"] == 1
+    proto = ir.to_proto(result.model)
+    sess = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
+    got = sess.run(None, feeds[0])[0]
+    np.testing.assert_array_equal(got, run_reference(proto, feeds[0])[0])
+    qdq = qcompile.compile(
+        model, target="fpga", calibration=feeds, disabled_passes=("LowerToIntegerOnly",), **FAST
+    )
+    assert result.report.min_output_sqnr_db > qdq.report.min_output_sqnr_db - 0.2

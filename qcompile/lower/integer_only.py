@@ -49,7 +49,7 @@ from qcompile.lower.integer_parts import (
 )
 from qcompile.lower.integer_reductions import REDUCTIONS, masked_scores, wide_sum
 from qcompile.lower.integer_select import constant_movement, movement_parameters, where
-from qcompile.lower.integer_upsample import conv_transpose
+from qcompile.lower.integer_upsample import UPSAMPLING
 from qcompile.lower.integer_wide import add_wide, wide_accumulator
 from qcompile.numerics.dyadic import Dyadic, DyadicRangeError, to_dyadic
 from qcompile.profile import standard_op
@@ -133,7 +133,7 @@ class LowerToIntegerOnly(ir.passes.InPlacePass):
         for name in MOVEMENT_OPS:
             lowerings[name] = self._movement
         lowerings["Where"] = functools.partial(where, self)
-        lowerings["ConvTranspose"] = functools.partial(conv_transpose, self)
+        lowerings.update({k: functools.partial(f, self) for k, f in UPSAMPLING.items()})
         for name in LUT_OPS:
             lowerings.setdefault(name, self._lookup_table)
         modified = False

@@ -1,6 +1,8 @@
-"""Integer ConvTranspose for the upsampling case, kernel = stride (PP-OCR det's DBNet head,
-U-Nets, FPN upsampling): ONNX has no integer ConvTranspose, but with kernel = stride the
-output windows do not overlap, so
+"""Integer upsampling: linear (bilinear) Resize, in `resize` below, and ConvTranspose.
+
+ConvTranspose for the upsampling case, kernel = stride (PP-OCR det's DBNet head, U-Nets,
+FPN upsampling): ONNX has no integer ConvTranspose, but with kernel = stride the output
+windows do not overlap, so
 
     y[co, h·s + i, w·s + j] = b[co] + Σ_ci x[ci, h, w] · W[ci, co, i, j]
 
@@ -18,6 +20,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import onnx_ir as ir
 
+from qcompile.ir.graph import const_array
 from qcompile.lower.integer_parts import IntAct, IntConst, _Emitter, _is_int32, _np
 from qcompile.numerics.dyadic import to_dyadic
 
@@ -73,3 +76,107 @@ def conv_transpose(low: LowerToIntegerOnly, node: ir.Node, emit: _Emitter, graph
     up = emit.op("DepthToSpace", [y], out.dtype, "upsampled", attrs)
     low._finish(graph, out, up, node.outputs[0].shape)
     return None
+
+
+# -- Resize, mode "linear": integer interpolation weights ------------------------------
+LINEAR_FRACTION = 15  # interpolation weights in units of 2**-15; each pair sums to 2**15
+COORDINATES = ("half_pixel", "pytorch_half_pixel", "align_corners", "asymmetric")
+
+
+def linear_taps(n_in: int, n_out: int, scale: float, mode: str) -> tuple[np.ndarray, ...]:
+    """(low index, high index, low weight, high weight) per output position along one axis,
+    the weights integers summing to 2**LINEAR_FRACTION.
+
+    As ONNX Runtime computes it (and the ONNX reference, which pads by the edge value):
+    the source coordinate x of output i by the coordinate mode, clamped to [0, n_in − 1];
+    taps floor(x) and min(floor(x) + 1, n_in − 1) with weights 1 − frac(x) and frac(x)."""
+    i = np.arange(n_out, dtype=np.float64)
+    if mode == "align_corners":
+        x = i * (n_in - 1) / (n_out - 1) if n_out > 1 else np.zeros(n_out)
+    elif mode == "asymmetric":
+        x = i / scale
+    else:
+        x = (i + 0.5) / scale - 0.5
+        if mode == "pytorch_half_pixel" and n_out == 1:
+            x = np.zeros(1)
+    x = np.clip(x, 0, n_in - 1)
+    low = np.floor(x).astype(np.int64)
+    high = np.minimum(low + 1, n_in - 1)
+    w_high = np.rint((x - low) * 2**LINEAR_FRACTION).astype(np.int64)
+    return low, high, 2**LINEAR_FRACTION - w_high, w_high
+
+
+def _resize_axes(node: ir.Node, dims_in: list, dims_out: list, opset: int) -> list | str:
+    """[(axis, n_in, n_out, scale, coordinate mode)] for the axes the Resize changes: sizes
+    from the constant `sizes` or the inferred output shape, the scale from `scales` or
+    n_out / n_in (as ONNX Runtime does when sizes are given)."""
+    a = node.attributes
+    if opset >= 18 and a.get_int("antialias", 0):
+        return "antialias"
+    mode = a.get_string("coordinate_transformation_mode", "half_pixel")
+    mode = mode if opset >= 11 else "asymmetric"
+    if mode not in COORDINATES:
+        return f"coordinate_transformation_mode {mode}"
+    rank, first = len(dims_in), 2 if opset >= 11 else 1
+    axes = [x % rank for x in a.get_ints("axes", range(rank))]
+    scales = const_array(node.inputs[first]) if len(node.inputs) > first else None
+    sizes = const_array(node.inputs[3]) if opset >= 11 and len(node.inputs) > 3 else None
+    found = []
+    for axis in range(rank):
+        n_in, n_out, scale = dims_in[axis], dims_out[axis], None
+        if axis in axes and scales is not None and scales.size == len(axes):
+            scale = float(scales[axes.index(axis)])
+        if axis in axes and sizes is not None and sizes.size == len(axes):
+            n_out = int(sizes[axes.index(axis)])
+        if axis not in axes or scale == 1.0 or (scale is None and n_in == n_out):
+            continue
+        if not isinstance(n_in, int) or not isinstance(n_out, int):
+            return f"axis {axis} resized to a size unknown at compile time"
+        found.append((axis, n_in, n_out, scale or n_out / n_in, mode))
+    return found
+
+
+def resize(low: LowerToIntegerOnly, node: ir.Node, emit: _Emitter, graph: ir.Graph):
+    """Resize: nearest moves codes (data movement); linear interpolates the codes.
+
+    Linear is separable: along each resized axis, y = x[low]·w_low + x[high]·w_high with
+    integer weights (`linear_taps`), two Gathers, two Muls and an Add on int64 values
+    centered at the zero point. After k axes the sum is 2**(15k) times the interpolated
+    value to within k·2**-16 of a step per unit weight error, and one dyadic
+    requantization (2**-15k · s_x/s_y) rounds it. The QDQ graph's float Resize rounds the
+    same real value, so the two agree except where that value sits within ~0.01 of a
+    rounding tie."""
+    if node.attributes.get_string("mode", "nearest") != "linear":
+        return low._movement(node, emit, graph)
+    x, out = low._int_view(node.inputs[0]), low._out_quant(node.outputs[0], graph)
+    if not isinstance(x, IntAct) or out is None:
+        return "input or output not quantized"
+    dims_in = list(node.inputs[0].shape or [])
+    dims_out = list(node.outputs[0].shape or [])
+    if not dims_in or len(dims_in) != len(dims_out):
+        return "input or output rank unknown"
+    opset = graph.opset_imports.get("", 11)
+    axes = _resize_axes(node, dims_in, dims_out, opset)
+    if isinstance(axes, str):
+        return f"linear Resize with {axes} has no integer form here"
+    rank = len(dims_in)
+    I64 = ir.DataType.INT64
+    value = emit.centered(x, I64, "x")
+    for axis, n_in, n_out, scale, mode in axes:
+        lo, hi, w_lo, w_hi = linear_taps(n_in, n_out, scale, mode)
+        shape = [1] * rank
+        shape[axis] = n_out
+        terms = []
+        for name, index, weight in (("low", lo, w_lo), ("high", hi, w_hi)):
+            taps = emit.op("Gather", [value, emit.const(f"{name}_index", index)], I64,
+                           f"{name}_taps{axis}", {"axis": axis})  # fmt: skip
+            weights = emit.const(f"{name}_weight", weight.reshape(shape))
+            terms.append(emit.op("Mul", [taps, weights], I64, f"{name}_weighted{axis}"))
+        value = emit.op("Add", terms, I64, f"interpolated{axis}")
+    scale = x.scale / out.scale / 2.0 ** (LINEAR_FRACTION * len(axes))
+    y = emit.requantize(value, to_dyadic(scale), out)
+    low._finish(graph, out, y, node.outputs[0].shape)
+    return None
+
+
+UPSAMPLING = {"ConvTranspose": conv_transpose, "Resize": resize}
