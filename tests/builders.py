@@ -275,9 +275,10 @@ def mlp(seed: int = 0, din: int = 64, hidden: int = 128, dout: int = 16) -> onnx
 
 
 def transformer_block(
-    seed: int = 0, dim: int = 64, heads: int = 4, ffn: int = 128
+    seed: int = 0, dim: int = 64, heads: int = 4, ffn: int = 128, divide: bool = False
 ) -> onnx.ModelProto:
-    """Pre-LN encoder block: LayerNorm, multi-head attention with Softmax, GELU FFN, residuals."""
+    """Pre-LN encoder block: LayerNorm, multi-head attention with Softmax, GELU FFN,
+    residuals. `divide`: scores / √d (as MPNet and DeBERTa write it) instead of · 1/√d."""
     b = _Builder("transformer_block", seed)
     hd = dim // heads
 
@@ -302,7 +303,10 @@ def transformer_block(
     v = heads_split(b.linear(h, dim, dim, name="v_proj"))
     kt = b.op("Transpose", [k], perm=[0, 1, 3, 2])
     scores = b.op("MatMul", [q, kt], name="qk_matmul")
-    scores = b.op("Mul", [scores, b.const("inv_sqrt_d", np.float32(1.0 / np.sqrt(hd)))])
+    if divide:
+        scores = b.op("Div", [scores, b.const("sqrt_d", np.float32(np.sqrt(hd)))])
+    else:
+        scores = b.op("Mul", [scores, b.const("inv_sqrt_d", np.float32(1.0 / np.sqrt(hd)))])
     probs = b.op("Softmax", [scores], axis=-1, name="softmax")
     ctx = b.op("MatMul", [probs, v], name="av_matmul")
     ctx = b.op("Transpose", [ctx], perm=[0, 2, 1, 3])

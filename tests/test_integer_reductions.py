@@ -50,14 +50,15 @@ def test_isqrt_is_floor_sqrt_for_every_magnitude():
     np.testing.assert_array_equal(run_reference(proto, {"v": v[:200]})[0].ravel(), want[:200])
 
 
-def test_transformer_block_is_integer_from_input_to_output():
+@pytest.mark.parametrize("divide", [False, True])
+def test_transformer_block_is_integer_from_input_to_output(divide):
     # LayerNorm on the int32 residual sum, Softmax and GELU all in integers (the first
     # LayerNorm reads the float model input, before the input quantizer): no island,
     # ORT = reference with ORT's QDQ fusions on, as accurate as the QDQ graph with those
-    # ops in float
+    # ops in float; scores / √d (a Div, as MPNet and DeBERTa write it) as well as · 1/√d
     feeds = [{"input": builders.token_embeddings(4, seed=i)} for i in range(10)]
     result = qcompile.compile(
-        builders.transformer_block(), target="fpga", calibration=feeds, **FAST
+        builders.transformer_block(divide=divide), target="fpga", calibration=feeds, **FAST
     )
     assert result.report.float_islands == []
     assert float_ops_between(result.model.graph) == []
@@ -68,7 +69,7 @@ def test_transformer_block_is_integer_from_input_to_output():
     for feed in feeds[:3]:
         np.testing.assert_array_equal(sess.run(None, feed)[0], run_reference(proto, feed)[0])
     qdq = qcompile.compile(
-        builders.transformer_block(), target="fpga", calibration=feeds,
+        builders.transformer_block(divide=divide), target="fpga", calibration=feeds,
         disabled_passes=("LowerToIntegerOnly",), **FAST,
     )  # fmt: skip
     assert result.report.min_output_sqnr_db > qdq.report.min_output_sqnr_db - 1.0
