@@ -111,22 +111,37 @@ def test_fpga_cost_model_counts_the_upsampling_macs():
 # -- linear Resize ------------------------------------------------------------------------
 def _resize_model(mode: str, sizes: tuple[int, int] | None) -> onnx.ModelProto:
     """Conv → Relu → Resize(linear) → Conv at 9×11, upsampled ×2 by scales (opset 17) or
-    to `sizes` of the last two axes (opset 18's `axes`)."""
+    to `sizes` of the last two axes (opset 18's `axes`; for pytorch_half_pixel, sizes
+    concatenated to N and C from Shape, as torch writes F.interpolate(size=…))."""
     rng = np.random.default_rng(1)
     inits = [
         numpy_helper.from_array((rng.standard_normal((4, 3, 3, 3)) * 0.3).astype(np.float32), "w0"),
         numpy_helper.from_array((rng.standard_normal((2, 4, 1, 1)) * 0.3).astype(np.float32), "w1"),
     ]
+    extra = []
     if sizes is None:
         inits.append(numpy_helper.from_array(np.array([1, 1, 2, 2], np.float32), "scales"))
         resize_inputs = ["h", "", "scales"]
+    elif mode == "pytorch_half_pixel":  # as torch writes F.interpolate(size=…): N, C from Shape
+        inits += [
+            numpy_helper.from_array(np.array(sizes, np.int64), "hw"),
+            numpy_helper.from_array(np.array([0], np.int64), "start"),
+            numpy_helper.from_array(np.array([2], np.int64), "end"),
+        ]
+        extra = [
+            helper.make_node("Shape", ["h"], ["h_shape"]),
+            helper.make_node("Slice", ["h_shape", "start", "end"], ["nc"]),
+            helper.make_node("Concat", ["nc", "hw"], ["sizes"], axis=0),
+        ]
+        resize_inputs = ["h", "", "", "sizes"]
     else:
         inits.append(numpy_helper.from_array(np.array(sizes, np.int64), "sizes"))
         resize_inputs = ["h", "", "", "sizes"]
-    axes = {} if sizes is None else {"axes": [2, 3]}
+    axes = {} if sizes is None or extra else {"axes": [2, 3]}
     nodes = [
         helper.make_node("Conv", ["x", "w0"], ["c"], pads=[1, 1, 1, 1]),
         helper.make_node("Relu", ["c"], ["h"]),
+        *extra,
         helper.make_node(
             "Resize",
             resize_inputs,

@@ -106,6 +106,45 @@ def linear_taps(n_in: int, n_out: int, scale: float, mode: str) -> tuple[np.ndar
     return low, high, 2**LINEAR_FRACTION - w_high, w_high
 
 
+def _same_tensor(a: ir.Value, b: ir.Value) -> bool:
+    """a and b hold the same tensor, up to a DequantizeLinear/QuantizeLinear pair."""
+    seen = []
+    for v in (a, b):
+        chain = [v]
+        while chain[-1].producer() is not None and chain[-1].producer().op_type in (
+            "DequantizeLinear", "QuantizeLinear"):  # fmt: skip
+            chain.append(chain[-1].producer().inputs[0])
+        seen.append({id(x) for x in chain})
+    return bool(seen[0] & seen[1])
+
+
+def _kept_leading_axes(node: ir.Node, sizes: ir.Value | None) -> int:
+    """k when `sizes` is Concat(Slice(Shape(X), 0, k) or Shape(X, end=k), …) with X the
+    Resize's input (torch's F.interpolate(size=…) keeps N and C that way): the first k
+    axes keep their size, known or not."""
+    concat = sizes.producer() if sizes is not None else None
+    if concat is None or concat.op_type != "Concat" or not concat.inputs:
+        return 0
+    head = concat.inputs[0].producer()
+    if head is not None and head.op_type == "Slice" and len(head.inputs) >= 3:
+        starts, ends = const_array(head.inputs[1]), const_array(head.inputs[2])
+        steps = const_array(head.inputs[4]) if len(head.inputs) > 4 else None
+        if starts is None or ends is None or starts.size != 1 or int(starts[0]) != 0:
+            return 0
+        if steps is not None and int(steps.ravel()[0]) != 1:
+            return 0
+        k, head = int(ends[0]), head.inputs[0].producer()
+    elif head is not None and head.op_type == "Shape":
+        k = head.attributes.get_int("end", 0)
+        if head.attributes.get_int("start", 0) != 0 or k <= 0:
+            return 0
+    else:
+        return 0
+    if head is None or head.op_type != "Shape" or head.attributes.get_int("start", 0) != 0:
+        return 0
+    return k if _same_tensor(head.inputs[0], node.inputs[0]) else 0
+
+
 def _resize_axes(node: ir.Node, dims_in: list, dims_out: list, opset: int) -> list | str:
     """[(axis, n_in, n_out, scale, coordinate mode)] for the axes the Resize changes: sizes
     from the constant `sizes` or the inferred output shape, the scale from `scales` or
@@ -121,8 +160,9 @@ def _resize_axes(node: ir.Node, dims_in: list, dims_out: list, opset: int) -> li
     axes = [x % rank for x in a.get_ints("axes", range(rank))]
     scales = const_array(node.inputs[first]) if len(node.inputs) > first else None
     sizes = const_array(node.inputs[3]) if opset >= 11 and len(node.inputs) > 3 else None
+    kept = _kept_leading_axes(node, node.inputs[3]) if opset >= 11 and len(node.inputs) > 3 else 0
     found = []
-    for axis in range(rank):
+    for axis in range(kept, rank):
         n_in, n_out, scale = dims_in[axis], dims_out[axis], None
         if axis in axes and scales is not None and scales.size == len(axes):
             scale = float(scales[axes.index(axis)])
