@@ -64,6 +64,7 @@ def test_transformer_block_is_integer_from_input_to_output(divide):
     assert float_ops_between(result.model.graph) == []
     ops = result.report.integer_ops
     assert ops["LayerNormalization"] == 1 and ops["Softmax"] == 1 and ops["requantize"] >= 1
+    assert ops["Gelu"] == 1  # x/√2 is still a Div when the GELU fusion reads it
     proto = ir.to_proto(result.model)
     sess = _session(proto)
     for feed in feeds[:3]:

@@ -61,38 +61,6 @@ def test_batchnorm_folded_and_names_kept():
     } == names
 
 
-def test_division_by_a_scalar_constant_becomes_a_multiplication():
-    # x / 4 → x · 0.25 (exact), x / 3 → x · (1/3) (one rounding); a tensor or zero
-    # divisor is left alone
-    def graph(divisor: np.ndarray) -> onnx.ModelProto:
-        nodes = [helper.make_node("Div", ["x", "c"], ["y"], name="scale")]
-        g = helper.make_graph(
-            nodes, "div", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 4])],
-            [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 4])],
-            [numpy_helper.from_array(divisor, "c")],
-        )  # fmt: skip
-        return helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
-
-    feed = {"x": np.random.default_rng(0).standard_normal((2, 4)).astype(np.float32)}
-    for divisor, exact in ((4.0, True), (3.0, False)):
-        proto = graph(np.float32(divisor))
-        model, _ = run_phase(load_model(proto), "rewrite", canonicalize())
-        assert [(n.op_type, n.name) for n in model.graph] == [("Mul", "scale")]
-        got, want = _outputs(model, feed)[0], _outputs(proto, feed)[0]
-        if exact:
-            np.testing.assert_array_equal(got, want)
-        np.testing.assert_allclose(got, want, rtol=2e-7)
-    shared = graph(np.float32(8.0))  # two Divs by one constant: one reciprocal
-    shared.graph.node.append(helper.make_node("Div", ["y", "c"], ["z"], name="again"))
-    shared.graph.output[0].name = "z"
-    model, _ = run_phase(load_model(shared), "rewrite", canonicalize())
-    assert [n.op_type for n in model.graph] == ["Mul", "Mul"] and len(model.graph.initializers) == 1
-    np.testing.assert_array_equal(_outputs(model, feed)[0], _outputs(shared, feed)[0])
-    for divisor in (np.float32(0.0), np.array([1, 2, 3, 4], np.float32)):
-        model, _ = run_phase(load_model(graph(divisor)), "rewrite", canonicalize())
-        assert [n.op_type for n in model.graph] == ["Div"]
-
-
 def test_verify_passes_option_runs_equivalence_checks():
     result = qcompile.compile(
         builders.cnn(), calibration={"input": builders.images(6)}, verify_passes=True, **FAST

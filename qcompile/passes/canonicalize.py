@@ -3,14 +3,13 @@
 Built from onnx-ir's common passes and onnxscript's optimizer pieces rather than by hand:
 function inlining, Constant nodes lifted to initializers, constant folding, onnxscript's
 default rewrite rules (no-op/identity removal, Conv+BatchNorm and Pad+Conv folding,
-Relu/Clip merging, slice collapsing), division by a scalar constant as a multiplication,
-common-subexpression elimination, dead-code elimination and a topological sort.
+Relu/Clip merging, slice collapsing), common-subexpression elimination, dead-code
+elimination and a topological sort.
 Every pass here keeps FP32 outputs identical up to float rounding.
 """
 
 from __future__ import annotations
 
-import numpy as np
 import onnx_ir as ir
 import onnx_ir.passes.common as common_passes
 from onnxscript import optimizer
@@ -107,41 +106,6 @@ class DefaultRewrites(NamePreservingRewrite):
         super().__init__(pattern.RewriteRuleSet(list(DEFAULT_RULES)))
 
 
-class DivideByConstant(ir.passes.InPlacePass):
-    """x / c → x · (1/c) for a scalar float constant c (attention's 1/√d as MPNet,
-    DeBERTa and MobileViT write it): a Mul by a positive scalar is what the plan folds
-    into a dequantizer's scale, and integer-only graphs have no Div of codes. Exact when c
-    is a power of two (the usual √d = 4, 8), else within one float rounding. The node is
-    changed in place (a rewrite rule would rename it: Div and Mul differ in op type)."""
-
-    def call(self, model: ir.Model) -> ir.passes.PassResult:
-        modified, made = False, {}  # one reciprocal per divisor, however many Divs read it
-        for node in model.graph:
-            c = node.inputs[1] if node.op_type == "Div" and len(node.inputs) == 2 else None
-            if c is not None and id(c) in made:
-                node.op_type = "Mul"
-                node.replace_input_with(1, made[id(c)])
-                continue
-            k = c.const_value.numpy() if c is not None and c.const_value is not None else None
-            if k is None or k.size != 1 or k.dtype not in (np.float32, np.float64):
-                continue
-            with np.errstate(divide="ignore", over="ignore"):
-                reciprocal = (1.0 / k).astype(k.dtype)
-            if not np.isfinite(reciprocal).all():
-                continue
-            name, n = f"{c.name}_reciprocal", 0
-            while name in model.graph.initializers:
-                name, n = f"{c.name}_reciprocal_{n}", n + 1
-            value = ir.Value(name=name, const_value=ir.tensor(reciprocal, name=name))
-            made[id(c)] = value
-            value.shape, value.dtype = ir.Shape(reciprocal.shape), c.dtype
-            model.graph.register_initializer(value)
-            node.op_type = "Mul"
-            node.replace_input_with(1, value)
-            modified = True
-        return ir.passes.PassResult(model, modified)
-
-
 class EliminateIdentity(common_passes.IdentityEliminationPass):
     """onnx-ir's Identity elimination, keeping an Identity that is the only way a value
     from another graph (the outer scope of an If/Loop/Scan branch) or a value that is
@@ -173,7 +137,6 @@ def canonicalize() -> list[ir.passes.PassBase]:
         LiftConstants(),
         FoldConstants(),
         DefaultRewrites(),
-        DivideByConstant(),
         EliminateIdentity(),
         common_passes.RemoveUnusedNodesPass(),
         common_passes.RemoveUnusedFunctionsPass(),

@@ -17,6 +17,7 @@ from onnxscript.rewriter import pattern
 from onnxscript.rewriter.rules import common as rules
 
 from qcompile.ir.graph import scalar_const
+from qcompile.passes.fusion_gelu import GELU_RULES, _close
 from qcompile.passes.naming import NamePreservingRewrite
 
 
@@ -30,16 +31,6 @@ def _fresh_name(value: ir.Value, suffix: str) -> str:
     while name in taken:
         name, k = f"{base}_{k}", k + 1
     return name
-
-
-def _close(value: ir.Value | None, expected: float) -> bool:
-    got = scalar_const(value)
-    return got is not None and abs(got - expected) <= 1e-6 * max(1.0, abs(expected))
-
-
-def _opset(context) -> int:
-    model = context.model if hasattr(context, "model") else None
-    return model.opset_imports.get("", 0) if model is not None else 0
 
 
 # -- HardSwish: one canonical form, (x · clip(x + 3, 0, 6)) · (1/6) -----------------------
@@ -117,90 +108,6 @@ def _where_expanded_true_replace(op, cond, shape, a, b):
     # a's broadcast to the condition's shape keeps the output shape exact
     full = np.broadcast_to(a.const_value.numpy(), cond.const_value.shape).copy()
     return op.Expand(op.initializer(ir.tensor(full, name=_fresh_name(a, "where_true"))), shape)
-
-
-# -- GELU written out with Erf: 0.5 * x * (1 + erf(x / sqrt(2))) ---------------------------
-
-
-def _gelu_erf(op, x, sqrt2, one, half):
-    return op.Mul(op.Mul(x, op.Add(op.Erf(op.Div(x, sqrt2)), one)), half)
-
-
-def _gelu_erf_half_first(op, x, sqrt2, one, half):
-    return op.Mul(op.Mul(x, half), op.Add(op.Erf(op.Div(x, sqrt2)), one))
-
-
-def _gelu_erf_half_inner(op, x, sqrt2, one, half):
-    # torch.onnx's dynamo exporter: x * (0.5 * (1 + erf(x / sqrt(2))))
-    return op.Mul(x, op.Mul(half, op.Add(op.Erf(op.Div(x, sqrt2)), one)))
-
-
-def _gelu_constants(sqrt2, one, half) -> bool:
-    return _close(sqrt2, float(np.sqrt(2.0))) and _close(one, 1.0) and _close(half, 0.5)
-
-
-def _gelu_onnx_check(context, x, sqrt2, one, half, **_):
-    return _opset(context) >= 20 and _gelu_constants(sqrt2, one, half)
-
-
-def _gelu_contrib_check(context, x, sqrt2, one, half, **_):
-    return _opset(context) < 20 and _gelu_constants(sqrt2, one, half)
-
-
-# GELU's tanh approximation (GPT-2's gelu_new), as both torch exporters write it:
-# (x · ½) · (1 + tanh(√(2/π) · (x + 0.044715 · x³)))
-
-
-def _gelu_tanh(op, x, three, c, k, one, half):
-    inner = op.Mul(op.Add(x, op.Mul(op.Pow(x, three), c)), k)
-    return op.Mul(op.Mul(x, half), op.Add(op.Tanh(inner), one))
-
-
-def _gelu_tanh_half_last(op, x, three, c, k, one, half):
-    inner = op.Mul(op.Add(x, op.Mul(op.Pow(x, three), c)), k)
-    return op.Mul(op.Mul(x, op.Add(op.Tanh(inner), one)), half)
-
-
-def _gelu_tanh_half_inner(op, x, three, c, k, one, half):
-    # torch.onnx's dynamo exporter (Gemma's gelu_pytorch_tanh): x · (½ · (1 + tanh(...)))
-    inner = op.Mul(op.Add(x, op.Mul(op.Pow(x, three), c)), k)
-    return op.Mul(x, op.Mul(half, op.Add(op.Tanh(inner), one)))
-
-
-def _gelu_tanh_constants(three, c, k, one, half) -> bool:
-    return (
-        _close(three, 3.0)
-        and _close(c, 0.044715)
-        and _close(k, float(np.sqrt(2.0 / np.pi)))
-        and _close(one, 1.0)
-        and _close(half, 0.5)
-    )
-
-
-def _gelu_tanh_onnx_check(context, x, three, c, k, one, half, **_):
-    return _opset(context) >= 20 and _gelu_tanh_constants(three, c, k, one, half)
-
-
-def _gelu_tanh_contrib_check(context, x, three, c, k, one, half, **_):
-    return _opset(context) < 20 and _gelu_tanh_constants(three, c, k, one, half)
-
-
-def _gelu_tanh_onnx(op, x, **_):
-    return op.Gelu(x, approximate="tanh")
-
-
-def _gelu_tanh_contrib(op, x, **_):
-    # ORT's contrib FastGelu is the same tanh formula (CPU and CUDA EPs)
-    return op.FastGelu(x, _domain="com.microsoft")
-
-
-def _gelu_onnx(op, x, **_):
-    return op.Gelu(x)
-
-
-def _gelu_contrib(op, x, **_):
-    # ONNX Gelu exists from opset 20; before that, ORT's contrib Gelu (CPU and CUDA EPs).
-    return op.Gelu(x, _domain="com.microsoft")
 
 
 # -- a scalar Mul after a linear layer and data movement: fold it into W and b -------------
@@ -443,33 +350,56 @@ RULES = rewriter.RewriteRuleSet(
         pattern.RewriteRule(
             _scaled_linear, _scaled_linear_replace, _scaled_linear_check, name="ScaleIntoLinear"
         ),
-        *(
-            pattern.RewriteRule(form, replace, check, name=f"Gelu{label}{suffix}")
-            for form, label in (
-                (_gelu_erf, "Erf"),
-                (_gelu_erf_half_first, "ErfHalfFirst"),
-                (_gelu_erf_half_inner, "ErfHalfInner"),
-            )
-            for replace, check, suffix in (
-                (_gelu_onnx, _gelu_onnx_check, ""),
-                (_gelu_contrib, _gelu_contrib_check, "Contrib"),
-            )
-        ),
-        *(
-            pattern.RewriteRule(form, replace, check, name=f"GeluTanh{label}{suffix}")
-            for form, label in (
-                (_gelu_tanh, ""),
-                (_gelu_tanh_half_last, "HalfLast"),
-                (_gelu_tanh_half_inner, "HalfInner"),
-            )
-            for replace, check, suffix in (
-                (_gelu_tanh_onnx, _gelu_tanh_onnx_check, ""),
-                (_gelu_tanh_contrib, _gelu_tanh_contrib_check, "Contrib"),
-            )
-        ),
+        *GELU_RULES,
     ],
     commute=True,
 )
+
+
+class DivideByConstant(ir.passes.InPlacePass):
+    """x / c → x · (1/c) for a scalar float constant c (attention's 1/√d as MPNet,
+    DeBERTa and MobileViT write it): a Mul by a positive scalar is what the plan folds
+    into a dequantizer's scale, and integer-only graphs have no Div of codes. Exact when c
+    is a power of two (the usual √d = 4, 8), else within one float rounding. Integer-only
+    pipelines run it after FuseForQuantization, whose patterns read the Divs exporters
+    write (GELU's x/√2, HardSwish's /6); the QDQ targets keep float Divs as they are. The
+    node is changed in place (a rewrite rule would rename it: Div and Mul differ in op
+    type)."""
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        modified, made, divisors = False, {}, []  # one reciprocal per divisor
+        for node in model.graph:
+            c = node.inputs[1] if node.op_type == "Div" and len(node.inputs) == 2 else None
+            if c is not None and id(c) in made:
+                node.op_type = "Mul"
+                node.replace_input_with(1, made[id(c)])
+                continue
+            k = c.const_value.numpy() if c is not None and c.const_value is not None else None
+            if k is None or k.size != 1 or k.dtype not in (np.float32, np.float64):
+                continue
+            with np.errstate(divide="ignore", over="ignore"):
+                reciprocal = (1.0 / k).astype(k.dtype)
+            if not np.isfinite(reciprocal).all():
+                continue
+            name, n = f"{c.name}_reciprocal", 0
+            while name in model.graph.initializers:
+                name, n = f"{c.name}_reciprocal_{n}", n + 1
+            value = ir.Value(name=name, const_value=ir.tensor(reciprocal, name=name))
+            made[id(c)] = value
+            value.shape, value.dtype = ir.Shape(reciprocal.shape), c.dtype
+            model.graph.register_initializer(value)
+            node.op_type = "Mul"
+            node.replace_input_with(1, value)
+            modified = True
+            divisors.append(c)
+        for c in divisors:  # an initializer only the Divs read goes with them
+            if (
+                not c.uses()
+                and c.is_initializer()
+                and not (c.is_graph_input() or c.is_graph_output())
+            ):
+                model.graph.initializers.pop(c.name)
+        return ir.passes.PassResult(model, modified)
 
 
 class FuseForQuantization(NamePreservingRewrite):

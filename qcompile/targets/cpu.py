@@ -19,7 +19,7 @@ from qcompile.numerics.qparams import QuantSpec
 from qcompile.options import CompileOptions
 from qcompile.passes.canonicalize import canonicalize
 from qcompile.passes.equalization import CrossLayerEqualization
-from qcompile.passes.fusion import FuseForQuantization
+from qcompile.passes.fusion import DivideByConstant, FuseForQuantization
 from qcompile.passes.rotation import RotateResidualStream
 from qcompile.passes.smoothing import SmoothQuant
 from qcompile.profile import (
@@ -52,12 +52,14 @@ def rewrite(options: CompileOptions) -> list[ir.passes.PassBase]:
     """FP32 clean-up, fusions that put quantizers where integer kernels exist, then
     cross-layer equalization of Conv → Relu → Conv chains (after BatchNorm folding), and of
     Conv → HardSwish → Conv ones where --equalize-hardswish asks (strategies/equalization);
-    with --rotate, RMSNorm residual streams rotated first (passes/rotation.py)."""
+    with --rotate, RMSNorm residual streams rotated first (passes/rotation.py); integer-only
+    graphs also turn divisions by a scalar constant into multiplications."""
     hardswish = options.equalize_hardswish == "on"
     rotate = [RotateResidualStream(options.seed)] if options.rotate else []
     return [
         *canonicalize(),
         FuseForQuantization(),
+        *([DivideByConstant()] if options.integer_only else []),  # no Div of codes
         *rotate,
         CrossLayerEqualization(hardswish=hardswish),
     ]

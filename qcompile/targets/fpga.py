@@ -64,7 +64,7 @@ def pipeline(options: CompileOptions, profile: TargetProfile | None = None) -> P
     integer = dataclasses.replace(options, integer_only=True)
     return Pipeline(
         profile=profile,
-        rewrite=cpu.rewrite(options),
+        rewrite=cpu.rewrite(integer),
         calibrate=Calibration(options.calib_method, options.percentile),
         correct_bias=cpu.correct_bias(profile),
         quantize=lambda plan, qparams: [InsertQDQ(plan, qparams, profile)],
