@@ -271,3 +271,48 @@ def test_division_by_a_scalar_constant_becomes_a_multiplication():
     for divisor in (np.float32(0.0), np.array([1, 2, 3, 4], np.float32)):
         model, _ = _divided(graph(divisor)), None
         assert [n.op_type for n in model.graph] == ["Div"]
+
+
+@pytest.mark.parametrize("reader", ["flatten", "reshape", "gemm", "gemm_t", "matmul"])
+def test_batchnorm_next_to_a_linear_layer_folds_into_it(reader):
+    # LeViT: MatMul → Flatten/Reshape to [N·L, C] → BN, and BN → Linear on pooled features
+    from qcompile.passes.batchnorm_linear import FoldBatchNormIntoLinear
+
+    rng = np.random.default_rng(0)
+
+    def init(name, *shape, low=None):
+        a = rng.uniform(0.5, 1.5, shape) if low else rng.standard_normal(shape)
+        return numpy_helper.from_array(a.astype(np.float32), name)
+
+    inits = [init("w", 8, 6), init("g", 6), init("b", 6), init("m", 6), init("v", 6, low=True)]
+    inits.append(numpy_helper.from_array(np.array([-1, 6], np.int64), "rows"))
+    bn = helper.make_node("BatchNormalization", ["f", "g", "b", "m", "v"], ["y"], epsilon=1e-5)
+    if reader in ("flatten", "reshape"):  # x [N, L, 8]
+        x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 5, 8])
+        flat = (helper.make_node("Flatten", ["h"], ["f"], axis=2) if reader == "flatten"
+                else helper.make_node("Reshape", ["h", "rows"], ["f"]))  # fmt: skip
+        nodes = [helper.make_node("MatMul", ["x", "w"], ["h"]), flat, bn]
+        shape = (2, 5, 8)
+    else:  # x [N, 6] → BN → linear with W [6, 8] (Gemm transB: [8, 6])
+        x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 6])
+        inits[0] = init("w", 8, 6) if reader == "gemm_t" else init("w", 6, 8)
+        inits.append(init("c", 8))
+        bn.input[0] = "x"
+        bn.output[0] = "f"
+        if reader == "matmul":
+            linear = helper.make_node("MatMul", ["f", "w"], ["y"])
+        else:
+            linear = helper.make_node("Gemm", ["f", "w", "c"], ["y"], beta=0.5,
+                                      transB=int(reader == "gemm_t"))  # fmt: skip
+        nodes = [bn, linear]
+        shape = (3, 6)
+    nodes.append(helper.make_node("Relu", ["y"], ["out"]))  # not a graph output: foldable
+    y = helper.make_tensor_value_info("out", TensorProto.FLOAT, None)
+    graph = helper.make_graph(nodes, "bn", [x], [y], inits)
+    proto = onnx.shape_inference.infer_shapes(
+        helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    )
+    model, _ = run_phase(_fused(proto), "rewrite", [FoldBatchNormIntoLinear()])
+    assert "BatchNormalization" not in {n.op_type for n in model.graph}
+    feed = {"x": rng.standard_normal(shape).astype(np.float32)}
+    np.testing.assert_allclose(_run(model, feed)[0], _run(proto, feed)[0], rtol=1e-4, atol=1e-5)

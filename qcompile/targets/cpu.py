@@ -17,6 +17,7 @@ from qcompile.lower.integer_only import LowerToIntegerOnly
 from qcompile.lower.ort_cpu import FuseMatMulIntegerToFloat
 from qcompile.numerics.qparams import QuantSpec
 from qcompile.options import CompileOptions
+from qcompile.passes.batchnorm_linear import FoldBatchNormIntoLinear
 from qcompile.passes.canonicalize import canonicalize
 from qcompile.passes.equalization import CrossLayerEqualization
 from qcompile.passes.fusion import DivideByConstant, FuseForQuantization
@@ -49,7 +50,8 @@ PROFILE = TargetProfile(
 
 
 def rewrite(options: CompileOptions) -> list[ir.passes.PassBase]:
-    """FP32 clean-up, fusions that put quantizers where integer kernels exist, then
+    """FP32 clean-up, fusions that put quantizers where integer kernels exist (and
+    BatchNorms next to linear layers folded into them), then
     cross-layer equalization of Conv → Relu → Conv chains (after BatchNorm folding), and of
     Conv → HardSwish → Conv ones where --equalize-hardswish asks (strategies/equalization);
     with --rotate, RMSNorm residual streams rotated first (passes/rotation.py); integer-only
@@ -59,6 +61,7 @@ def rewrite(options: CompileOptions) -> list[ir.passes.PassBase]:
     return [
         *canonicalize(),
         FuseForQuantization(),
+        FoldBatchNormIntoLinear(),
         *([DivideByConstant()] if options.integer_only else []),  # no Div of codes
         *rotate,
         CrossLayerEqualization(hardswish=hardswish),
