@@ -48,6 +48,9 @@ PASSTHROUGH_OPS = frozenset(
 # (the zero point for 0, lower/integer_select.py), and Expand/Tile (grouped-query
 # attention repeats K and V heads) copy codes. The QDQ targets leave them out.
 INTEGER_PASSTHROUGH_OPS = PASSTHROUGH_OPS | {"Pad", "Expand", "Tile"}
+# Arithmetic only integer-only lowering gives an integer form (ORT's QDQ targets have no
+# integer Sub kernel, so the QDQ targets leave it float): PoolFormer's pool(x) − x.
+INTEGER_ARITH_OPS = frozenset({"Sub"})
 # Elementwise ops with no integer kernel in ORT that integer-only lowering turns into
 # 256-entry lookup tables (Sigmoid, HardSwish... are in ARITH_OPS already).
 TABLE_OPS = frozenset({"Gelu", "FastGelu", "Tanh", "Erf", "Elu", "Softplus", "Exp", "HardSwish"})
@@ -122,7 +125,7 @@ def integer_only_variant(profile: TargetProfile) -> TargetProfile:
     """The profile for integer-only lowering: every op with an integer form is quantized."""
     return dataclasses.replace(
         profile,
-        arith_ops=profile.arith_ops | TABLE_OPS,
+        arith_ops=profile.arith_ops | TABLE_OPS | INTEGER_ARITH_OPS,
         passthrough_ops=profile.passthrough_ops | INTEGER_PASSTHROUGH_OPS,
         integer_only=True,
     )

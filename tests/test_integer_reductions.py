@@ -241,3 +241,68 @@ def test_mask_where_and_class_token_expand_are_integer():
         model, target="fpga", calibration=feeds, disabled_passes=("LowerToIntegerOnly",), **FAST
     )
     assert result.report.min_output_sqnr_db > qdq.report.min_output_sqnr_db - 1.0
+
+
+def _pool_mixer(norm: bool) -> onnx.ModelProto:
+    """PoolFormer's token mixer: Conv → [GroupNorm(1) as Reshape → InstanceNorm → Reshape]
+    → AveragePool(3, pads 1, count_include_pad=0) − x → Conv."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    inits = [
+        numpy_helper.from_array(rng.normal(0, 0.3, (8, 3, 3, 3)).astype(np.float32), "w"),
+        numpy_helper.from_array(rng.normal(0, 0.3, (4, 8, 1, 1)).astype(np.float32), "w2"),
+        numpy_helper.from_array(np.array([0, 1, -1], np.int64), "grouped"),
+        numpy_helper.from_array(np.array([0, 8, 12, 12], np.int64), "back"),
+        numpy_helper.from_array(np.ones(1, np.float32), "one"),
+        numpy_helper.from_array(np.zeros(1, np.float32), "zero"),
+    ]
+    nodes = [helper.make_node("Conv", ["input", "w"], ["c"], pads=[1, 1, 1, 1], name="conv")]
+    x = "c"
+    if norm:
+        nodes += [
+            helper.make_node("Reshape", ["c", "grouped"], ["g"]),
+            helper.make_node("InstanceNormalization", ["g", "one", "zero"], ["gn"], name="norm"),
+            helper.make_node("Reshape", ["gn", "back"], ["n"]),
+        ]
+        x = "n"
+    nodes += [
+        helper.make_node(
+            "AveragePool",
+            [x],
+            ["p"],
+            kernel_shape=[3, 3],
+            pads=[1, 1, 1, 1],
+            count_include_pad=0,
+            name="pool",
+        ),  # fmt: skip
+        helper.make_node("Sub", ["p", x], ["mixed"], name="mix"),
+        helper.make_node("Conv", ["mixed", "w2"], ["output"], name="conv2"),
+    ]
+    graph = helper.make_graph(
+        nodes, "pool_mixer", [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", 3, 12, 12])],
+        [helper.make_tensor_value_info("output", TensorProto.FLOAT, ["N", 4, 12, 12])], inits,
+    )  # fmt: skip
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+@pytest.mark.parametrize("norm", [False, True])
+def test_poolformer_mixer_is_integer(norm):
+    # AveragePool excluding padding divides each border window by its own count, the Sub
+    # is an integer difference, GroupNorm(1)'s InstanceNorm the integer LayerNorm
+    rng = np.random.default_rng(1)
+    feeds = [{"input": rng.standard_normal((2, 3, 12, 12)).astype(np.float32)} for _ in range(6)]
+    model = _pool_mixer(norm)
+    result = qcompile.compile(model, target="fpga", calibration=feeds, **FAST)
+    assert result.report.float_islands == []
+    assert float_ops_between(result.model.graph) == []
+    ops = result.report.integer_ops
+    assert ops["AveragePool"] == 1 and ops["Sub"] == 1
+    assert ops.get("InstanceNormalization", 0) == int(norm)
+    proto = ir.to_proto(result.model)
+    np.testing.assert_array_equal(_session(proto).run(None, feeds[0])[0],
+                                  run_reference(proto, feeds[0])[0])  # fmt: skip
+    qdq = qcompile.compile(
+        model, target="fpga", calibration=feeds, disabled_passes=("LowerToIntegerOnly",), **FAST
+    )
+    assert result.report.min_output_sqnr_db > qdq.report.min_output_sqnr_db - 1.0

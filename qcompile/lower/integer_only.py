@@ -1,11 +1,10 @@
 """Integer-only lowering (HAWQ-V3): a QDQ graph → integer arithmetic from input to output.
 
-Every op whose inputs arrive through DequantizeLinear and whose output goes to a
-QuantizeLinear is replaced by its integer form and the Q/DQ pairs between them disappear:
-Conv/Gemm/MatMul → ConvInteger/MatMulInteger with int32 accumulators, bias and dyadic
-requantization (`numerics/dyadic.py`); Add/Mul/Concat rescaled with dyadic multipliers;
-pools as integer sums with a dyadic 1/n; data movement on the integers; single-input
-elementwise ops as 256-entry lookup tables. docs/integer-only.md has each op's form.
+Every op with inputs through DequantizeLinear and output into a QuantizeLinear becomes its
+integer form, and the Q/DQ pairs between them disappear: Conv/Gemm/MatMul → ConvInteger/
+MatMulInteger with int32 accumulators, bias and dyadic requantization (`numerics/dyadic.py`);
+Add/Sub/Mul/Concat rescaled with dyadic multipliers; pools as integer sums with a dyadic
+1/n; data movement on integers; single-input elementwise ops as lookup tables.
 
 Only standard ONNX ops are emitted, so stock ONNX Runtime runs the result, and
 `backends/reference.py` reproduces it bit for bit. Ops with no integer form stay float
@@ -125,6 +124,7 @@ class LowerToIntegerOnly(ir.passes.InPlacePass):
             "Gemm": self._gemm,
             "MatMul": self._matmul,
             "Add": self._add,
+            "Sub": self._add,
             "Mul": self._mul,
             "Concat": self._concat,
         }
@@ -352,7 +352,7 @@ class LowerToIntegerOnly(ir.passes.InPlacePass):
         return operands
 
     def _add(self, node: ir.Node, emit: _Emitter, graph: ir.Graph) -> str | None:
-        if any(wide_accumulator(self, v) for v in node.inputs):
+        if node.op_type == "Add" and any(wide_accumulator(self, v) for v in node.inputs):
             return add_wide(self, node, emit, graph)
         out = self._out_quant(node.outputs[0], graph)
         operands = self._operands(node, emit)
@@ -369,7 +369,7 @@ class LowerToIntegerOnly(ir.passes.InPlacePass):
         I64 = ir.DataType.INT64
         ta = emit.op("Mul", [a, emit.const("ma", ma)], I64, "a_scaled")
         tb = emit.op("Mul", [b, emit.const("mb", mb)], I64, "b_scaled")
-        acc = emit.op("Add", [ta, tb], I64, "sum")
+        acc = emit.op(node.op_type, [ta, tb], I64, "sum")  # Add or Sub
         y = emit.requantize(acc, Dyadic(np.int64(1), np.asarray(shift, np.int64)), out)
         self._finish(graph, out, y, node.outputs[0].shape)
         return None
@@ -394,7 +394,7 @@ class LowerToIntegerOnly(ir.passes.InPlacePass):
         I32 = ir.DataType.INT32
         ta = emit.op("Mul", [emit.cast(a, I32, "a32"), emit.const("ma", ma)], I32, "a_scaled")
         tb = emit.op("Mul", [emit.cast(b, I32, "b32"), emit.const("mb", mb)], I32, "b_scaled")
-        acc = emit.op("Add", [ta, tb], I32, "sum")
+        acc = emit.op(node.op_type, [ta, tb], I32, "sum")  # Add or Sub
         bound = 255 * (abs(int(ma)) + abs(int(mb)))  # 8-bit operands, centered
         self._bounds[id(acc)] = (-bound, bound)  # for an integer LayerNorm reading it
         s = emit.const("sum_scale", np.float32(scale))

@@ -427,10 +427,11 @@ def average_pool(low: LowerToIntegerOnly, node: ir.Node, emit: _Emitter, graph):
     dims = _static_dims(node.inputs[0]) or _static_dims(x.value)
     if a.get_int("ceil_mode", 0) or a.get_string("auto_pad", "NOTSET") != "NOTSET":
         return "ceil_mode/auto_pad changes the divisor per window"
-    if any(pads) and not a.get_int("count_include_pad", 0):
-        return "padded windows without count_include_pad divide by varying counts"
     if dims is None or dims[1] <= 0:
         return "channel count unknown at compile time (pin it with --input-shape)"
+    counts = _window_counts(a, kernel, pads, dims) if any(pads) else None
+    if isinstance(counts, str):
+        return counts
     channels = dims[1]
     ones = np.ones((channels, 1, *kernel), dtype=x.value.dtype.numpy())
     attrs = {"group": channels, "kernel_shape": kernel, "pads": pads}
@@ -443,13 +444,53 @@ def average_pool(low: LowerToIntegerOnly, node: ir.Node, emit: _Emitter, graph):
         emit.const("x_zp", np.asarray(x.zero_point, ones.dtype)),
     ]
     acc = emit.op("ConvInteger", inputs, ir.DataType.INT32, "window_sum", attrs)
-    count = int(np.prod(kernel))
-    y = emit.requantize(acc, to_dyadic(x.scale / (out.scale * count)), out)
+    if counts is None:
+        y = emit.requantize(acc, to_dyadic(x.scale / (out.scale * int(np.prod(kernel)))), out)
+    else:  # padding excluded: a dyadic 1/count per output position
+        shape = (1, 1, *counts.shape)
+        y = emit.requantize(acc, to_dyadic(x.scale / (out.scale * counts)), out, shape)
     low._finish(graph, out, y, node.outputs[0].shape)
     return None
 
 
+def _window_counts(a, kernel: list[int], pads: list[int], dims: list[int]):
+    """The number of real (unpadded) inputs in each window, per output position, or why
+    it cannot be known; with count_include_pad, every window counts the whole kernel."""
+    rank = len(kernel)
+    if a.get_int("count_include_pad", 0):
+        return None
+    spatial = dims[2:]
+    if len(spatial) != rank or any(d <= 0 for d in spatial):
+        return "padded windows without count_include_pad need the spatial size at compile time"
+    strides = list(a.get_ints("strides", [1] * rank))
+    dilations = list(a.get_ints("dilations", [1] * rank))
+    per_axis = []
+    for i, size in enumerate(spatial):  # a box kernel: the count is a product over axes
+        n_out = (size + pads[i] + pads[i + rank] - dilations[i] * (kernel[i] - 1) - 1) // strides[
+            i
+        ] + 1
+        taps = (
+            np.arange(n_out)[:, None] * strides[i] - pads[i] + np.arange(kernel[i]) * dilations[i]
+        )
+        per_axis.append(((taps >= 0) & (taps < size)).sum(axis=1))
+    counts = per_axis[0]
+    for axis_counts in per_axis[1:]:
+        counts = np.multiply.outer(counts, axis_counts)
+    return counts.astype(np.float64)
+
+
+def instance_norm(low: LowerToIntegerOnly, node: ir.Node, emit: _Emitter, graph: ir.Graph):
+    """InstanceNormalization of [N, 1, L] (torch's GroupNorm with one group, as PoolFormer
+    exports it: Reshape → InstanceNorm → Reshape → γ, β): the integer LayerNorm of the last
+    axis with the one channel's scale and bias."""
+    dims = _static_dims(node.inputs[0])
+    if dims is None or len(dims) != 3 or dims[1] != 1:
+        return "normalizes more than one channel of a [N, 1, L] tensor"
+    return layer_norm(low, node, emit, graph)
+
+
 REDUCTIONS = {
+    "InstanceNormalization": instance_norm,
     "GlobalAveragePool": global_average_pool,
     "ReduceMean": reduce_mean,
     "AveragePool": average_pool,

@@ -394,7 +394,7 @@ def _after_softmax(value: ir.Value, depth: int = 4) -> bool:
 # output are quantized (lower/integer_reductions.py): movement after them moves integers.
 # ReduceMean: global pooling as torch's dynamo exporter writes it, ReduceMean → Reshape → Gemm.
 LOWERED_WHEN_QUANTIZED = frozenset(
-    {"LayerNormalization", "RMSNormalization", "Softmax", "ReduceMean"}
+    {"LayerNormalization", "RMSNormalization", "InstanceNormalization", "Softmax", "ReduceMean"}
 )
 
 

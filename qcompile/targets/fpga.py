@@ -17,6 +17,7 @@ from qcompile.options import CompileOptions
 from qcompile.profile import (
     ARITH_OPS,
     COMPUTE_OPS,
+    INTEGER_ARITH_OPS,
     INTEGER_PASSTHROUGH_OPS,
     TABLE_OPS,
     TargetProfile,
@@ -35,7 +36,7 @@ PROFILE = TargetProfile(
     # shapes are refused by the lowering, naming the node
     compute_ops=COMPUTE_OPS,
     # elementwise ops become lookup tables, so they are quantized too
-    arith_ops=(ARITH_OPS - {"Softmax"}) | TABLE_OPS,
+    arith_ops=(ARITH_OPS - {"Softmax"}) | TABLE_OPS | INTEGER_ARITH_OPS,
     remove_clamping_activations=False,
     integer_only=True,
     passthrough_ops=INTEGER_PASSTHROUGH_OPS,
