@@ -1,6 +1,7 @@
-"""Integer RMSNorm: ONNX's RMSNormalization (opset 23) and the chain torch's exporters
-write for it (`ir/norms.py` reads the chain; the plan quantizes only its ends,
-`quantize/kernel_chains.py`).
+"""Integer RMSNorm, for ONNX's RMSNormalization (opset 23) and for the chain torch's
+exporters write (`ir/norms.py` reads the chain; the plan quantizes only its ends,
+`quantize/integer_scope.py`); and InstanceNormalization of one channel (GroupNorm with one
+group) as the integer LayerNorm.
 
 The derivation follows the integer LayerNorm next door (`integer_reductions.layer_norm`,
 after I-BERT) without the mean. With c = q − z the input integers (real s·c) over the
@@ -34,6 +35,7 @@ from qcompile.lower.integer_reductions import (
     _shifted,
     _signed_div,
     isqrt,
+    layer_norm,
     wide_sum,
 )
 from qcompile.numerics.dyadic import to_dyadic
@@ -139,4 +141,19 @@ def _integer_rms(
     return None
 
 
-NORMS = {"RMSNormalization": rms_norm, "Mul": rms_norm, "Div": rms_norm}
+def instance_norm(low: LowerToIntegerOnly, node: ir.Node, emit: _Emitter, graph: ir.Graph):
+    """InstanceNormalization of [N, 1, L] (torch's GroupNorm with one group, as PoolFormer
+    exports it: Reshape → InstanceNorm → Reshape → γ, β): the integer LayerNorm of the last
+    axis with the one channel's scale and bias."""
+    dims = _static_dims(node.inputs[0])
+    if dims is None or len(dims) != 3 or dims[1] != 1:
+        return "normalizes more than one channel of a [N, 1, L] tensor"
+    return layer_norm(low, node, emit, graph)
+
+
+NORMS = {
+    "RMSNormalization": rms_norm,
+    "Mul": rms_norm,
+    "Div": rms_norm,
+    "InstanceNormalization": instance_norm,
+}

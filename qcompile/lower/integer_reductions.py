@@ -391,17 +391,19 @@ def _mean(low, node: ir.Node, emit: _Emitter, graph: ir.Graph, axes: list[int], 
     """Mean over `axes`: an integer sum with a dyadic 1/count, or, when a reduced axis is
     only sized at run time, the sum divided by the count read from the tensor's shape
     (FRACTION_BITS fraction bits, magnitudes divided) and then requantized."""
-    x, out = low._int_view(node.inputs[0]), low._out_quant(node.outputs[0], graph)
+    x = low._int_view(node.inputs[0]) or wide_sum(low, node.inputs[0])  # or a residual sum
+    out = low._out_quant(node.outputs[0], graph)
     if not isinstance(x, IntAct) or out is None:
         return "input or output not quantized"
     dims = _static_dims(node.inputs[0])
     sizes = [dims[a] for a in axes]
+    acc_type = I64 if x.value.dtype == ir.DataType.INT32 else ir.DataType.INT32
     axes_value = emit.const("axes", np.asarray(axes, np.int64))
     keep = {"keepdims": int(keepdims)}
     if min(sizes) > 0:
         count = int(np.prod(sizes))
-        centered = emit.centered(x, ir.DataType.INT32, "x")
-        acc = emit.op("ReduceSum", [centered, axes_value], ir.DataType.INT32, "sum", keep)
+        centered = emit.centered(x, acc_type, "x")
+        acc = emit.op("ReduceSum", [centered, axes_value], acc_type, "sum", keep)
         y = emit.requantize(acc, to_dyadic(x.scale / (out.scale * count)), out)
     else:
         centered = emit.centered(x, I64, "x")
@@ -479,18 +481,7 @@ def _window_counts(a, kernel: list[int], pads: list[int], dims: list[int]):
     return counts.astype(np.float64)
 
 
-def instance_norm(low: LowerToIntegerOnly, node: ir.Node, emit: _Emitter, graph: ir.Graph):
-    """InstanceNormalization of [N, 1, L] (torch's GroupNorm with one group, as PoolFormer
-    exports it: Reshape → InstanceNorm → Reshape → γ, β): the integer LayerNorm of the last
-    axis with the one channel's scale and bias."""
-    dims = _static_dims(node.inputs[0])
-    if dims is None or len(dims) != 3 or dims[1] != 1:
-        return "normalizes more than one channel of a [N, 1, L] tensor"
-    return layer_norm(low, node, emit, graph)
-
-
 REDUCTIONS = {
-    "InstanceNormalization": instance_norm,
     "GlobalAveragePool": global_average_pool,
     "ReduceMean": reduce_mean,
     "AveragePool": average_pool,
