@@ -186,6 +186,32 @@ def test_default_rules_are_onnxscripts_defaults():
     def shape(rule) -> str:  # the pattern as text, anonymous value ids dropped
         return re.sub(r"anonymous:\d+", "v", str(rule._target_pattern))
 
-    theirs = rewriter._DEFAULT_REWRITE_RULES  # read here only, to guard the copy
+    from onnxscript.rewriter.rules import common as rules
+
+    from qcompile.passes.canonicalize import EXACT_ZERO_RULES
+
+    theirs = list(rewriter._DEFAULT_REWRITE_RULES)  # read here only, to guard the copy
+    # ours replace add_0 (both orders) and sub_0, at their places, by exact-zero versions
+    replaced = [*rules.add_0_rule.commute(), rules.sub_0_rule]
+    where = [i for i, r in enumerate(theirs) if shape(r) in {shape(x) for x in replaced}]
+    assert len(where) == len(EXACT_ZERO_RULES) == 3
+    for i, ours in zip(where, EXACT_ZERO_RULES, strict=True):
+        theirs[i] = ours
     assert [shape(r) for r in DEFAULT_RULES] == [shape(r) for r in theirs]
     assert [r.name for r in DEFAULT_RULES] == [r.name for r in theirs]
+
+
+def test_tiny_epsilons_survive_and_decomposed_layer_norms_fuse():
+    # x + 1e-12 is not x (onnxscript's add_0 rule would drop BERT's ε): the decomposed
+    # LayerNorm of an opset-14 export keeps its ε and fuses into LayerNormalization
+    from qcompile.passes.fusion import FuseForQuantization
+
+    proto = builders.decomposed_layernorm()
+    eps = next(i for i in proto.graph.initializer if i.name.startswith("eps"))
+    eps.CopyFrom(numpy_helper.from_array(np.float32(1e-12), eps.name))
+    model, _ = run_phase(load_model(proto), "rewrite", [*canonicalize(), FuseForQuantization()])
+    norms = [n for n in model.graph if n.op_type == "LayerNormalization"]
+    assert len(norms) == 1
+    assert norms[0].attributes.get_float("epsilon") == pytest.approx(1e-12)
+    x = np.zeros((2, 32), np.float32)  # zero variance: ε keeps it finite
+    assert np.isfinite(_outputs(model, {"input": x})[0]).all()

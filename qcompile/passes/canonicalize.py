@@ -47,14 +47,43 @@ class FoldConstants(ir.passes.InPlacePass):
         return ir.passes.PassResult(model, bool(result.modified))
 
 
+def _add(op, x, c):
+    return op.Add(x, c)
+
+
+def _sub(op, x, c):
+    return op.Sub(x, c)
+
+
+def _exactly_zero(context, x, c, **_) -> bool:
+    """c is a scalar 0 that broadcasts x to no larger shape: x ± c is x."""
+    k = c.const_value
+    if k is None or k.size != 1 or float(k.numpy().reshape(())) != 0.0:
+        return False
+    return len(k.shape) == 0 or (x.shape is not None and len(k.shape) <= len(x.shape))
+
+
+def _identity(op, x, **_):
+    return op.Identity(x)
+
+
+# onnxscript's add_0/sub_0 rules match x ± c for |c| <= 1e-8 (its constant patterns' abs_tol),
+# so they delete BERT's LayerNorm ε = 1e-12, which changes a zero-variance row's output to
+# NaN and leaves a decomposed LayerNorm the LayerNorm fusion no longer recognizes (opset
+# < 17 exports). Ours remove exact zeros only.
+EXACT_ZERO_RULES = (
+    *pattern.RewriteRule(_add, _identity, _exactly_zero).commute(),
+    pattern.RewriteRule(_sub, _identity, _exactly_zero),
+)
+
 # onnxscript's default rewrite rules (`onnxscript.rewriter.rewrite` without rules), spelled
 # out from its public rule names in its order: the default list itself is private.
 # tests/test_passes.py checks this list against onnxscript's, so a release that changes
-# its defaults fails a test instead of changing our graphs silently.
+# its defaults fails a test instead of changing our graphs silently; positions 2-4 are
+# EXACT_ZERO_RULES in place of add_0_rule (both orders) and sub_0_rule.
 DEFAULT_RULES: tuple[pattern.RewriteRule, ...] = (
     *rules.mul_by_1_rule.commute(),
-    *rules.add_0_rule.commute(),
-    rules.sub_0_rule,
+    *EXACT_ZERO_RULES,
     rules.div_by_1_rule,
     rules.dropout_zero_rule,
     rules.dropout_inference_rule,
