@@ -31,11 +31,9 @@ from qcompile.lower.integer_reductions import (
     GAMMA_BITS,
     _i64,
     _real,
-    _reduce,
     _shifted,
-    _signed_div,
-    isqrt,
     layer_norm,
+    normalized_times_gamma,
     wide_sum,
 )
 from qcompile.numerics.dyadic import to_dyadic
@@ -128,13 +126,7 @@ def _integer_rms(
     c = emit.centered(x, I64, "x")
     if m:
         c = emit.op("Mul", [c, _i64(emit, 2**m, "fine")], I64, "x_fine")
-    v = _reduce(emit, "ReduceSum", emit.op("Mul", [c, c], I64, "square"), "sum_sq")
-    v = emit.op("Max", [emit.op("Add", [v, _i64(emit, e, "eps")], I64, "sum_sq_eps"),
-                        _i64(emit, 1, "one")], I64, "sum_sq_pos")  # fmt: skip
-    root = isqrt(emit, v, int(v_max).bit_length())
-    fixed = emit.op("Mul", [c, _i64(emit, 2**FRACTION, "fraction")], I64, "x_fixed")
-    t = _signed_div(emit, fixed, root, "normalized")
-    acc = emit.op("Mul", [t, emit.const("gamma_int", g_int)], I64, "scaled_norm")
+    acc = normalized_times_gamma(emit, c, e, v_max, FRACTION, g_int)
     unit = g_scale * math.sqrt(n) / 2**FRACTION
     y = emit.requantize(acc, to_dyadic(unit / out.scale), out)
     low._finish(graph, out, y, output.shape)

@@ -223,6 +223,20 @@ def _narrowed_for_variance(emit: _Emitter, x: IntAct, n: int) -> IntAct:
     return _shifted(emit, x, excess) if excess else x
 
 
+def normalized_times_gamma(
+    emit: _Emitter, d: ir.Value, eps: int, v_max: int, k: int, g_int: np.ndarray
+) -> ir.Value:
+    """trunc(d·2**k / isqrt(max(Σd² + eps, 1))) · G over the last axis, in int64: the core
+    the integer LayerNorm and RMSNorm share (d the deviations or the values themselves)."""
+    v = _reduce(emit, "ReduceSum", emit.op("Mul", [d, d], I64, "dev_sq"), "dev_sq_sum")
+    v = emit.op("Max", [emit.op("Add", [v, _i64(emit, eps, "eps")], I64, "var_eps"),
+                        _i64(emit, 1, "one")], I64, "var_pos")  # fmt: skip
+    root = isqrt(emit, v, int(v_max).bit_length())
+    shifted = emit.op("Mul", [d, _i64(emit, 2**k, "fraction")], I64, "dev_fixed")
+    t = _signed_div(emit, shifted, root, "normalized")
+    return emit.op("Mul", [t, emit.const("gamma_int", g_int)], I64, "scaled_norm")
+
+
 def layer_norm(low: LowerToIntegerOnly, node: ir.Node, emit: _Emitter, graph: ir.Graph):
     """LayerNormalization over the last axis in integers.
 
@@ -268,13 +282,7 @@ def layer_norm(low: LowerToIntegerOnly, node: ir.Node, emit: _Emitter, graph: ir
     total = _reduce(emit, "ReduceSum", centered, "sum")
     scaled = emit.op("Mul", [centered, _i64(emit, n, "n")], I64, "n_x")
     d = emit.op("Sub", [scaled, total], I64, "deviation")
-    v = _reduce(emit, "ReduceSum", emit.op("Mul", [d, d], I64, "dev_sq"), "dev_sq_sum")
-    v = emit.op("Max", [emit.op("Add", [v, _i64(emit, eps, "eps")], I64, "var_eps"),
-                        _i64(emit, 1, "one")], I64, "var_pos")  # fmt: skip
-    root = isqrt(emit, v, int(v_max).bit_length())
-    shifted = emit.op("Mul", [d, _i64(emit, 2**k, "fraction")], I64, "dev_fixed")
-    t = _signed_div(emit, shifted, root, "normalized")
-    acc = emit.op("Mul", [t, emit.const("gamma_int", g_int)], I64, "scaled_norm")
+    acc = normalized_times_gamma(emit, d, eps, v_max, k, g_int)
     acc = emit.op("Add", [acc, emit.const("beta_int", b_int.astype(np.int64))], I64, "acc")
     y = emit.requantize(acc, to_dyadic(unit / out.scale), out)
     low._finish(graph, out, y, node.outputs[0].shape)

@@ -91,20 +91,11 @@ class FoldBatchNormIntoLinear(ir.passes.InPlacePass):
             if found is None:
                 continue
             matmul, mover = found
-            g, b, m, v = (x.const_value.numpy().astype(np.float64) for x in bn.inputs[1:5])
-            a = g / np.sqrt(v + bn.attributes.get_float("epsilon", 1e-5))
+            a, shift = _affine(bn)
             w = matmul.inputs[1]
             scaled = (w.const_value.numpy() * a).astype(np.float32)
             matmul.replace_input_with(1, _initializer(graph, _fresh_name(w, "bn"), scaled))
-            bias = _initializer(graph, _fresh_name(bn.inputs[2], "folded"), b - m * a)
-            out = matmul.outputs[0]
-            add = ir.node("Add", [out, bias], name=f"{matmul.name}_bias")
-            add.outputs[0].name, add.outputs[0].dtype = f"{out.name}_biased", out.dtype
-            add.outputs[0].shape = out.shape
-            graph.insert_after(matmul, add)
-            for use in list(out.uses()):
-                if use.node is not add:
-                    use.node.replace_input_with(use.idx, add.outputs[0])
+            _add_bias_after(graph, matmul, _initializer(graph, _fresh_name(w, "folded"), shift))
             ir.convenience.replace_all_uses_with(bn.outputs[0], mover.outputs[0])
             graph.remove(bn, safe=True)
             modified = True
@@ -113,9 +104,7 @@ class FoldBatchNormIntoLinear(ir.passes.InPlacePass):
     @staticmethod
     def _fold_forward(graph: ir.Graph, bn: ir.Node, reader: ir.Node) -> None:
         """reader(a·y + b) = reader'(y): W's rows scaled by a, b·W added to its bias."""
-        g, b, m, v = (x.const_value.numpy().astype(np.float64) for x in bn.inputs[1:5])
-        a = g / np.sqrt(v + bn.attributes.get_float("epsilon", 1e-5))
-        shift = b - m * a
+        a, shift = _affine(bn)
         w_value = reader.inputs[1]
         w = w_value.const_value.numpy().astype(np.float64)
         transposed = reader.op_type == "Gemm" and reader.attributes.get_int("transB", 0)
@@ -132,13 +121,26 @@ class FoldBatchNormIntoLinear(ir.passes.InPlacePass):
                 reader.resize_inputs(3)
             reader.replace_input_with(2, value)
         else:
-            out = reader.outputs[0]
-            value = _initializer(graph, _fresh_name(w_value, "bn_bias"), offset)
-            add = ir.node("Add", [out, value], name=f"{reader.name}_bn_bias")
-            add.outputs[0].name, add.outputs[0].dtype = f"{out.name}_biased", out.dtype
-            add.outputs[0].shape = out.shape
-            graph.insert_after(reader, add)
-            for use in list(out.uses()):
-                if use.node is not add:
-                    use.node.replace_input_with(use.idx, add.outputs[0])
+            _add_bias_after(
+                graph, reader, _initializer(graph, _fresh_name(w_value, "bn_bias"), offset)
+            )
         graph.remove(bn, safe=True)
+
+
+def _affine(bn: ir.Node) -> tuple[np.ndarray, np.ndarray]:
+    """(a, b) with BN(y) = a·y + b per channel."""
+    g, b, m, v = (x.const_value.numpy().astype(np.float64) for x in bn.inputs[1:5])
+    a = g / np.sqrt(v + bn.attributes.get_float("epsilon", 1e-5))
+    return a, b - m * a
+
+
+def _add_bias_after(graph: ir.Graph, node: ir.Node, bias: ir.Value) -> None:
+    """node's output + bias, read by everything that read node's output."""
+    out = node.outputs[0]
+    add = ir.node("Add", [out, bias], name=f"{node.name}_bias")
+    add.outputs[0].name, add.outputs[0].dtype = f"{out.name}_biased", out.dtype
+    add.outputs[0].shape = out.shape
+    graph.insert_after(node, add)
+    for use in list(out.uses()):
+        if use.node is not add:
+            use.node.replace_input_with(use.idx, add.outputs[0])
