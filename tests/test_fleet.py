@@ -28,13 +28,15 @@ needs_ray = pytest.mark.skipif(not HAVE_RAY, reason="Ray is not installed (pip i
 OPTIONS = {"speed_guard": False}
 
 
-def _three_models(folder: Path) -> Path:
+def _three_models(folder: Path, only: tuple[str, ...] = ("cnn", "mlp", "block")) -> Path:
+    """cnn, mlp and block (or `only` some of them) with their data and a manifest."""
     folder.mkdir(parents=True, exist_ok=True)
     models = {
         "cnn": (builders.cnn(), builders.images(8, seed=1)),
         "mlp": (builders.mlp(), builders.features(32, seed=2)),
         "block": (builders.mobile_block(), builders.images(8, size=24, seed=3)),
     }
+    models = {k: v for k, v in models.items() if k in only}
     for name, (proto, data) in models.items():
         onnx.save(proto, folder / f"{name}.onnx")
         np.savez(folder / f"{name}.npz", input=data)
@@ -113,7 +115,7 @@ def test_batch_compiles_measures_and_skips_what_is_done(tmp_path):
 
 def test_failures_are_rows_and_a_rerun_retries_only_them(tmp_path):
     folder = tmp_path / "models"
-    _three_models(folder)
+    _three_models(folder, only=("mlp",))  # one good model: each task is a process
     proto, data = builders.mlp(), builders.features(16)
     for name in ("crash", "raise"):
         onnx.save(proto, folder / f"{name}.onnx")
@@ -129,11 +131,11 @@ def test_failures_are_rows_and_a_rerun_retries_only_them(tmp_path):
         rows["raise"]["status"] == "failed" and "a bug in the compiler" in rows["raise"]["reason"]
     )
     assert rows["nodata"]["status"] == "refused" and "nodata.npz" in rows["nodata"]["reason"]
-    assert all(rows[n]["status"] == "ok" for n in ("cnn", "mlp", "block"))
+    assert rows["mlp"]["status"] == "ok"
     rerun = run_batch(tasks, out, LocalExecutor(time_limit_s=120), work=fleet_work.faulty,
                       bench_runs=0)  # fmt: skip
     attempts = {t.name: len((out / f"{t.id}.attempts").read_text()) for t in tasks}
-    assert attempts == {"cnn": 1, "mlp": 1, "block": 1, "crash": 2, "raise": 2, "nodata": 1}
+    assert attempts == {"mlp": 1, "crash": 2, "raise": 2, "nodata": 1}
     assert len(rerun.failed) == 2
 
 
@@ -152,17 +154,17 @@ def test_cli_batch_exit_codes(tmp_path):
     from qcompile.cli import main
 
     folder = tmp_path / "models"
-    _three_models(folder)
+    _three_models(folder, only=("mlp",))  # exit codes: one model is enough
     out = tmp_path / "out"
     assert main(["batch", str(folder / "manifest.json"), "-o", str(out), "--bench-runs", "0",
                  QUIET[0]]) == 0  # fmt: skip
-    assert len(list(out.glob("*.onnx"))) == 3
+    assert len(list(out.glob("*.onnx"))) == 1
     assert main(["batch", str(tmp_path / "missing.json"), "-o", str(out)]) == 2
 
 
 @needs_ray
 def test_ray_gives_the_same_outputs_as_this_machine(tmp_path):
-    tasks = read_tasks(_three_models(tmp_path / "models"))
+    tasks = read_tasks(_three_models(tmp_path / "models", only=("cnn", "mlp")))
     local = run_batch(tasks, tmp_path / "local", LocalExecutor(), bench_runs=0)
     remote = run_batch(tasks, tmp_path / "ray", RayExecutor(), bench_runs=0)
     assert _hashes(tmp_path / "local") == _hashes(tmp_path / "ray")
@@ -185,7 +187,7 @@ def test_a_killed_ray_worker_is_a_failed_row(tmp_path):
     rows = {r["name"]: r for r in result.rows}
     assert rows["kill_worker"]["status"] == "failed"
     assert "Ray worker died" in rows["kill_worker"]["reason"]
-    assert all(rows[n]["status"] == "ok" for n in ("cnn", "mlp", "block"))
+    assert rows["mlp"]["status"] == "ok"
 
 
 def test_guarded_compiles_reserve_the_cores_they_time_on():
