@@ -244,8 +244,8 @@ def test_mask_where_and_class_token_expand_are_integer():
 
 
 def _pool_mixer(norm: bool) -> onnx.ModelProto:
-    """PoolFormer's token mixer: Conv → [GroupNorm(1) as Reshape → InstanceNorm → Reshape]
-    → AveragePool(3, pads 1, count_include_pad=0) − x → Conv."""
+    """PoolFormer's token mixer: Conv → [GroupNorm(1) as Reshape → InstanceNorm → Reshape
+    → · γ + β per channel] → AveragePool(3, pads 1, count_include_pad=0) − x → Conv."""
     from onnx import TensorProto, helper, numpy_helper
 
     rng = np.random.default_rng(0)
@@ -256,6 +256,8 @@ def _pool_mixer(norm: bool) -> onnx.ModelProto:
         numpy_helper.from_array(np.array([0, 8, 12, 12], np.int64), "back"),
         numpy_helper.from_array(np.ones(1, np.float32), "one"),
         numpy_helper.from_array(np.zeros(1, np.float32), "zero"),
+        numpy_helper.from_array(rng.uniform(0.5, 1.5, (8, 1, 1)).astype(np.float32), "gamma"),
+        numpy_helper.from_array(rng.normal(0, 0.2, (8, 1, 1)).astype(np.float32), "beta"),
     ]
     nodes = [helper.make_node("Conv", ["input", "w"], ["c"], pads=[1, 1, 1, 1], name="conv")]
     x = "c"
@@ -263,7 +265,9 @@ def _pool_mixer(norm: bool) -> onnx.ModelProto:
         nodes += [
             helper.make_node("Reshape", ["c", "grouped"], ["g"]),
             helper.make_node("InstanceNormalization", ["g", "one", "zero"], ["gn"], name="norm"),
-            helper.make_node("Reshape", ["gn", "back"], ["n"]),
+            helper.make_node("Reshape", ["gn", "back"], ["r"]),
+            helper.make_node("Mul", ["r", "gamma"], ["rg"]),  # GroupNorm's per-channel affine
+            helper.make_node("Add", ["rg", "beta"], ["n"]),
         ]
         x = "n"
     nodes += [

@@ -337,11 +337,11 @@ class LowerToIntegerOnly(ir.passes.InPlacePass):
             _take_over(graph, value, y)
         return None
 
-    def _operands(self, node: ir.Node, emit: _Emitter) -> list[tuple[ir.Value, float]] | str:
-        """Both inputs of a binary op as (centered int64 value, scale)."""
+    def _operands(self, node: ir.Node, emit: _Emitter, wide=False) -> list | str:
+        """Both inputs as (centered int64 value, scale); `wide`: int32 sums count too."""
         operands = []
         for i, v in enumerate(node.inputs):
-            view = self._int_view(v)
+            view = self._int_view(v) or (wide_sum(self, v) if wide else None)
             if isinstance(view, IntAct):
                 operands.append((emit.centered(view, ir.DataType.INT64, f"in{i}"), view.scale))
             elif isinstance(view, IntConst) and view.scale.ndim == 0:
@@ -355,7 +355,7 @@ class LowerToIntegerOnly(ir.passes.InPlacePass):
         if node.op_type == "Add" and any(wide_accumulator(self, v) for v in node.inputs):
             return add_wide(self, node, emit, graph)
         out = self._out_quant(node.outputs[0], graph)
-        operands = self._operands(node, emit)
+        operands = self._operands(node, emit, wide=out is not None)
         if isinstance(operands, str):
             return operands
         (a, sa), (b, sb) = operands
@@ -363,7 +363,7 @@ class LowerToIntegerOnly(ir.passes.InPlacePass):
             return self._add_to_float(node, emit, graph, a, sa, b, sb)
         ra, rb = sa / out.scale, sb / out.scale
         # one shift for both terms, as fine as the larger factor allows (its multiplier in
-        # [2**29, 2**30)); then a·ma + b·mb, exact in int64 (|a|, |b| <= 255)
+        # [2**29, 2**30)); then a·ma + b·mb, exact in int64 (|a|, |b| < 2**31)
         shift = np.int64(np.clip(30 - np.frexp(max(ra, rb))[1], 1, 61))
         ma, mb = (np.int64(np.rint(r * 2.0 ** int(shift))) for r in (ra, rb))
         I64 = ir.DataType.INT64
