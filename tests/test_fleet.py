@@ -162,6 +162,7 @@ def test_cli_batch_exit_codes(tmp_path):
     assert main(["batch", str(tmp_path / "missing.json"), "-o", str(out)]) == 2
 
 
+@pytest.mark.slow  # 18 s; Ray in CI is covered by test_fanout's Ray test (CI's 6 minutes)
 @needs_ray
 def test_ray_gives_the_same_outputs_as_this_machine(tmp_path):
     tasks = read_tasks(_three_models(tmp_path / "models", only=("cnn", "mlp")))
