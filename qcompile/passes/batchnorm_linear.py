@@ -15,7 +15,7 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 
-from qcompile.passes.fusion import _fresh_name
+from qcompile.ir.graph import add_initializer
 
 
 def _folds_into_linear(bn: ir.Node) -> tuple[ir.Node, ir.Node] | None:
@@ -64,14 +64,6 @@ def _folds_into_next_linear(bn: ir.Node) -> ir.Node | None:
     return reader
 
 
-def _initializer(graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:
-    array = array.astype(np.float32)
-    value = ir.Value(name=name, const_value=ir.tensor(array, name=name))
-    value.shape, value.dtype = ir.Shape(array.shape), ir.DataType.FLOAT
-    graph.register_initializer(value)
-    return value
-
-
 class FoldBatchNormIntoLinear(ir.passes.InPlacePass):
     """BatchNormalization over the columns of a linear layer whose rows were flattened
     (LeViT's Linear + BatchNorm1d: MatMul → Flatten or Reshape to [N·L, C] → BN) folds
@@ -94,8 +86,9 @@ class FoldBatchNormIntoLinear(ir.passes.InPlacePass):
             a, shift = _affine(bn)
             w = matmul.inputs[1]
             scaled = (w.const_value.numpy() * a).astype(np.float32)
-            matmul.replace_input_with(1, _initializer(graph, _fresh_name(w, "bn"), scaled))
-            _add_bias_after(graph, matmul, _initializer(graph, _fresh_name(w, "folded"), shift))
+            matmul.replace_input_with(1, add_initializer(graph, f"{w.name}_bn", scaled))
+            bias = add_initializer(graph, f"{w.name}_folded", shift.astype(np.float32))
+            _add_bias_after(graph, matmul, bias)
             ir.convenience.replace_all_uses_with(bn.outputs[0], mover.outputs[0])
             graph.remove(bn, safe=True)
             modified = True
@@ -109,21 +102,22 @@ class FoldBatchNormIntoLinear(ir.passes.InPlacePass):
         w = w_value.const_value.numpy().astype(np.float64)
         transposed = reader.op_type == "Gemm" and reader.attributes.get_int("transB", 0)
         w_new, offset = (w * a, w @ shift) if transposed else (w * a[:, None], shift @ w)
-        reader.replace_input_with(1, _initializer(graph, _fresh_name(w_value, "bn"), w_new))
+        w_new = w_new.astype(np.float32)
+        reader.replace_input_with(1, add_initializer(graph, f"{w_value.name}_bn", w_new))
         reader.replace_input_with(0, bn.inputs[0])
         bias = reader.inputs[2].const_value if len(reader.inputs) > 2 and reader.inputs[2] else None
         if reader.op_type == "Gemm":
             beta = reader.attributes.get_float("beta", 1.0)
             total = offset + (beta * bias.numpy() if bias is not None else 0.0)
             reader.attributes["beta"] = ir.AttrFloat32("beta", 1.0)
-            value = _initializer(graph, _fresh_name(w_value, "bn_bias"), np.asarray(total))
+            total = np.asarray(total, np.float32)
+            value = add_initializer(graph, f"{w_value.name}_bn_bias", total)
             if len(reader.inputs) < 3:
                 reader.resize_inputs(3)
             reader.replace_input_with(2, value)
         else:
-            _add_bias_after(
-                graph, reader, _initializer(graph, _fresh_name(w_value, "bn_bias"), offset)
-            )
+            bias = add_initializer(graph, f"{w_value.name}_bn_bias", offset.astype(np.float32))
+            _add_bias_after(graph, reader, bias)
         graph.remove(bn, safe=True)
 
 

@@ -16,7 +16,7 @@ from onnxscript import rewriter
 from onnxscript.rewriter import pattern
 from onnxscript.rewriter.rules import common as rules
 
-from qcompile.ir.graph import scalar_const
+from qcompile.ir.graph import add_initializer, scalar_const
 from qcompile.passes.fusion_gelu import GELU_RULES, _close
 from qcompile.passes.naming import NamePreservingRewrite
 
@@ -381,13 +381,8 @@ class DivideByConstant(ir.passes.InPlacePass):
                 reciprocal = (1.0 / k).astype(k.dtype)
             if not np.isfinite(reciprocal).all():
                 continue
-            name, n = f"{c.name}_reciprocal", 0
-            while name in model.graph.initializers:
-                name, n = f"{c.name}_reciprocal_{n}", n + 1
-            value = ir.Value(name=name, const_value=ir.tensor(reciprocal, name=name))
+            value = add_initializer(model.graph, f"{c.name}_reciprocal", reciprocal)
             made[id(c)] = value
-            value.shape, value.dtype = ir.Shape(reciprocal.shape), c.dtype
-            model.graph.register_initializer(value)
             node.op_type = "Mul"
             node.replace_input_with(1, value)
             modified = True

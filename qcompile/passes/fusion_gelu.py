@@ -110,29 +110,25 @@ def _gelu_contrib(op, x, **_):
     return op.Gelu(x, _domain="com.microsoft")
 
 
+# (rule family, the forms exporters write, the replacements by opset)
+_FAMILIES = (
+    (
+        "Gelu",
+        ((_gelu_erf, "Erf"), (_gelu_erf_half_first, "ErfHalfFirst"),
+         (_gelu_erf_half_inner, "ErfHalfInner")),
+        ((_gelu_onnx, _gelu_onnx_check, ""), (_gelu_contrib, _gelu_contrib_check, "Contrib")),
+    ),
+    (
+        "GeluTanh",
+        ((_gelu_tanh, ""), (_gelu_tanh_half_last, "HalfLast"),
+         (_gelu_tanh_half_inner, "HalfInner")),
+        ((_gelu_tanh_onnx, _gelu_tanh_onnx_check, ""),
+         (_gelu_tanh_contrib, _gelu_tanh_contrib_check, "Contrib")),
+    ),
+)  # fmt: skip
 GELU_RULES: list[pattern.RewriteRule] = [
-    *(
-        pattern.RewriteRule(form, replace, check, name=f"Gelu{label}{suffix}")
-        for form, label in (
-            (_gelu_erf, "Erf"),
-            (_gelu_erf_half_first, "ErfHalfFirst"),
-            (_gelu_erf_half_inner, "ErfHalfInner"),
-        )
-        for replace, check, suffix in (
-            (_gelu_onnx, _gelu_onnx_check, ""),
-            (_gelu_contrib, _gelu_contrib_check, "Contrib"),
-        )
-    ),
-    *(
-        pattern.RewriteRule(form, replace, check, name=f"GeluTanh{label}{suffix}")
-        for form, label in (
-            (_gelu_tanh, ""),
-            (_gelu_tanh_half_last, "HalfLast"),
-            (_gelu_tanh_half_inner, "HalfInner"),
-        )
-        for replace, check, suffix in (
-            (_gelu_tanh_onnx, _gelu_tanh_onnx_check, ""),
-            (_gelu_tanh_contrib, _gelu_tanh_contrib_check, "Contrib"),
-        )
-    ),
+    pattern.RewriteRule(form, replace, check, name=f"{family}{label}{suffix}")
+    for family, forms, replacements in _FAMILIES
+    for form, label in forms
+    for replace, check, suffix in replacements
 ]
