@@ -17,6 +17,7 @@ from qcompile.lower.integer_only import LowerToIntegerOnly
 from qcompile.lower.ort_cpu import FuseMatMulIntegerToFloat
 from qcompile.numerics.qparams import QuantSpec
 from qcompile.options import CompileOptions
+from qcompile.passes.attention import DecomposeAttention
 from qcompile.passes.batchnorm_linear import FoldBatchNormIntoLinear
 from qcompile.passes.canonicalize import canonicalize
 from qcompile.passes.equalization import CrossLayerEqualization
@@ -55,11 +56,13 @@ def rewrite(options: CompileOptions) -> list[ir.passes.PassBase]:
     cross-layer equalization of Conv → Relu → Conv chains (after BatchNorm folding), and of
     Conv → HardSwish → Conv ones where --equalize-hardswish asks (strategies/equalization);
     with --rotate, RMSNorm residual streams rotated first (passes/rotation.py); integer-only
-    graphs also turn divisions by a scalar constant into multiplications."""
+    graphs also write ONNX's fused Attention out as MatMul/Softmax (passes/attention.py)
+    and turn divisions by a scalar constant into multiplications."""
     hardswish = options.equalize_hardswish == "on"
     rotate = [RotateResidualStream(options.seed)] if options.rotate else []
     return [
         *canonicalize(),
+        *([DecomposeAttention()] if options.integer_only else []),  # no fused kernel
         FuseForQuantization(),
         FoldBatchNormIntoLinear(),
         *([DivideByConstant()] if options.integer_only else []),  # no Div of codes
