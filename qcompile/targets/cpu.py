@@ -24,6 +24,7 @@ from qcompile.passes.equalization import CrossLayerEqualization
 from qcompile.passes.fusion import DivideByConstant, FuseForQuantization
 from qcompile.passes.rotation import RotateResidualStream
 from qcompile.passes.smoothing import SmoothQuant
+from qcompile.passes.static_dims import FoldStaticShapeReads
 from qcompile.profile import (
     ARITH_OPS,
     COMPUTE_OPS,
@@ -56,13 +57,14 @@ def rewrite(options: CompileOptions) -> list[ir.passes.PassBase]:
     cross-layer equalization of Conv → Relu → Conv chains (after BatchNorm folding), and of
     Conv → HardSwish → Conv ones where --equalize-hardswish asks (strategies/equalization);
     with --rotate, RMSNorm residual streams rotated first (passes/rotation.py); integer-only
-    graphs also write ONNX's fused Attention out as MatMul/Softmax (passes/attention.py)
-    and turn divisions by a scalar constant into multiplications."""
+    graphs also fold shape reads of static dims (passes/static_dims.py), write ONNX's fused
+    Attention out as MatMul/Softmax (passes/attention.py) and turn divisions by a scalar
+    constant into multiplications."""
     hardswish = options.equalize_hardswish == "on"
     rotate = [RotateResidualStream(options.seed)] if options.rotate else []
     return [
         *canonicalize(),
-        *([DecomposeAttention()] if options.integer_only else []),  # no fused kernel
+        *([FoldStaticShapeReads(), DecomposeAttention()] if options.integer_only else []),
         FuseForQuantization(),
         FoldBatchNormIntoLinear(),
         *([DivideByConstant()] if options.integer_only else []),  # no Div of codes
