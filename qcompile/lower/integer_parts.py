@@ -12,7 +12,7 @@ import onnx
 import onnx_ir as ir
 
 from qcompile.ir.graph import const_array
-from qcompile.numerics.dyadic import Dyadic, shift_constants, to_dyadic
+from qcompile.numerics.dyadic import Dyadic, shift_constants, to_dyadic_saturating
 from qcompile.profile import PASSTHROUGH_OPS, standard_op
 
 logger = logging.getLogger(__name__)
@@ -170,7 +170,8 @@ class _Emitter:
         if same and out.qmin <= x.qmin and x.qmax <= out.qmax and x.value.dtype == out.dtype:
             return x.value
         centered = self.centered(x, ir.DataType.INT64, suffix)
-        return self.requantize(centered, to_dyadic(x.scale / out.scale), out)
+        d = to_dyadic_saturating(x.scale / out.scale, out.qmax - out.qmin + 1)
+        return self.requantize(centered, d, out)
 
     def requantize(
         self, acc: ir.Value, d: Dyadic, out: OutQuant, shape: tuple[int, ...] = ()

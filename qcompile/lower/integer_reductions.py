@@ -34,6 +34,7 @@ from qcompile.lower.integer_parts import (
     _static_dims,
     int32_behind_dq,
 )
+from qcompile.lower.integer_pool import average_pool
 from qcompile.numerics.dyadic import Dyadic, to_dyadic
 
 if TYPE_CHECKING:
@@ -426,73 +427,10 @@ def _mean(low, node: ir.Node, emit: _Emitter, graph: ir.Graph, axes: list[int], 
     return None
 
 
-def average_pool(low: LowerToIntegerOnly, node: ir.Node, emit: _Emitter, graph):
-    """A ones-kernel depthwise ConvInteger (the window sums) with a dyadic 1/window."""
-    x, out = low._int_view(node.inputs[0]), low._out_quant(node.outputs[0], graph)
-    if not isinstance(x, IntAct) or out is None:
-        return "input or output not quantized"
-    a = node.attributes
-    kernel = list(a.get_ints("kernel_shape", []))
-    pads = list(a.get_ints("pads", [0] * 2 * len(kernel)))
-    dims = _static_dims(node.inputs[0]) or _static_dims(x.value)
-    if a.get_int("ceil_mode", 0) or a.get_string("auto_pad", "NOTSET") != "NOTSET":
-        return "ceil_mode/auto_pad changes the divisor per window"
-    if dims is None or dims[1] <= 0:
-        return "channel count unknown at compile time (pin it with --input-shape)"
-    counts = _window_counts(a, kernel, pads, dims) if any(pads) else None
-    if isinstance(counts, str):
-        return counts
-    channels = dims[1]
-    ones = np.ones((channels, 1, *kernel), dtype=x.value.dtype.numpy())
-    attrs = {"group": channels, "kernel_shape": kernel, "pads": pads}
-    attrs["strides"] = list(a.get_ints("strides", [1] * len(kernel)))
-    if "dilations" in a:
-        attrs["dilations"] = list(a.get_ints("dilations"))
-    inputs = [
-        x.value,
-        emit.const("ones", ones),
-        emit.const("x_zp", np.asarray(x.zero_point, ones.dtype)),
-    ]
-    acc = emit.op("ConvInteger", inputs, ir.DataType.INT32, "window_sum", attrs)
-    if counts is None:
-        y = emit.requantize(acc, to_dyadic(x.scale / (out.scale * int(np.prod(kernel)))), out)
-    else:  # padding excluded: a dyadic 1/count per output position
-        shape = (1, 1, *counts.shape)
-        y = emit.requantize(acc, to_dyadic(x.scale / (out.scale * counts)), out, shape)
-    low._finish(graph, out, y, node.outputs[0].shape)
-    return None
-
-
-def _window_counts(a, kernel: list[int], pads: list[int], dims: list[int]):
-    """The number of real (unpadded) inputs in each window, per output position, or why
-    it cannot be known; with count_include_pad, every window counts the whole kernel."""
-    rank = len(kernel)
-    if a.get_int("count_include_pad", 0):
-        return None
-    spatial = dims[2:]
-    if len(spatial) != rank or any(d <= 0 for d in spatial):
-        return "padded windows without count_include_pad need the spatial size at compile time"
-    strides = list(a.get_ints("strides", [1] * rank))
-    dilations = list(a.get_ints("dilations", [1] * rank))
-    per_axis = []
-    for i, size in enumerate(spatial):  # a box kernel: the count is a product over axes
-        n_out = (size + pads[i] + pads[i + rank] - dilations[i] * (kernel[i] - 1) - 1) // strides[
-            i
-        ] + 1
-        taps = (
-            np.arange(n_out)[:, None] * strides[i] - pads[i] + np.arange(kernel[i]) * dilations[i]
-        )
-        per_axis.append(((taps >= 0) & (taps < size)).sum(axis=1))
-    counts = per_axis[0]
-    for axis_counts in per_axis[1:]:
-        counts = np.multiply.outer(counts, axis_counts)
-    return counts.astype(np.float64)
-
-
 REDUCTIONS = {
     "GlobalAveragePool": global_average_pool,
+    "AveragePool": average_pool,  # lower/integer_pool.py
     "ReduceMean": reduce_mean,
-    "AveragePool": average_pool,
     "LayerNormalization": layer_norm,
     "Softmax": softmax,
 }

@@ -100,6 +100,18 @@ def to_dyadic(real: np.ndarray | float, *, max_multiplier_bits: int = MULTIPLIER
     return Dyadic(multiplier, shift)
 
 
+def to_dyadic_saturating(real: float, out_span: int) -> Dyadic:
+    """`to_dyadic`, except that a factor of 2**31 or more, for an output of at most 2**17
+    codes, becomes the largest factor expressed here (m = 2**31 − 1, s = 1, about 2**30):
+    one input step then already overflows the output range at either factor, so every
+    nonzero input saturates and zero gives the zero point — exactly what the real factor
+    gives. Such factors come from calibrated ranges that vanish: a random-init MobileViT
+    concatenates a branch calibrated at ~1e-29 with an all-zero one (scale 1)."""
+    if real >= 1 << MULTIPLIER_BITS and np.isfinite(real) and out_span <= 1 << 17:
+        return Dyadic(np.asarray((1 << MULTIPLIER_BITS) - 1, np.int64), np.asarray(1, np.int64))
+    return to_dyadic(real)
+
+
 def rounding_shift(p: np.ndarray, shift: np.ndarray) -> np.ndarray:
     """p / 2**s rounded half to even, on int64 (s = 0: p itself) — the reference semantics."""
     p = np.asarray(p, dtype=np.int64)

@@ -11,6 +11,9 @@
   themselves (up to the sequence length in radians) to 8 bits would scramble the
   cos/sin tables. `lower/integer_parts.float_ops_between` does not count such ops as
   inside the integer region, for the same reason.
+
+It also names the ops that are no plan nodes but that the lowering computes from codes
+(`LOWERED_WHEN_QUANTIZED`): the plan quantizes what they read and write.
 """
 
 from __future__ import annotations
@@ -51,3 +54,16 @@ def left_unquantized(nodes: Sequence[ir.Node]) -> dict[str, str]:
         ):
             inside[node.name or ""] = SHAPE_ONLY
     return inside
+
+
+# Not plan nodes, but integer-only lowering gives them integer forms when their input and
+# output are quantized (lower/integer_reductions.py): movement after them moves integers.
+# ReduceMean: global pooling as torch's dynamo exporter writes it, ReduceMean → Reshape → Gemm.
+LOWERED_WHEN_QUANTIZED = frozenset(
+    {"LayerNormalization", "RMSNormalization", "InstanceNormalization", "Softmax", "ReduceMean"}
+)
+
+
+def read_by_lowered(value: ir.Value) -> bool:
+    """An op the integer-only lowering computes from codes reads `value`."""
+    return any(u.node.op_type in LOWERED_WHEN_QUANTIZED for u in value.uses())

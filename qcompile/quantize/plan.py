@@ -24,7 +24,11 @@ import onnx_ir as ir
 
 from qcompile.options import CompileOptions
 from qcompile.profile import TargetProfile, standard_op
-from qcompile.quantize.integer_scope import left_unquantized
+from qcompile.quantize.integer_scope import (
+    LOWERED_WHEN_QUANTIZED,
+    left_unquantized,
+    read_by_lowered,
+)
 from qcompile.quantize.kept_float import kept_float_reason
 from qcompile.quantize.quant_plan import FLOAT_TYPES, BiasUse, NodeKind, QuantPlan, WeightUse
 from qcompile.quantize.weight_only import int4_eligible
@@ -309,6 +313,7 @@ def build_plan(
                 (kind == "compute" and node.op_type != "MatMul")
                 or name in wide
                 or (integer_only and kind == "passthrough")
+                or (integer_only and read_by_lowered(out))  # SiLU → ReduceMean pooling
             )
             read_wide = any(u.idx in wide.get(u.node.name or "", ()) for u in out.uses())
             must = must and out.name not in graph_outputs and not read_wide
@@ -388,14 +393,6 @@ def _after_softmax(value: ir.Value, depth: int = 4) -> bool:
         data = producer.inputs[1:] if producer.op_type == "Where" else producer.inputs[:1]
         return any(v is not None and _after_softmax(v, depth - 1) for v in data)
     return False
-
-
-# Not plan nodes, but integer-only lowering gives them integer forms when their input and
-# output are quantized (lower/integer_reductions.py): movement after them moves integers.
-# ReduceMean: global pooling as torch's dynamo exporter writes it, ReduceMean → Reshape → Gemm.
-LOWERED_WHEN_QUANTIZED = frozenset(
-    {"LayerNormalization", "RMSNormalization", "InstanceNormalization", "Softmax", "ReduceMean"}
-)
 
 
 def nodes_touching(model: ir.Model, plan: QuantPlan, tensors: set[str]) -> set[str]:
