@@ -77,6 +77,9 @@ def test_shape_read_of_a_static_dim_folds_to_a_constant():
     assert FoldStaticShapeReads()(model).modified
     div = next(n for n in model.graph if n.name == "scale")
     assert float(div.inputs[1].const_value.numpy()) == np.float32(np.sqrt(HEAD_SIZE))
+    # the scalar-index Gather of the (static) head size folds; batch and seq stay reads
+    gathers = [n for n in model.graph if n.op_type == "Gather"]
+    assert sorted(n.outputs[0].name for n in gathers) == ["batch", "seq"]
     proto = ir.to_proto(model)
     feed = _feeds()[0]
 

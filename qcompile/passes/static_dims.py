@@ -12,8 +12,9 @@ ONNX Runtime's symbolic shape inference (`onnxruntime.tools.symbolic_shape_infer
 its quantization pre-processing and transformer optimizer use) tracks these dims and
 finds the static ones; its integer dims are merged into values whose dims onnx left
 unknown. `Slice(Shape(x))` with constant bounds becomes `Shape(x, start, end)`
-(onnxscript's folder folds a Shape whose sliced dims are static, not a Slice of one), and
-constants are folded again. Integer-only pipelines run it; a symbolic-inference failure
+(onnxscript's folder folds a Shape whose sliced dims are static, not a Slice of one), a
+Gather of static dims by a scalar index becomes its constant, and constants are folded
+again. Integer-only pipelines run it; a symbolic-inference failure
 only means nothing is merged. A wrong merged dim would show in the compile's own check
 of output shapes and SQNR against FP32 on real runs.
 """
@@ -25,7 +26,7 @@ import logging
 import numpy as np
 import onnx_ir as ir
 
-from qcompile.ir.graph import const_array
+from qcompile.ir.graph import add_initializer, const_array
 from qcompile.passes.canonicalize import FoldConstants
 
 logger = logging.getLogger(__name__)
@@ -115,6 +116,34 @@ def _slices_of_shapes_as_shape_ranges(model: ir.Model) -> bool:
     return changed
 
 
+def _gathered_static_dims(model: ir.Model) -> bool:
+    """Gather(Shape(x), constant indices) of static dims → that constant (onnxscript's
+    folder takes 1-D indices only; torch writes a scalar index: MobileViT's patch grid
+    ceil(H / 2)·2 is Gather(Shape(x), 2) → Cast → Div → Ceil → Mul)."""
+    changed = False
+    for node in list(model.graph):
+        source = node.inputs[0].producer() if node.op_type == "Gather" else None
+        if source is None or source.op_type != "Shape" or node.attributes.get_int("axis", 0):
+            continue
+        shape, indices = source.inputs[0].shape, const_array(node.inputs[1])
+        if shape is None or indices is None or node.outputs[0].is_graph_output():
+            continue
+        start = source.attributes.get_int("start", 0)
+        end = source.attributes.get_int("end", len(shape))
+        dims = list(shape)[start:end]
+        picked = [dims[int(i)] for i in indices.ravel() if -len(dims) <= int(i) < len(dims)]
+        if len(picked) != indices.size or not all(isinstance(d, int) for d in picked):
+            continue
+        value = np.asarray(picked, np.int64).reshape(indices.shape)
+        name = f"{node.outputs[0].name}_static"
+        ir.convenience.replace_all_uses_with(
+            node.outputs[0], add_initializer(model.graph, name, value)
+        )
+        model.graph.remove(node, safe=True)
+        changed = True
+    return changed
+
+
 class FoldStaticShapeReads(ir.passes.InPlacePass):
     """Static dims onnx's inference lost are merged in, and shape reads of static dims
     become constants (see the module docstring)."""
@@ -122,5 +151,7 @@ class FoldStaticShapeReads(ir.passes.InPlacePass):
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         merged = _merge_static_dims(model)
         sliced = _slices_of_shapes_as_shape_ranges(model)
-        folded = FoldConstants()(model).modified if merged or sliced else False
-        return ir.passes.PassResult(model, merged or sliced or folded)
+        gathered = _gathered_static_dims(model)
+        rewritten = merged or sliced or gathered
+        folded = FoldConstants()(model).modified if rewritten else False
+        return ir.passes.PassResult(model, rewritten or folded)
