@@ -141,3 +141,36 @@ def test_rotary_tables_from_the_sequence_length_stay_outside_the_integer_region(
     assert result.report.min_output_sqnr_db > 25
     proto = ir.to_proto(result.model)
     np.testing.assert_array_equal(_ort(proto, feeds[0]), run_reference(proto, feeds[0])[0])
+
+
+def test_layer_norm_feeding_a_layer_norm_is_integer():
+    # SegFormer's patch embedding: LayerNorm → the block's first LayerNorm. No plan node
+    # reads the first one's output, yet both kernels work on codes: it is quantized
+    rng = np.random.default_rng(0)
+    dim = 16
+    inits = [
+        helper.make_tensor("w", TensorProto.FLOAT, [dim, dim], rng.normal(0, 0.3, dim * dim)),
+        helper.make_tensor("w2", TensorProto.FLOAT, [dim, dim], rng.normal(0, 0.3, dim * dim)),
+        helper.make_tensor("g1", TensorProto.FLOAT, [dim], rng.uniform(0.5, 1.5, dim)),
+        helper.make_tensor("b1", TensorProto.FLOAT, [dim], rng.normal(0, 0.1, dim)),
+    ]
+    nodes = [
+        helper.make_node("MatMul", ["input", "w"], ["h"]),
+        helper.make_node("LayerNormalization", ["h", "g1", "b1"], ["n1"], axis=-1),
+        helper.make_node("LayerNormalization", ["n1", "g1", "b1"], ["n2"], axis=-1),
+        helper.make_node("MatMul", ["n2", "w2"], ["output"]),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "ln_ln",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", 8, dim])],
+        [helper.make_tensor_value_info("output", TensorProto.FLOAT, ["N", 8, dim])],
+        inits,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    feeds = [{"input": rng.standard_normal((2, 8, dim)).astype(np.float32)} for _ in range(6)]
+    result = qcompile.compile(model, target="fpga", calibration=feeds, **FAST)
+    assert result.report.float_islands == []
+    assert result.report.integer_ops["LayerNormalization"] == 2
+    proto = ir.to_proto(result.model)
+    np.testing.assert_array_equal(_ort(proto, feeds[0]), run_reference(proto, feeds[0])[0])

@@ -67,3 +67,16 @@ LOWERED_WHEN_QUANTIZED = frozenset(
 def read_by_lowered(value: ir.Value) -> bool:
     """An op the integer-only lowering computes from codes reads `value`."""
     return any(u.node.op_type in LOWERED_WHEN_QUANTIZED for u in value.uses())
+
+
+def lowered_into_lowered(nodes: Sequence[ir.Node], graph_outputs: set[str]) -> list[ir.Value]:
+    """Outputs of such ops that another one reads (SegFormer's patch-embedding LayerNorm
+    feeding the block's first LayerNorm): no plan node quantizes them, yet both kernels
+    work on codes."""
+    return [
+        out
+        for node in nodes
+        if node.op_type in LOWERED_WHEN_QUANTIZED
+        for out in node.outputs[:1]
+        if out.name not in graph_outputs and read_by_lowered(out)
+    ]

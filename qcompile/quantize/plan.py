@@ -27,6 +27,7 @@ from qcompile.profile import TargetProfile, standard_op
 from qcompile.quantize.integer_scope import (
     LOWERED_WHEN_QUANTIZED,
     left_unquantized,
+    lowered_into_lowered,
     read_by_lowered,
 )
 from qcompile.quantize.kept_float import kept_float_reason
@@ -324,6 +325,10 @@ def build_plan(
                 plan.rewire_all.add(out.name)
         if kind == "compute":
             _add_weight_and_bias(plan, node, profile, options)
+    for value in lowered_into_lowered(nodes, graph_outputs) if integer_only else ():
+        plan.tensors.setdefault(value.name, value.name)  # LayerNorm → LayerNorm (SegFormer)
+        plan.consumers.setdefault(value.name, [])
+        plan.rewire_all.add(value.name)
 
     # 4b. Scale aliases: the source is quantized (even if the removed Mul was its only
     # reader); the alias itself needs no statistics of its own.
@@ -455,10 +460,7 @@ def _compute_weight_problem(node: ir.Node) -> str | None:
 
 
 def _clip_bounds_constant(node: ir.Node) -> bool:
-    for i in (1, 2):
-        if i < len(node.inputs) and node.inputs[i] is not None and _const(node.inputs[i]) is None:
-            return False
-    return True
+    return all(v is None or _const(v) is not None for v in node.inputs[1:3])
 
 
 def _add_weight_and_bias(
