@@ -26,15 +26,17 @@ import numpy as np
 import onnx_ir as ir
 
 from qcompile.ir.norms import rms_norm_at
-from qcompile.lower.integer_parts import IntAct, _Emitter, _static_dims
+from qcompile.lower.integer_grn import grn
+from qcompile.lower.integer_parts import _Emitter, _static_dims
 from qcompile.lower.integer_reductions import (
     GAMMA_BITS,
     _i64,
     _real,
     _shifted,
+    int_view,
     layer_norm,
     normalized_times_gamma,
-    wide_sum,
+    same_integers,
 )
 from qcompile.numerics.dyadic import to_dyadic
 
@@ -44,25 +46,6 @@ if TYPE_CHECKING:
 I64 = ir.DataType.INT64
 FRACTION = 15  # K: fraction bits of the normalized value
 SUM_BITS = 61  # Σc'² + E stays below 2**SUM_BITS (isqrt handles up to 62 bits)
-
-
-def _view(low: LowerToIntegerOnly, value: ir.Value | None) -> IntAct | None:
-    view = low._int_view(value) or wide_sum(low, value)
-    return view if isinstance(view, IntAct) else None
-
-
-def _same_integers(low: LowerToIntegerOnly):
-    """Whether two inputs read the same integers (h reaches the chain through separate
-    DequantizeLinears of one quantized tensor)."""
-
-    def same(a: ir.Value, b: ir.Value) -> bool:
-        if a is b:
-            return True
-        va, vb = _view(low, a), _view(low, b)
-        return va is not None and vb is not None and (va.value, va.scale, va.zero_point) == (
-            vb.value, vb.scale, vb.zero_point)  # fmt: skip
-
-    return same
 
 
 def rms_norm(low: LowerToIntegerOnly, node: ir.Node, emit: _Emitter, graph: ir.Graph):
@@ -78,7 +61,7 @@ def rms_norm(low: LowerToIntegerOnly, node: ir.Node, emit: _Emitter, graph: ir.G
         if dims is None or node.attributes.get_int("axis", -1) not in (-1, len(dims) - 1):
             return "normalizes over more than the last axis"
     else:
-        norm = rms_norm_at(node, _same_integers(low))
+        norm = rms_norm_at(node, same_integers(low))
         if norm is None:
             return low._mul(node, emit, graph) if node.op_type == "Mul" else "no integer form"
         h, output, epsilon = norm.h, norm.output, norm.epsilon
@@ -97,7 +80,7 @@ def _integer_rms(
     emit: _Emitter,
     graph: ir.Graph,
 ) -> str | None:
-    x, out = _view(low, h), low._out_quant(output, graph)
+    x, out = int_view(low, h), low._out_quant(output, graph)
     if x is None or out is None:
         return "input or output not quantized"
     dims = _static_dims(h)
@@ -144,6 +127,7 @@ def instance_norm(low: LowerToIntegerOnly, node: ir.Node, emit: _Emitter, graph:
 
 
 NORMS = {
+    "Add": grn,  # lower/integer_grn.py (any other Add is lowered as an Add)
     "RMSNormalization": rms_norm,
     "Mul": rms_norm,
     "Div": rms_norm,

@@ -427,6 +427,25 @@ def _mean(low, node: ir.Node, emit: _Emitter, graph: ir.Graph, axes: list[int], 
     return None
 
 
+def int_view(low: LowerToIntegerOnly, value: ir.Value | None) -> IntAct | None:
+    view = low._int_view(value) or wide_sum(low, value)
+    return view if isinstance(view, IntAct) else None
+
+
+def same_integers(low: LowerToIntegerOnly):
+    """Whether two inputs read the same integers (h reaches the chain through separate
+    DequantizeLinears of one quantized tensor)."""
+
+    def same(a: ir.Value, b: ir.Value) -> bool:
+        if a is b:
+            return True
+        va, vb = int_view(low, a), int_view(low, b)
+        return va is not None and vb is not None and (va.value, va.scale, va.zero_point) == (
+            vb.value, vb.scale, vb.zero_point)  # fmt: skip
+
+    return same
+
+
 REDUCTIONS = {
     "GlobalAveragePool": global_average_pool,
     "AveragePool": average_pool,  # lower/integer_pool.py

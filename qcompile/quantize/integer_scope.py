@@ -1,6 +1,7 @@
 """What an integer-only plan leaves unquantized although it could quantize it.
 
-- Chains of float ops that integer-only lowering computes as one kernel: the plan
+- Chains of float ops that integer-only lowering computes as one kernel (RMSNorm,
+  ConvNeXt-V2's GRN): the plan
   quantizes such a chain's input and output only. Quantizing its steps (h², the mean, the
   reciprocal root) to 8 bits each, as a plan of separate ops would, loses most of the
   precision, and the integer kernel (`lower/integer_norms.py`) needs the chain whole.
@@ -22,9 +23,11 @@ from collections.abc import Sequence
 
 import onnx_ir as ir
 
+from qcompile.ir.grn import grn_at
 from qcompile.ir.norms import rms_norm_at
 
 RMS_CHAIN = "inside an RMSNorm, which integer-only lowering computes as one kernel"
+GRN_CHAIN = "inside a GRN (ConvNeXt-V2), which integer-only lowering computes as one kernel"
 SHAPE_ONLY = "computed from tensor shapes alone (not the model's data): left float"
 
 
@@ -47,8 +50,11 @@ def left_unquantized(nodes: Sequence[ir.Node]) -> dict[str, str]:
     shaped = shape_only_values(nodes)
     for node in nodes:
         norm = rms_norm_at(node)
+        grn = grn_at(node) if norm is None else None
         if norm is not None:
             inside.update((n.name or "", RMS_CHAIN) for n in norm.nodes)
+        elif grn is not None:
+            inside.update((n.name or "", GRN_CHAIN) for n in grn.nodes)
         elif any(v is not None and v.const_value is None for v in node.inputs) and all(
             v is None or v.const_value is not None or id(v) in shaped for v in node.inputs
         ):
@@ -69,14 +75,16 @@ def read_by_lowered(value: ir.Value) -> bool:
     return any(u.node.op_type in LOWERED_WHEN_QUANTIZED for u in value.uses())
 
 
-def lowered_into_lowered(nodes: Sequence[ir.Node], graph_outputs: set[str]) -> list[ir.Value]:
-    """Outputs of such ops that another one reads (SegFormer's patch-embedding LayerNorm
-    feeding the block's first LayerNorm): no plan node quantizes them, yet both kernels
-    work on codes."""
-    return [
-        out
-        for node in nodes
-        if node.op_type in LOWERED_WHEN_QUANTIZED
-        for out in node.outputs[:1]
-        if out.name not in graph_outputs and read_by_lowered(out)
-    ]
+def rewired_for_kernels(nodes: Sequence[ir.Node], graph_outputs: set[str]) -> list[ir.Value]:
+    """Values the integer-only plan quantizes for every reader: outputs of such ops that
+    another one reads (SegFormer's patch-embedding LayerNorm feeding the block's first
+    LayerNorm: no plan node quantizes them, yet both kernels work on codes), and a GRN's
+    input, which its chain reads through the same quantizer as its residual Add."""
+    found = []
+    for node in nodes:
+        grn = grn_at(node)
+        if grn is not None:
+            found.append(grn.x)
+        elif node.op_type in LOWERED_WHEN_QUANTIZED:
+            found += [v for v in node.outputs[:1] if read_by_lowered(v)]
+    return [v for v in found if v.name not in graph_outputs]

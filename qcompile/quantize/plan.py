@@ -27,8 +27,8 @@ from qcompile.profile import TargetProfile, standard_op
 from qcompile.quantize.integer_scope import (
     LOWERED_WHEN_QUANTIZED,
     left_unquantized,
-    lowered_into_lowered,
     read_by_lowered,
+    rewired_for_kernels,
 )
 from qcompile.quantize.kept_float import kept_float_reason
 from qcompile.quantize.quant_plan import FLOAT_TYPES, BiasUse, NodeKind, QuantPlan, WeightUse
@@ -325,8 +325,8 @@ def build_plan(
                 plan.rewire_all.add(out.name)
         if kind == "compute":
             _add_weight_and_bias(plan, node, profile, options)
-    for value in lowered_into_lowered(nodes, graph_outputs) if integer_only else ():
-        plan.tensors.setdefault(value.name, value.name)  # LayerNorm → LayerNorm (SegFormer)
+    for value in rewired_for_kernels(nodes, graph_outputs) if integer_only else ():
+        plan.tensors.setdefault(value.name, value.name)  # LN → LN, GRN input
         plan.consumers.setdefault(value.name, [])
         plan.rewire_all.add(value.name)
 
