@@ -284,6 +284,17 @@ class ReferenceInterpreter:
         self.float_islands = float_islands
         self.constants = {i.name: numpy_helper.to_array(i) for i in self.graph.initializer}
         self._delegates: dict[int, Callable] = {}
+        # each intermediate is dropped after its last reader: a PP-OCR rec line kept
+        # every int64 intermediate alive and grew one run past 15 GB
+        outputs = {o.name for o in self.graph.output}
+        last: dict[str, int] = {}
+        for i, node in enumerate(self.graph.node):
+            for name in [*node.input, *node.output]:
+                last[name] = i
+        self._dead_after: dict[int, list[str]] = {}
+        for name, i in last.items():
+            if name and name not in outputs and name not in self.constants:
+                self._dead_after.setdefault(i, []).append(name)
 
     def delegated_ops(self) -> set[str]:
         return {n.op_type for n in self.graph.node if n.op_type not in KERNELS}
@@ -304,6 +315,8 @@ class ReferenceInterpreter:
             for name, value in zip(node.output, outputs, strict=False):
                 if name:
                     env[name] = np.asarray(value)
+            for name in self._dead_after.get(i, ()):
+                env.pop(name, None)
         return [env[o.name] for o in self.graph.output]
 
     def _delegate(self, index: int, node: onnx.NodeProto, inputs: list) -> Callable:
