@@ -215,3 +215,28 @@ def test_tiny_epsilons_survive_and_decomposed_layer_norms_fuse():
     assert norms[0].attributes.get_float("epsilon") == pytest.approx(1e-12)
     x = np.zeros((2, 32), np.float32)  # zero variance: ε keeps it finite
     assert np.isfinite(_outputs(model, {"input": x})[0]).all()
+
+
+def test_weights_written_as_constant_of_shape_fold_whatever_their_size():
+    # ONNX's light model-zoo exports write every weight as ConstantOfShape; onnxscript's
+    # output-size limit (512² elements) left a ResNet-50's 256·256·3·3 weights unfolded,
+    # so they were not quantized
+    shape = np.array([256, 256, 3, 3], np.int64)
+    value = helper.make_tensor("value", TensorProto.FLOAT, [1], [0.02])
+    nodes = [
+        helper.make_node("ConstantOfShape", ["w_shape"], ["w"], value=value),
+        helper.make_node("Conv", ["x", "w"], ["y"], pads=[1] * 4),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "light",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 256, 4, 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 256, 4, 4])],
+        [numpy_helper.from_array(shape, "w_shape")],
+    )
+    model = ir.from_proto(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)]))
+    model, _ = run_phase(model, "canonicalize", canonicalize())
+    conv = next(n for n in model.graph if n.op_type == "Conv")
+    weight = conv.inputs[1].const_value
+    assert weight is not None and weight.shape == tuple(shape)
+    assert np.all(weight.numpy() == np.float32(0.02))

@@ -26,6 +26,7 @@ import numpy as np
 import onnx_ir as ir
 
 from qcompile.ir.norms import rms_norm_at
+from qcompile.lower.integer_affine import batch_norm
 from qcompile.lower.integer_grn import grn
 from qcompile.lower.integer_parts import _Emitter, _static_dims
 from qcompile.lower.integer_reductions import (
@@ -128,6 +129,7 @@ def instance_norm(low: LowerToIntegerOnly, node: ir.Node, emit: _Emitter, graph:
 
 NORMS = {
     "Add": grn,  # lower/integer_grn.py (any other Add is lowered as an Add)
+    "BatchNormalization": batch_norm,  # lower/integer_affine.py
     "RMSNormalization": rms_norm,
     "Mul": rms_norm,
     "Div": rms_norm,

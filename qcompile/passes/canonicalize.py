@@ -23,28 +23,43 @@ from qcompile.passes.naming import NamePreservingRewrite
 _NEVER_FOLD = frozenset({"QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear"})
 
 
+def _weight_of_shape(node: ir.Node) -> bool:
+    """A ConstantOfShape with a constant shape that a layer reads as its weight (ONNX's
+    "light" model-zoo exports write every weight so)."""
+    weight_of = {"Conv", "ConvTranspose", "Gemm", "MatMul", "BatchNormalization"}
+    return (
+        node.op_type == "ConstantOfShape"
+        and node.inputs[0].const_value is not None
+        and any(u.node.op_type in weight_of and u.idx >= 1 for u in node.outputs[0].uses())
+    )
+
+
 def _should_fold(node: ir.Node) -> bool | None:
     if node.op_type in _NEVER_FOLD:
         return False
-    if node.op_type == "ConstantOfShape" and node.inputs[0].const_value is not None:
-        # weights written as ConstantOfShape (ONNX's "light" model-zoo exports): fold them
-        # whatever their size, or nothing would find the weights to quantize; other
-        # ConstantOfShape nodes (masks, zeros for a Where) are left as onnxscript leaves them
-        weight_of = {"Conv", "ConvTranspose", "Gemm", "MatMul", "BatchNormalization"}
-        if any(u.node.op_type in weight_of and u.idx >= 1 for u in node.outputs[0].uses()):
-            return True
-    return None
+    # weights written as ConstantOfShape are folded, or nothing would find them to quantize;
+    # other ConstantOfShape nodes (masks, zeros for a Where) are left as onnxscript leaves them
+    return True if _weight_of_shape(node) else None
 
 
 class FoldConstants(ir.passes.InPlacePass):
     """onnxscript's constant folding (its public `fold_constants`, default size limits),
-    sparing Q/DQ of pre-quantized weights."""
+    sparing Q/DQ of pre-quantized weights; then weights written as ConstantOfShape
+    whatever their size (onnxscript's output-size limit, 512² elements, applies even
+    where `should_fold` says yes: a ResNet-50's 256·256·3·3 weights stayed unfolded)."""
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         result = optimizer.fold_constants(
             model, onnx_shape_inference=True, should_fold=_should_fold
         )
-        return ir.passes.PassResult(model, bool(result.modified))
+        if not any(_weight_of_shape(n) for n in model.graph):
+            return ir.passes.PassResult(model, bool(result.modified))
+        weights = optimizer.fold_constants(
+            model,
+            output_size_limit=2**40,  # no limit: they are the model's weights
+            should_fold=lambda node: _weight_of_shape(node) or False,
+        )
+        return ir.passes.PassResult(model, bool(result.modified or weights.modified))
 
 
 def _add(op, x, c):

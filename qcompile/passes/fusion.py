@@ -397,6 +397,34 @@ class DivideByConstant(ir.passes.InPlacePass):
         return ir.passes.PassResult(model, modified)
 
 
+class SumAsAdds(ir.passes.InPlacePass):
+    """Sum(a, b, …) → Add(Add(a, b), …): ONNX's Sum is defined for float types only, so
+    an integer-only graph adds codes with Add (Caffe2-era ResNets and ShuffleNets in onnx's
+    model data sum their residuals this way). Integer-only pipelines run it; the float
+    results are equal for two inputs, within float rounding for more."""
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        modified = False
+        for node in [n for n in model.graph if n.op_type == "Sum" and n.domain in ("", "ai.onnx")]:
+            inputs = list(node.inputs)
+            if len(inputs) < 2 or any(v is None for v in inputs):
+                continue
+            acc, made = inputs[0], []
+            for i, operand in enumerate(inputs[1:-1]):
+                step = ir.node("Add", [acc, operand], name=f"{node.name}_add{i}")
+                step.outputs[0].name = f"{node.outputs[0].name}_partial{i}"
+                step.outputs[0].dtype, step.outputs[0].shape = node.outputs[0].dtype, None
+                made.append(step)
+                acc = step.outputs[0]
+            model.graph.insert_before(node, made)
+            node.op_type = "Add"  # the last Add keeps the node's name and output
+            node.resize_inputs(2)
+            node.replace_input_with(0, acc)
+            node.replace_input_with(1, inputs[-1])
+            modified = True
+        return ir.passes.PassResult(model, modified)
+
+
 class FuseForQuantization(NamePreservingRewrite):
     """Fold decomposed LayerNorm/HardSwish/GELU, split-out biases and scales into single ops."""
 
