@@ -75,13 +75,18 @@ def read_by_lowered(value: ir.Value) -> bool:
     return any(u.node.op_type in LOWERED_WHEN_QUANTIZED for u in value.uses())
 
 
-def read_by_pooling(value: ir.Value) -> bool:
-    """A ReduceMean (global pooling as torch's dynamo exporter writes it) reads `value`:
-    its integer form needs codes, and no plan node quantizes them (MobileViT's and
-    EfficientNet's SiLU → mean). Not the norms or Softmax: a mask Add before a Softmax
-    stays the int32 sum the integer Softmax reads (quantizing it to 8 bits, measured on the
-    corpus, cost gpt2 0.7 dB, dinov2 1.1 dB, ViT 2.1 dB)."""
-    return any(u.node.op_type == "ReduceMean" for u in value.uses())
+def read_as_codes(value: ir.Value) -> bool:
+    """A lowered op needs `value` as codes and no plan node quantizes it: a ReduceMean
+    pooling a SiLU (MobileViT, EfficientNet), a norm reading a MatMul. Not a sum (Add) a
+    norm or Softmax reads: those kernels read its int32 sum directly (8 bits there,
+    measured on the corpus, cost gpt2 0.7 dB, dinov2 1.1 dB, ViT 2.1 dB)."""
+    producer = value.producer()
+    summed = producer is not None and producer.op_type in ("Add", "Sub")
+    return any(
+        u.node.op_type == "ReduceMean"
+        or (not summed and u.node.op_type in LOWERED_WHEN_QUANTIZED - {"Softmax"})
+        for u in value.uses()
+    )
 
 
 def rewired_for_kernels(nodes: Sequence[ir.Node], graph_outputs: set[str]) -> list[ir.Value]:

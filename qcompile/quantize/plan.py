@@ -27,7 +27,7 @@ from qcompile.profile import TargetProfile, standard_op
 from qcompile.quantize.integer_scope import (
     LOWERED_WHEN_QUANTIZED,
     left_unquantized,
-    read_by_pooling,
+    read_as_codes,
     rewired_for_kernels,
 )
 from qcompile.quantize.kept_float import kept_float_reason
@@ -314,7 +314,7 @@ def build_plan(
                 (kind == "compute" and node.op_type != "MatMul")
                 or name in wide
                 or (integer_only and kind == "passthrough")
-                or (integer_only and read_by_pooling(out))  # SiLU → ReduceMean
+                or (integer_only and read_as_codes(out))  # SiLU → ReduceMean
             )
             read_wide = any(u.idx in wide.get(u.node.name or "", ()) for u in out.uses())
             must = must and out.name not in graph_outputs and not read_wide
