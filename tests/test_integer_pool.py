@@ -117,3 +117,22 @@ def test_requantization_past_the_multiplier_range_saturates_like_the_real_factor
     np.testing.assert_array_equal(requantize(codes, d, 5, 0, 255), [0, 0, 5, 255, 255])
     with pytest.raises(DyadicRangeError):  # a 32-bit output would not saturate at 2**30
         to_dyadic_saturating(5.07e30, 2**32)
+
+
+def test_codes_model_cuts_at_the_output_dequantizers():
+    # a classifier's Softmax after the integer region is float; the codes before it are
+    # what ORT, the reference (and TVM) must agree on bit for bit
+    from qcompile.backends.reference import codes_model
+
+    model = _pool_model(6, kernel_shape=[2, 2], strides=[2, 2])
+    model.graph.node.append(helper.make_node("Softmax", ["output"], ["probs"], axis=1))
+    model.graph.output[0].name = "probs"
+    rng = np.random.default_rng(1)
+    feeds = [{"input": rng.standard_normal((2, 3, 6, 6)).astype(np.float32)} for _ in range(4)]
+    proto = ir.to_proto(qcompile.compile(model, target="fpga", calibration=feeds, **FAST).model)
+    assert proto.graph.node[-1].op_type == "Softmax"  # left float at the graph output
+    codes = codes_model(proto)
+    assert [o.type.tensor_type.elem_type for o in codes.graph.output] == [TensorProto.INT8]
+    assert "Softmax" not in {n.op_type for n in codes.graph.node}
+    session = ort.InferenceSession(codes.SerializeToString(), providers=["CPUExecutionProvider"])
+    np.testing.assert_array_equal(session.run(None, feeds[0])[0], run_reference(codes, feeds[0])[0])

@@ -17,6 +17,7 @@ from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
 import onnx
+import onnx.utils
 from onnx import helper, numpy_helper
 
 from qcompile.profile import MS_STANDARD_OPS
@@ -374,6 +375,31 @@ class ReferenceInterpreter:
 
         self._delegates[index] = run
         return run
+
+
+def codes_model(model: onnx.ModelProto) -> onnx.ModelProto:
+    """The integer part of an integer-only graph: its outputs are the codes the output
+    DequantizeLinears read, without the float ops after them (a classifier's Softmax,
+    which the plan leaves float at the graph output). Runtimes agree on these bit for
+    bit; after a float op they may differ in the last ulp (`onnx.utils.Extractor` cuts
+    the graph)."""
+    producers = {o: n for n in model.graph.node for o in n.output}
+    codes: list[str] = []
+    seen: set[str] = set()
+    stack = [o.name for o in model.graph.output]
+    while stack:
+        name = stack.pop()
+        node = producers.get(name)
+        if name in seen or node is None:
+            continue
+        seen.add(name)
+        if node.op_type == "DequantizeLinear":
+            if node.input[0] not in codes:
+                codes.append(node.input[0])
+        else:  # a float op after the integer region: look behind it
+            stack.extend(i for i in node.input if i)
+    inputs = [i.name for i in model.graph.input]
+    return onnx.utils.Extractor(model).extract_model(inputs, sorted(codes))
 
 
 def run_reference(
