@@ -16,6 +16,7 @@ from qcompile.data.feeds import Feed
 from qcompile.driver.report import CompileReport, OutputGroup, OutputReport, TensorReport
 from qcompile.numerics.qparams import QParams, fake_quantize
 from qcompile.options import CompileOptions
+from qcompile.quantize.integer_scope import LOWERED_WHEN_QUANTIZED
 from qcompile.quantize.qdq import effective_qparams
 from qcompile.quantize.quant_plan import QuantPlan
 from qcompile.targets.fpga_cost import layer_costs
@@ -257,8 +258,13 @@ def fpga_costs(
         w_bits[node.name] = plan.weight_bits.get(node.name, profile.weight.bits)
         source = plan.tensors.get(node.inputs[0].name, node.inputs[0].name)
         a_bits[node.name] = plan.tensor_bits.get(source, profile.activation.bits)
+    kernels = frozenset()
+    if profile.integer_only or options.integer_only:  # the other integer kernels too
+        kernels = frozenset(plan.nodes) | {
+            n.name for n in fp32_model.graph if n.op_type in LOWERED_WHEN_QUANTIZED
+        }
     costs = layer_costs(
-        fp32_model, plan.nodes, w_bits, a_bits, options.fpga_macs_per_cycle, observed
+        fp32_model, plan.nodes, w_bits, a_bits, options.fpga_macs_per_cycle, observed, kernels
     )
     report.fpga_layers = [c.to_dict() for c in costs]
     report.fpga_macs_per_cycle = options.fpga_macs_per_cycle

@@ -249,13 +249,16 @@ class CompileReport:
                 title=f"FPGA cost model ({self.fpga_macs_per_cycle} 8x8 MACs/cycle at "
                 f"{self.fpga_clock_mhz:g} MHz; first-order: no memory bandwidth or fill)"
             )
-            for col in ("layer", "op", "MACs", "w bits", "a bits", "weight kbit", "cycles"):
+            cols = ("layer", "op", "MACs", "ops/lookups/div", "w bits", "a bits", "weight kbit")
+            for col in (*cols, "cycles"):
                 table.add_column(col)
             for layer in self.fpga_layers:
+                other = [layer.get(k, 0) for k in ("ops", "lookups", "divisions")]
                 table.add_row(
                     layer["node"],
                     layer["op_type"],
                     f"{layer['macs']:,}",
+                    "/".join(f"{x:,}" for x in other) if any(other) else "",
                     str(layer["weight_bits"]),
                     str(layer["activation_bits"]),
                     f"{layer['weight_memory_bits'] / 1e3:.1f}",
@@ -265,6 +268,7 @@ class CompileReport:
                 "total",
                 "",
                 f"{sum(x['macs'] for x in self.fpga_layers):,}",
+                "",
                 "",
                 "",
                 f"{self.fpga_weight_memory_bits / 1e3:.1f}",

@@ -1,5 +1,9 @@
 """Per-layer cost model of the FPGA-like target, for the report.
 
+Integer kernels that are not MAC layers (norms, Softmax, lookup tables, pools,
+requantizing adds...) are costed by `fpga_kernels.py` in elementwise steps on the same
+lanes; the rest of this docstring is about the MAC layers.
+
 For each quantized Conv/Gemm/MatMul, per input sample:
 - MACs from its shapes (output elements × reduction length);
 - weight memory = weights × weight bits;
@@ -20,6 +24,8 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import onnx_ir as ir
 
+from qcompile.targets.fpga_kernels import KernelWork, kernel_work
+
 
 @dataclass(frozen=True)
 class LayerCost:
@@ -32,6 +38,12 @@ class LayerCost:
     weight_memory_bits: int
     bops: int
     cycles: int
+    # integer kernels other than MACs (fpga_kernels.py): elementwise ops, table lookups,
+    # int64 divisions (square-root Newton steps included), widest accumulator in bits
+    ops: int = 0
+    lookups: int = 0
+    divisions: int = 0
+    accumulator_bits: int = 32
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -62,6 +74,13 @@ def layer_macs(node: ir.Node, observed: Mapping[str, tuple] | None = None) -> in
     w = node.inputs[1] if len(node.inputs) > 1 else None
     w_dims = _dims(w)
     outputs = _per_sample_outputs(node.outputs[0], observed or {})
+    if outputs is None and w_dims is not None and len(w_dims) == 2:
+        # a MatMul/Gemm output nobody observed (its bias Add's is): rows from the input
+        inputs = _per_sample_outputs(node.inputs[0], observed or {})
+        transposed = node.op_type == "Gemm" and node.attributes.get_int("transB", 0)
+        k, n = (w_dims[1], w_dims[0]) if transposed else (w_dims[0], w_dims[1])
+        if node.op_type in ("MatMul", "Gemm") and inputs is not None and k:
+            outputs = inputs // k * n
     if w_dims is None or outputs is None:
         return None
     if node.op_type == "Conv":
@@ -82,6 +101,16 @@ def layer_macs(node: ir.Node, observed: Mapping[str, tuple] | None = None) -> in
     return None
 
 
+def _activation_matmul_macs(node: ir.Node, observed: Mapping[str, tuple]) -> int | None:
+    """MACs per sample of a MatMul of two activations: output elements × the reduced K."""
+    outputs = _per_sample_outputs(node.outputs[0], observed)
+    a = node.inputs[0]
+    k = a.shape[-1] if a.shape is not None and len(a.shape) else None
+    if not isinstance(k, int) and a.name in observed:
+        k = observed[a.name][1][-1]
+    return outputs * int(k) if outputs is not None and isinstance(k, (int, np.integer)) else None
+
+
 def layer_costs(
     model: ir.Model,
     nodes: dict[str, str],
@@ -89,21 +118,31 @@ def layer_costs(
     activation_bits: dict[str, int],
     macs_per_cycle: int,
     observed: Mapping[str, tuple] | None = None,
+    kernels: frozenset[str] = frozenset(),
 ) -> list[LayerCost]:
-    """Costs of the quantized compute nodes (`nodes`: name → kind, as in the plan);
-    `observed`: tensor → (dtype, shape) seen during calibration, for dynamic shapes."""
+    """Costs of the quantized compute nodes (`nodes`: name → kind, as in the plan) and,
+    for the `kernels` (node names: the integer-only plan's other nodes and the norms and
+    Softmax it lowers), their integer work; `observed`: tensor → (dtype, shape) seen
+    during calibration, for dynamic shapes."""
     costs = []
     for node in model.graph:
+        if node.name in kernels and nodes.get(node.name) != "compute":
+            work = kernel_work(node, observed or {})
+            if work is not None and work.steps():
+                costs.append(_kernel_cost(node, work, macs_per_cycle))
+            continue
         if nodes.get(node.name) != "compute":
             continue
         macs = layer_macs(node, observed)
         w = node.inputs[1] if len(node.inputs) > 1 else None
-        if macs is None or w is None or w.const_value is None:
+        if macs is None and node.op_type == "MatMul" and w is not None:
+            macs = _activation_matmul_macs(node, observed or {})  # attention's Q·Kᵀ, P·V
+        if macs is None or w is None:
             continue
         wb = weight_bits.get(node.name, 8)
         ab = activation_bits.get(node.name, 8)
         parallel = max(1.0, macs_per_cycle * 64.0 / (wb * ab))
-        n_weights = int(w.const_value.size)
+        n_weights = int(w.const_value.size) if w.const_value is not None else 0
         costs.append(
             LayerCost(
                 node=node.name,
@@ -118,3 +157,22 @@ def layer_costs(
             )
         )
     return costs
+
+
+def _kernel_cost(node: ir.Node, work: KernelWork, lanes: int) -> LayerCost:
+    """A non-MAC integer kernel: its elementwise steps on `lanes` lanes a cycle."""
+    return LayerCost(
+        node=node.name,
+        op_type=node.op_type,
+        macs=0,
+        weight_bits=0,
+        activation_bits=8,
+        weights=0,
+        weight_memory_bits=0,
+        bops=0,
+        cycles=int(math.ceil(work.steps() / max(lanes, 1))),
+        ops=work.ops,
+        lookups=work.lookups,
+        divisions=work.divisions,
+        accumulator_bits=work.accumulator_bits,
+    )
