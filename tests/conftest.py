@@ -72,6 +72,33 @@ def compile_transformer_fpga(**options):
     return result, feeds
 
 
+def compile_integer_checked(model, feeds, *, margin_db: float = 0.5, min_db: float = 20.0):
+    """`model` compiled for the fpga target, checked: no float island and nothing float
+    between its quantizers, ONNX Runtime = the numpy reference on two feeds, and output
+    SQNR within `margin_db` of the QDQ graph the lowering started from, above `min_db`.
+    Returns the result."""
+    import onnx_ir as ir
+    import onnxruntime as ort
+
+    import qcompile
+    from qcompile.backends.reference import run_reference
+    from qcompile.lower.integer_parts import float_ops_between
+
+    result = qcompile.compile(model, target="fpga", calibration=feeds, **FAST)
+    assert result.report.float_islands == []
+    assert float_ops_between(result.model.graph) == []
+    proto = ir.to_proto(result.model)
+    session = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
+    for feed in feeds[:2]:
+        np.testing.assert_array_equal(session.run(None, feed)[0], run_reference(proto, feed)[0])
+    qdq = qcompile.compile(
+        model, target="fpga", calibration=feeds, disabled_passes=("LowerToIntegerOnly",), **FAST
+    )
+    assert result.report.min_output_sqnr_db > qdq.report.min_output_sqnr_db - margin_db
+    assert result.report.min_output_sqnr_db > min_db
+    return result
+
+
 def compile_cli(model, calib, out, *extra) -> int:
     """`qcompile compile MODEL -o OUT --calib CALIB [extra...]` through the CLI entry point."""
     from qcompile.cli import main
