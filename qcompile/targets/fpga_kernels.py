@@ -34,14 +34,11 @@ import onnx_ir as ir
 
 from qcompile.ir.grn import grn_at
 from qcompile.ir.norms import rms_norm_at
+from qcompile.lower.integer_parts import LUT_OPS
 
 REQUANT = 3
 ISQRT_STEPS = 7  # as lower/integer_reductions.isqrt
 DIVIDE_STEPS = 64
-TABLE_OPS = frozenset(
-    {"Sigmoid", "HardSigmoid", "HardSwish", "LeakyRelu", "Gelu", "FastGelu", "Tanh", "Erf",
-     "Elu", "Softplus", "Exp"}
-)  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -105,7 +102,7 @@ def kernel_work(node: ir.Node, observed) -> KernelWork | None:
         return KernelWork(REQUANT * e, 0, 0, 64)
     if op == "BatchNormalization":
         return KernelWork((3 + REQUANT) * e, 0, 0, 64)
-    if op in TABLE_OPS:
+    if op in LUT_OPS:  # the lowering's own list of table ops
         return KernelWork(e, e, 0, 16)
     if op in ("AveragePool", "GlobalAveragePool", "ReduceMean", "MaxPool"):
         e_in = _elements(node.inputs[0], observed)
