@@ -84,3 +84,26 @@ def test_python_api_exports_qonnx(tmp_path):
     cpu = qcompile.compile(builders.cnn(size=32), calibration=feeds, **FAST)
     with pytest.raises(QCompileError, match="integer-only compile"):
         qcompile.export_qonnx(cpu)
+
+
+def test_qonnx_executor_runs_an_integer_only_transformer():
+    """A pre-LN transformer block compiled for fpga (no float islands in its integer model):
+    the QONNX export keeps LayerNorm, Softmax, GELU and the attention MatMuls as float ops
+    between Quant nodes; qonnx's executor reproduces our QDQ graph and stays within the
+    integer kernels' approximation of our integer-only model."""
+    model = builders.transformer_block(dim=32, heads=2, ffn=64)
+    feeds = [{"input": builders.token_embeddings(2, seq=8, dim=32, seed=i)} for i in range(6)]
+    result = qcompile.compile(model, target="fpga", calibration=feeds, **FAST)
+    assert result.report.float_islands == []  # the integer model has no float op
+    qonnx_model = to_qonnx(result.qdq_model, {"input": (2, 8, 32)})
+    ops = {n.op_type for n in qonnx_model.graph.node}
+    assert {"Quant", "LayerNormalization", "Softmax", "MatMul"} <= ops
+    assert not ops & {"QuantizeLinear", "DequantizeLinear"}
+    for feed in feeds[:2]:
+        theirs = execute(qonnx_model, feed)[0]
+        qdq = _run(result.qdq_model, feed)
+        ours = _run(result.model, feed)
+        scale = np.abs(qdq).max()
+        assert np.max(np.abs(qdq - theirs)) <= 1e-5 * scale + 1e-6  # same float arithmetic
+        sqnr = 10 * np.log10(np.sum(theirs**2) / np.sum((ours - theirs) ** 2))
+        assert sqnr > 30, sqnr  # 36-37 dB: integer LayerNorm/Softmax/GELU vs float ones

@@ -9,7 +9,9 @@ integer-only lowering) and turns
 - each constant integer weight behind a DequantizeLinear into its float value followed by
   a Quant with the weight's bit width and per-channel scale (so FINN sees the integer
   weights' range);
-- int32 biases into their exact float values (QONNX keeps biases in float).
+- int32 biases into their exact float values (QONNX keeps biases in float);
+- ORT's contrib Gelu/FastGelu (our fusions write them below opset 20) into the standard
+  ops they compute, Erf or Tanh form: QONNX's tools know only ONNX's domain and theirs.
 Every other op stays as it is. `qonnx`'s executor runs the result node by node;
 tests/test_qonnx.py compares it with our models.
 """
@@ -183,11 +185,46 @@ def to_qonnx(
             v in graph.outputs for v in node.outputs
         ):
             graph.remove(node, safe=True)
+    _write_out_contrib_gelu(graph, constant)
+    if not any(n.domain == "com.microsoft" for n in graph):
+        model.opset_imports.pop("com.microsoft", None)
     graph.sort()
     proto = ir.to_proto(model)
     del proto.graph.value_info[:]  # QONNX infers its own (Quant included)
     proto.opset_import.append(onnx.helper.make_opsetid(QONNX_DOMAIN, 1))
     return proto
+
+
+def _write_out_contrib_gelu(graph: ir.Graph, constant) -> None:
+    """com.microsoft Gelu → x·½·(1 + erf(x/√2)); FastGelu(x[, bias]) → the tanh form
+    x·½·(1 + tanh(√(2/π)·(x + 0.044715·x³))), as ORT's kernels compute them."""
+
+    def op(kind: str, inputs: list[ir.Value], anchor: ir.Node) -> ir.Value:
+        node = ir.node(kind, inputs, name=f"{anchor.name}_{kind}_{len(graph)}")
+        node.outputs[0].dtype = ir.DataType.FLOAT
+        graph.insert_before(anchor, node)
+        return node.outputs[0]
+
+    def c(base: str, v: float) -> ir.Value:
+        return constant(base, np.asarray(v, np.float32))
+
+    for node in [n for n in graph if n.domain == "com.microsoft"]:
+        if node.op_type not in ("Gelu", "FastGelu"):
+            continue
+        x = node.inputs[0]
+        if node.op_type == "FastGelu" and len(node.inputs) > 1 and node.inputs[1] is not None:
+            x = op("Add", [x, node.inputs[1]], node)
+        if node.op_type == "Gelu":
+            inner = op("Erf", [op("Mul", [x, c("inv_sqrt2", 2**-0.5)], node)], node)
+        else:
+            cube = op("Mul", [op("Mul", [x, x], node), x], node)
+            poly = op("Add", [x, op("Mul", [cube, c("gelu_k", 0.044715)], node)], node)
+            inner = op("Tanh", [op("Mul", [poly, c("gelu_c", np.sqrt(2 / np.pi))], node)], node)
+        half_x = op("Mul", [x, c("half", 0.5)], node)
+        y = op("Mul", [half_x, op("Add", [inner, c("one", 1.0)], node)], node)
+        y.shape = node.outputs[0].shape
+        node.outputs[0].replace_all_uses_with(y, replace_graph_outputs=True)
+        graph.remove(node, safe=True)
 
 
 def qonnx_available() -> bool:
