@@ -44,6 +44,9 @@ def test_attention_times_v_becomes_an_integer_shift_add_that_is_bit_exact():
     result, feeds = compile_transformer_fpga(softmax_log2_bits=3)
     assert result.plan.log2_tensors == {"softmax_out": 3}
     proto = ir.to_proto(result.model)
+    # no float island: the integer Softmax writes the log2 codes from its fixed-point ratio
+    assert result.report.float_islands == []
+    assert not {n.op_type for n in proto.graph.node} & {"Softmax", "Pow", "Exp"}
     onnx.checker.check_model(proto, full_check=True)
     # av_matmul: a power-of-two lookup on the codes and an int32 MatMul, no float MatMul
     matmuls = [n for n in proto.graph.node if n.op_type == "MatMul"]

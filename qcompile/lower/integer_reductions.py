@@ -32,10 +32,12 @@ from qcompile.lower.integer_parts import (
     OutQuant,
     _Emitter,
     _static_dims,
+    _take_over,
     int32_behind_dq,
 )
 from qcompile.lower.integer_pool import average_pool
 from qcompile.numerics.dyadic import Dyadic, to_dyadic
+from qcompile.quantize.log2 import codes_reading, integer_thresholds, levels
 
 if TYPE_CHECKING:
     from qcompile.lower.integer_only import LowerToIntegerOnly
@@ -191,6 +193,33 @@ def _after_nan_guard(low: LowerToIntegerOnly, probs: ir.Value, graph: ir.Graph):
     """The quantizer after Where(IsNaN(p), 0, p), the guard exporters put after a Softmax
     whose rows may be fully masked with −inf: integer probabilities are never NaN (such a
     row gives zeros, what the guard returns), so the guard goes."""
+    guarded = _nan_guarded(probs)
+    return None if guarded is None else low._out_quant(guarded, graph)
+
+
+def _log2_after(probs: ir.Value) -> tuple[ir.Value, int] | None:
+    """(codes, bits) of a log2 quantizer reading the probabilities (or their NaN guard)."""
+    found = codes_reading(probs)
+    guarded = _nan_guarded(probs) if found is None else None
+    return found if guarded is None else codes_reading(guarded)
+
+
+def _write_log2_codes(low, emit: _Emitter, graph: ir.Graph, ratio: ir.Value, codes, bits):
+    """c = #{k : p < 2^(−k−½)} on r = p·2^31 (the comparisons log2.py writes in float)."""
+    axis = emit.const("log2_axis", np.array([-1], np.int64))
+    expanded = emit.op("Unsqueeze", [ratio, axis], I64, "log2_expand")
+    limits = emit.const("log2_thresholds", integer_thresholds(bits, SOFTMAX_BITS))
+    below = emit.op("Less", [expanded, limits], ir.DataType.BOOL, "log2_below")
+    count = emit.op("ReduceSum", [emit.cast(below, ir.DataType.INT32, "log2_count"), axis],
+                    ir.DataType.INT32, "log2_sum", {"keepdims": 0})  # fmt: skip
+    new_codes = emit.cast(count, ir.DataType.UINT8, "log2_codes")
+    new_codes.shape = codes.shape
+    low._bounds[id(new_codes)] = (0, levels(bits))
+    _take_over(graph, codes, new_codes)
+
+
+def _nan_guarded(probs: ir.Value) -> ir.Value | None:
+    """The output of Where(IsNaN(p), 0, p) when that guard alone reads p."""
     uses = {u.node.op_type: u.node for u in probs.uses()}
     if len(uses) != 2 or set(uses) != {"IsNaN", "Where"}:
         return None
@@ -200,7 +229,7 @@ def _after_nan_guard(low: LowerToIntegerOnly, probs: ir.Value, graph: ir.Graph):
         return None
     if zero is None or zero.size != 1 or float(zero.ravel()[0]) != 0.0:
         return None
-    return low._out_quant(where.outputs[0], graph)
+    return where.outputs[0]
 
 
 def _shifted(emit: _Emitter, x: IntAct, excess: int) -> IntAct:
@@ -309,7 +338,8 @@ def softmax(low: LowerToIntegerOnly, node: ir.Node, emit: _Emitter, graph: ir.Gr
         if negated:
             keep = emit.op("Not", [keep], ir.DataType.BOOL, "keep")
     out = low._out_quant(node.outputs[0], graph) or _after_nan_guard(low, node.outputs[0], graph)
-    if not isinstance(x, IntAct) or out is None:
+    log2 = None if out is not None else _log2_after(node.outputs[0])
+    if not isinstance(x, IntAct) or (out is None and log2 is None):
         return "input or output not quantized"
     opset = graph.opset_imports.get("", 13)
     n = _last_axis(node, node.inputs[0], -1 if opset >= 13 else 1)
@@ -362,6 +392,9 @@ def softmax(low: LowerToIntegerOnly, node: ir.Node, emit: _Emitter, graph: ir.Gr
     half = emit.op("Div", [total, _i64(emit, 2, "two")], I64, "half_sum")
     num = emit.op("Add", [num, half], I64, "exp_rounded")
     ratio = emit.op("Div", [num, total], I64, "ratio")
+    if log2 is not None:  # log2 codes straight from the fixed-point ratio (quantize/log2.py)
+        _write_log2_codes(low, emit, graph, ratio, *log2)
+        return None
     y = emit.requantize(ratio, to_dyadic(2.0**-SOFTMAX_BITS / out.scale), out)
     low._finish(graph, out, y, node.outputs[0].shape)
     return None

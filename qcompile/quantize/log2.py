@@ -122,6 +122,45 @@ def insert_log2_pair(
     return codes, where.outputs[0]
 
 
+def integer_thresholds(bits: int, fraction_bits: int) -> np.ndarray:
+    """The thresholds for probabilities held as integers r = p·2^F: for integer r,
+    r < 2^(F−k−½) exactly when r < ⌈2^(F−k−½)⌉ (the power is irrational)."""
+    k = np.arange(levels(bits), dtype=np.float64)
+    return np.ceil(np.exp2(fraction_bits - k - 0.5)).astype(np.int64)
+
+
+def codes_reading(value: ir.Value) -> tuple[ir.Value, int] | None:
+    """(codes, bits) when `value`'s only reader is the comparison chain that
+    `insert_log2_pair` wrote after it (Unsqueeze → Less → Cast → ReduceSum → Cast<uint8>),
+    so an integer kernel producing `value` can write the codes itself."""
+    uses = list(value.uses())
+    chain = ("Unsqueeze", "Less", "Cast", "ReduceSum", "Cast")
+    if len(uses) != 1 or uses[0].idx != 0:
+        return None
+    node, thresholds_value = uses[0].node, None
+    for i, op_type in enumerate(chain):
+        if node.op_type != op_type:
+            return None
+        if op_type == "Less":
+            thresholds_value = node.inputs[1]
+        readers = list(node.outputs[0].uses())
+        if i == len(chain) - 1:
+            break
+        if len(readers) != 1:
+            return None
+        node = readers[0].node
+    codes = node.outputs[0]
+    if codes.dtype != ir.DataType.UINT8 or thresholds_value is None:
+        return None
+    if thresholds_value.const_value is None:
+        return None
+    k = int(thresholds_value.const_value.numpy().size)
+    bits = k.bit_length()
+    if bits not in LOG2_BITS or levels(bits) != k:
+        return None
+    return codes, bits
+
+
 def log2_codes(value: ir.Value | None) -> tuple[ir.Value, int] | None:
     """(codes, bits) when `value` is the p̂ that `insert_log2_pair` wrote, else None."""
     where = value.producer() if value is not None else None
