@@ -171,13 +171,10 @@ class CompileOptions:
     already_quantized: str = "error"
     # Integer-only lowering (always on for the FPGA target): only integer ops between the
     # input quantizer and the output dequantizer. Float islands must be allowed by name,
-    # op:TYPE or re:REGEX; Softmax and LayerNormalization are allowed unless
-    # allow_float is given explicitly.
+    # op:TYPE or re:REGEX (none by default: LayerNorm, Softmax, GELU... have integer forms,
+    # and an op without one is refused by name rather than left float silently).
     integer_only: bool = False
-    allow_float: tuple[NodeMatcher, ...] = (
-        NodeMatcher("op:Softmax"),
-        NodeMatcher("op:LayerNormalization"),
-    )
+    allow_float: tuple[NodeMatcher, ...] = ()
     # FPGA target: default bit widths (per node: overrides) and scale form
     weight_bits: int = 8
     activation_bits: int = 8

@@ -99,7 +99,7 @@ FLAGS: tuple[Flag, ...] = (
     Flag("--integer-only", "integer_only", "lower to integer-only arithmetic between input "
          "quantizer and output dequantizer (always on for --target fpga)", "on"),
     Flag("--allow-float", "allow_float", "ops that may stay float islands in an integer-only "
-         "graph (repeatable; default: op:Softmax and op:LayerNormalization)", "append",
+         "graph (repeatable; default: none)", "append",
          metavar="PATTERN"),
     Flag("--weight-bits", "weight_bits", "FPGA target: weight bits (2-8)", type=int),
     Flag("--activation-bits", "activation_bits", "FPGA target: activation bits (2-8)", type=int),
