@@ -197,6 +197,15 @@ def reference(entry: CorpusModel) -> Reference | str:
         return f"ONNX Runtime does not run it: {str(exc).splitlines()[0][:120]}"
 
 
+# Corpus targets that are a target plus options: `cpu-int` is `--target cpu --integer-only`
+TARGET_VARIANTS: dict[str, tuple[str, dict]] = {"cpu-int": ("cpu", {"integer_only": True})}
+
+
+def target_options(target: str) -> tuple[str, dict]:
+    """(qcompile target, extra options) of a corpus target name."""
+    return TARGET_VARIANTS.get(target, (target, {}))
+
+
 def run_model(entry: CorpusModel, target: str, bench_runs: int = 10) -> Row:
     """Compile in this process and check the result."""
     import qcompile
@@ -210,14 +219,15 @@ def run_model(entry: CorpusModel, target: str, bench_runs: int = 10) -> Row:
     start = time.perf_counter()
     try:
         # default flags, deployed on one thread: the speed guard times what the row times
+        base, variant = target_options(target)
         result = qcompile.compile(
             ref.model,
-            target=target,
+            target=base,
             calibration=ref.feeds,
             progress=False,
             bench_runs=0,
             threads=1,
-            **entry.options,
+            **{**variant, **entry.options},
         )
     except Exception as exc:  # noqa: BLE001 - classified below
         row.seconds = time.perf_counter() - start
@@ -362,7 +372,11 @@ def write_markdown(rows: list[Row], path: Path, command: str, seconds: float) ->
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.corpus")
-    parser.add_argument("--targets", default="cpu", help="comma-separated targets")
+    parser.add_argument(
+        "--targets",
+        default="cpu",
+        help="comma-separated targets; cpu-int: cpu with --integer-only",
+    )
     parser.add_argument("--only", default=None, help="substring of model names to keep")
     parser.add_argument("--bench-runs", type=int, default=30)
     parser.add_argument("--out", default=str(HERE / "CORPUS.md"))

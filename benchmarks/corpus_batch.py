@@ -14,7 +14,14 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from benchmarks.corpus import CorpusModel, Row, check_compiled, reference, run_model
+from benchmarks.corpus import (
+    CorpusModel,
+    Row,
+    check_compiled,
+    reference,
+    run_model,
+    target_options,
+)
 
 
 def _guard(decision: str | None) -> str:
@@ -54,7 +61,7 @@ def run_through_batch(
     from qcompile.fleet.manifest import Task
 
     rows: dict[tuple[str, str], Row] = {}
-    refs, tasks = {}, []
+    refs, tasks, task_targets = {}, [], []
     for entry in entries:
         ref = reference(entry)
         written = None if isinstance(ref, str) else _write_inputs(ref, work / "inputs", entry.name)
@@ -64,15 +71,20 @@ def run_through_batch(
             elif written is None:  # feeds of different shapes: no .npz holds them
                 rows[entry.name, target] = run_model(entry, target, bench_runs)
             else:
-                options = {"threads": 1, **entry.options}
-                tasks.append(Task(entry.name, target, *written, options=options))
+                base, variant = target_options(target)
+                options = {"threads": 1, **variant, **entry.options}
+                # a variant (cpu-int) gets its own task name: its outputs must not
+                # overwrite the plain target's
+                name = entry.name if base == target else f"{entry.name}.{target}"
+                tasks.append(Task(name, base, *written, options=options))
+                task_targets.append((entry.name, target))
         if not isinstance(ref, str):
             refs[entry.name] = (entry, ref)
     out = work / "out"
     result = run_batch(tasks, out, make_executor(ray_address, use_ray, None), bench_runs=0)
-    for task, got in zip(tasks, result.rows, strict=True):
-        entry, ref = refs[task.name]
-        row = Row(entry.name, entry.source, task.target, "bug", seconds=got.get("seconds", 0.0))
+    for (name, target), got in zip(task_targets, result.rows, strict=True):
+        entry, ref = refs[name]
+        row = Row(entry.name, entry.source, target, "bug", seconds=got.get("seconds", 0.0))
         if got["status"] == "refused":
             row.outcome, row.reason = "refused", got.get("reason", "")[:200]
         elif got["status"] != "ok":
@@ -80,5 +92,5 @@ def run_through_batch(
         else:
             row.guard = _guard(got.get("speed_guard"))
             row = check_compiled(row, ref, onnx.load(out / got["output"]), bench_runs)
-        rows[entry.name, task.target] = row
+        rows[entry.name, target] = row
     return [rows[e.name, t] for e in entries for t in targets]

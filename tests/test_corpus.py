@@ -188,12 +188,15 @@ def test_the_corpus_through_qcompile_batch_matches_the_in_process_rows(tmp_path)
         for e in corpus.backend_models()
         if e.name in wanted
     ]
-    batch = run_through_batch(entries, ["cpu"], 0, tmp_path)
-    local = [corpus.run_model(e, "cpu", bench_runs=0) for e in entries]
-    assert [(r.model, r.outcome, r.sqnr_db, r.guard) for r in batch] == [
-        (r.model, r.outcome, r.sqnr_db, r.guard) for r in local
+    targets = ["cpu", "cpu-int"]  # cpu-int: the cpu target with --integer-only
+    batch = run_through_batch(entries, targets, 0, tmp_path)
+    local = [corpus.run_model(e, t, bench_runs=0) for e in entries for t in targets]
+    assert [(r.model, r.target, r.outcome, r.sqnr_db, r.guard) for r in batch] == [
+        (r.model, r.target, r.outcome, r.sqnr_db, r.guard) for r in local
     ]
+    plain, integer = local[0], local[1]  # test_Conv2d on cpu and on cpu-int
+    assert plain.outcome == integer.outcome == "ok" and plain.sqnr_db != integer.sqnr_db
     summary = (tmp_path / "out" / "summary.json").read_text()
     assert '"cached": false' in summary
-    run_through_batch(entries, ["cpu"], 0, tmp_path)
+    run_through_batch(entries, targets, 0, tmp_path)
     assert '"cached": false' not in (tmp_path / "out" / "summary.json").read_text()
