@@ -50,8 +50,9 @@ PASSTHROUGH_OPS = frozenset(
 INTEGER_PASSTHROUGH_OPS = PASSTHROUGH_OPS | {"Pad", "Expand", "Tile"}
 # Arithmetic only integer-only lowering gives an integer form (ORT's QDQ targets have no
 # integer kernel for them, so the QDQ targets leave them float): PoolFormer's pool(x) − x,
-# a BatchNormalization no linear layer absorbed (DenseNet's pre-activation BN).
-INTEGER_ARITH_OPS = frozenset({"Sub", "BatchNormalization"})
+# a BatchNormalization no linear layer absorbed (DenseNet's pre-activation BN), AlexNet's
+# and GoogLeNet's LRN.
+INTEGER_ARITH_OPS = frozenset({"Sub", "BatchNormalization", "LRN"})
 # Elementwise ops with no integer kernel in ORT that integer-only lowering turns into
 # 256-entry lookup tables (Sigmoid, HardSwish... are in ARITH_OPS already).
 TABLE_OPS = frozenset({"Gelu", "FastGelu", "Tanh", "Erf", "Elu", "Softplus", "Exp", "HardSwish"})

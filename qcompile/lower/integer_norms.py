@@ -28,6 +28,7 @@ import onnx_ir as ir
 from qcompile.ir.norms import rms_norm_at
 from qcompile.lower.integer_affine import batch_norm
 from qcompile.lower.integer_grn import grn
+from qcompile.lower.integer_lrn import lrn
 from qcompile.lower.integer_parts import _Emitter, _static_dims
 from qcompile.lower.integer_reductions import (
     GAMMA_BITS,
@@ -130,6 +131,7 @@ def instance_norm(low: LowerToIntegerOnly, node: ir.Node, emit: _Emitter, graph:
 NORMS = {
     "Add": grn,  # lower/integer_grn.py (any other Add is lowered as an Add)
     "BatchNormalization": batch_norm,  # lower/integer_affine.py
+    "LRN": lrn,  # lower/integer_lrn.py
     "RMSNormalization": rms_norm,
     "Mul": rms_norm,
     "Div": rms_norm,

@@ -18,6 +18,8 @@ sample, counted from the integer forms `qcompile/lower/` writes:
 - ConvNeXt-V2's GRN: per element square, accumulate, the c·K product, the β add and a
   requantization; per sample and channel a square root and one division;
 - BatchNormalization as a per-channel affine: centre, multiply, add, requantization;
+- LRN (β = ¾): per element centre, square, `size` window adds, the denominator's
+  multiply-add, two integer square roots and one division, sign and requantization;
 - linear Resize: two taps, two multiplies and an add per output element and resized axis.
 
 A b-bit divider in fabric is a chain of b add/subtract steps, so one int64 division costs
@@ -102,6 +104,10 @@ def kernel_work(node: ir.Node, observed) -> KernelWork | None:
         return KernelWork(REQUANT * e, 0, 0, 64)
     if op == "BatchNormalization":
         return KernelWork((3 + REQUANT) * e, 0, 0, 64)
+    if op == "LRN":
+        size = node.attributes.get_int("size", 1)
+        per_element = 2 + size + 2 + 2 * 62 + 4 + REQUANT
+        return KernelWork(per_element * e, 0, (2 * ISQRT_STEPS + 1) * e, 64)
     if op in LUT_OPS:  # the lowering's own list of table ops
         return KernelWork(e, e, 0, 16)
     if op in ("AveragePool", "GlobalAveragePool", "ReduceMean", "MaxPool"):
