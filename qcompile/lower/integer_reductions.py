@@ -354,7 +354,11 @@ def softmax(low: LowerToIntegerOnly, node: ir.Node, emit: _Emitter, graph: ir.Gr
         kept = emit.op("Where", [keep, wide, floor], I64, "kept_scores")
     rel = emit.op("Sub", [wide, _reduce(emit, "ReduceMax", kept, "max")], I64, "minus_max")
     exponent = OutQuant(x.value, 1.0, 0, -(2**62), 0, I64)  # r: only its integers matter
-    r = emit.requantize(rel, to_dyadic(x.scale * EXP_STEPS / math.log(2)), exponent)
+    # a factor of 64·Q or more sends every score below the row maximum to 2**-64 or less,
+    # which the shift below makes 0 — as the real factor would (huge logits: onnx's light
+    # SqueezeNet, whose scores step by ~1e7): capping it there is exact
+    factor = min(x.scale * EXP_STEPS / math.log(2), 64.0 * EXP_STEPS)
+    r = emit.requantize(rel, to_dyadic(factor), exponent)
     z = emit.op("Div", [emit.op("Neg", [r], I64, "neg"), _i64(emit, EXP_STEPS, "steps")], I64,
                 "halvings")  # fmt: skip
     index = emit.op("Add", [r, emit.op("Mul", [z, _i64(emit, EXP_STEPS, "steps")], I64, "whole")],
