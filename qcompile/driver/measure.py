@@ -182,16 +182,26 @@ def same_shape(name: str, fp32: np.ndarray, got: np.ndarray) -> None:
 
 
 def accumulate(s: list[float], a: np.ndarray, b: np.ndarray) -> None:
-    """Running Σa², Σ(a−b)², Σab, Σa², Σb² (float32 BLAS dots: dB-level precision is enough)."""
-    a = np.asarray(a, np.float32).ravel()
-    b = np.asarray(b, np.float32).ravel()
-    d = a - b
-    aa = float(np.dot(a, a))
+    """Running Σa², Σ(a−b)², Σab, Σa², Σb² (float32 BLAS dots: dB-level precision is
+    enough; float64 where float32 overflows, as onnx's light models' outputs of ~1e20 do)."""
+    dots = _dots(a, b, np.float32)
+    if not all(np.isfinite(dots)):
+        dots = _dots(a, b, np.float64)
+    aa, dd, ab, bb = dots
     s[0] += aa
-    s[1] += float(np.dot(d, d))
-    s[2] += float(np.dot(a, b))
+    s[1] += dd
+    s[2] += ab
     s[3] += aa
-    s[4] += float(np.dot(b, b))
+    s[4] += bb
+
+
+def _dots(a: np.ndarray, b: np.ndarray, dtype) -> tuple[float, float, float, float]:
+    a = np.asarray(a, dtype).ravel()
+    b = np.asarray(b, dtype).ravel()
+    d = a - b
+    with np.errstate(over="ignore", invalid="ignore"):
+        return (float(np.dot(a, a)), float(np.dot(d, d)), float(np.dot(a, b)),
+                float(np.dot(b, b)))  # fmt: skip
 
 
 def concat_groups(model: ir.Model) -> dict[str, list[tuple[str, int, int, int]]]:
