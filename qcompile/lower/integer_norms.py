@@ -41,6 +41,7 @@ from qcompile.lower.integer_reductions import (
     same_integers,
 )
 from qcompile.numerics.dyadic import to_dyadic
+from qcompile.passes.recurrent import unroll_refusal
 
 if TYPE_CHECKING:
     from qcompile.lower.integer_only import LowerToIntegerOnly
@@ -128,10 +129,16 @@ def instance_norm(low: LowerToIntegerOnly, node: ir.Node, emit: _Emitter, graph:
     return layer_norm(low, node, emit, graph)
 
 
+def lstm(low: LowerToIntegerOnly, node: ir.Node, emit: _Emitter, graph: ir.Graph) -> str:
+    """An LSTM still here is one passes/recurrent.py did not unroll: say why."""
+    return f"not unrolled: {unroll_refusal(node) or 'unknown'}"
+
+
 NORMS = {
     "Add": grn,  # lower/integer_grn.py (any other Add is lowered as an Add)
     "BatchNormalization": batch_norm,  # lower/integer_affine.py
     "LRN": lrn,  # lower/integer_lrn.py
+    "LSTM": lstm,  # unrolled before quantization where it can be (passes/recurrent.py)
     "RMSNormalization": rms_norm,
     "Mul": rms_norm,
     "Div": rms_norm,

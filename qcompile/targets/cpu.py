@@ -22,6 +22,7 @@ from qcompile.passes.batchnorm_linear import FoldBatchNormIntoLinear
 from qcompile.passes.canonicalize import canonicalize
 from qcompile.passes.equalization import CrossLayerEqualization
 from qcompile.passes.fusion import DivideByConstant, FuseForQuantization, SumAsAdds
+from qcompile.passes.recurrent import UnrollLSTM
 from qcompile.passes.rotation import RotateResidualStream
 from qcompile.passes.smoothing import SmoothQuant
 from qcompile.passes.static_dims import FoldStaticShapeReads
@@ -58,13 +59,18 @@ def rewrite(options: CompileOptions) -> list[ir.passes.PassBase]:
     Conv → HardSwish → Conv ones where --equalize-hardswish asks (strategies/equalization);
     with --rotate, RMSNorm residual streams rotated first (passes/rotation.py); integer-only
     graphs also fold shape reads of static dims (passes/static_dims.py), write ONNX's fused
-    Attention out as MatMul/Softmax (passes/attention.py), turn divisions by a scalar
+    Attention out as MatMul/Softmax (passes/attention.py), unroll LSTMs of a static
+    sequence length (passes/recurrent.py), turn divisions by a scalar
     constant into multiplications and Sums into Adds (ONNX's Sum takes floats only)."""
     hardswish = options.equalize_hardswish == "on"
     rotate = [RotateResidualStream(options.seed)] if options.rotate else []
     return [
         *canonicalize(),
-        *([FoldStaticShapeReads(), DecomposeAttention()] if options.integer_only else []),
+        *(
+            [FoldStaticShapeReads(), DecomposeAttention(), UnrollLSTM()]
+            if options.integer_only
+            else []
+        ),
         FuseForQuantization(),
         FoldBatchNormIntoLinear(),
         *([DivideByConstant(), SumAsAdds()] if options.integer_only else []),  # no Div, Sum
