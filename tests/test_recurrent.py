@@ -99,3 +99,12 @@ def test_an_lstm_of_unknown_length_is_refused_with_the_fix():
                               calibration=_feeds(), input_shapes={"input": (STEPS, BATCH, FEATURES)},
                               **FAST)  # fmt: skip
     assert result.report.float_islands == []
+
+
+def test_control_flow_in_the_integer_region_is_refused_naming_why():
+    from benchmarks import corpus_models
+
+    feeds = [{"x": np.random.default_rng(i).standard_normal((6, 16)).astype(np.float32)}
+             for i in range(4)]  # fmt: skip
+    with pytest.raises(QCompileError, match=r"loop \(Loop: control flow: .* not the bodies"):
+        qcompile.compile(corpus_models.loop_and_scan(), target="fpga", calibration=feeds, **FAST)

@@ -134,11 +134,22 @@ def lstm(low: LowerToIntegerOnly, node: ir.Node, emit: _Emitter, graph: ir.Graph
     return f"not unrolled: {unroll_refusal(node) or 'unknown'}"
 
 
+def control_flow(low: LowerToIntegerOnly, node: ir.Node, emit: _Emitter, graph: ir.Graph) -> str:
+    """If/Loop/Scan: their bodies are subgraphs, which the lowering does not enter."""
+    return (
+        "control flow: the integer lowering rewrites the main graph, not the bodies of "
+        "If/Loop/Scan (unroll it in the export, or keep it float with --allow-float)"
+    )
+
+
 NORMS = {
     "Add": grn,  # lower/integer_grn.py (any other Add is lowered as an Add)
     "BatchNormalization": batch_norm,  # lower/integer_affine.py
     "LRN": lrn,  # lower/integer_lrn.py
     "LSTM": lstm,  # unrolled before quantization where it can be (passes/recurrent.py)
+    "If": control_flow,
+    "Loop": control_flow,
+    "Scan": control_flow,
     "RMSNormalization": rms_norm,
     "Mul": rms_norm,
     "Div": rms_norm,
