@@ -145,6 +145,38 @@ def test_fpga_budget_picks_narrower_weights_where_it_can():
     assert result.report.fpga_weight_memory_bits < eight.report.fpga_weight_memory_bits
 
 
+def test_fpga_latency_budget_trades_modelled_cycles_kernels_included():
+    """--latency-budget-ms on fpga: the cost model's cycles at the clock, not this CPU's
+    timings; the integer kernels weight bits do not change (here the pools and the
+    requantizing Adds of the transformer block's LayerNorms, Softmax...) are the budget's
+    fixed part, and a budget below them is refused before any measuring."""
+    model = builders.transformer_block(dim=32, heads=2, ffn=64)
+    feeds = [{"input": builders.token_embeddings(2, seq=8, dim=32, seed=i)} for i in range(6)]
+    shapes = {"input": (2, 8, 32)}  # static: every MatMul's MACs known to the cost model
+    eight = qcompile.compile(model, target="fpga", calibration=feeds, input_shapes=shapes, **FAST)
+    clock = 200.0
+    rows = eight.report.fpga_layers
+    kernels = sum(r["cycles"] for r in rows if not r["weights"]) / clock / 1e3
+    total = sum(r["cycles"] for r in rows) / clock / 1e3
+    assert 0 < kernels < total
+    budget = kernels + 0.6 * (total - kernels)  # the MAC layers must get faster
+    result = qcompile.compile(
+        model, target="fpga", calibration=feeds, input_shapes=shapes, latency_budget_ms=budget,
+        **FAST,
+    )  # fmt: skip
+    mp = result.report.mixed_precision
+    assert mp["objective"] == "fpga-latency"
+    assert {layer["node"] for layer in mp["layers"]} <= {r["node"] for r in rows}
+    assert {layer["choice"] for layer in mp["layers"]} - {"w8"}
+    modelled = sum(r["cycles"] for r in result.report.fpga_layers) / clock / 1e3
+    assert modelled <= budget * 1.001
+    with pytest.raises(QCompileError, match="integer kernels that weight bits do not change"):
+        qcompile.compile(
+            model, target="fpga", calibration=feeds, input_shapes=shapes,
+            latency_budget_ms=kernels * 0.9, **FAST,
+        )  # fmt: skip
+
+
 def test_size_budget_and_callable_metric():
     feeds = _feeds()
     fp32_mb = (

@@ -141,7 +141,6 @@ def layer_costs(
             continue
         wb = weight_bits.get(node.name, 8)
         ab = activation_bits.get(node.name, 8)
-        parallel = max(1.0, macs_per_cycle * 64.0 / (wb * ab))
         n_weights = int(w.const_value.size) if w.const_value is not None else 0
         costs.append(
             LayerCost(
@@ -153,10 +152,17 @@ def layer_costs(
                 weights=n_weights,
                 weight_memory_bits=n_weights * wb,
                 bops=int(macs) * wb * ab,
-                cycles=int(math.ceil(macs / parallel)),
+                cycles=mac_cycles(int(macs), wb, ab, macs_per_cycle),
             )
         )
     return costs
+
+
+def mac_cycles(macs: int, weight_bits: int, activation_bits: int, macs_per_cycle: int) -> int:
+    """Cycles of a MAC layer: a budget of `macs_per_cycle` 8×8 multipliers fits
+    macs_per_cycle·64/(b_w·b_a) narrower ones (see the module docstring)."""
+    parallel = max(1.0, macs_per_cycle * 64.0 / (weight_bits * activation_bits))
+    return int(math.ceil(macs / parallel))
 
 
 def _kernel_cost(node: ir.Node, work: KernelWork, lanes: int) -> LayerCost:

@@ -30,6 +30,7 @@ from qcompile.quantize.weight_only import (
 from qcompile.strategies import mixed
 from qcompile.strategies.auto_method import compile_single
 from qcompile.strategies.equalization import compile_equalizing_hardswish
+from qcompile.strategies.mixed.fpga_latency import layer_budget, layer_latency
 from qcompile.targets import get_target
 
 logger = logging.getLogger(__name__)
@@ -92,6 +93,8 @@ def compile_mixed(job: CompileJob, workspace: Workspace) -> CompileResult:
     objective = (
         "size" if (fpga or options.size_budget_mb) and not options.latency_budget_ms else "latency"
     )
+    if fpga and objective == "latency":  # the FPGA's cost model, not this CPU's timings
+        objective = "fpga-latency"
     with_weights = {w.node for w in plan.weights}
     int4: set[str] = set()
     if fpga:  # weight bit widths per layer
@@ -110,6 +113,18 @@ def compile_mixed(job: CompileJob, workspace: Workspace) -> CompileResult:
             + ([(INT4_LABEL, Int4Spec())] if n in int4 else [])
             for n in layer_nodes
         }
+    fpga_ms: dict = {}
+    if objective == "fpga-latency":  # refused before measuring when it cannot be met
+        fpga_ms, fixed_ms = layer_latency(
+            base.report.fpga_layers,
+            layer_nodes,
+            options.fpga_macs_per_cycle,
+            options.fpga_clock_mhz,
+        )
+        fastest = sum(fpga_ms[n](min(s.bits for _, s in specs[n])) for n in fpga_ms)
+        fpga_budget = layer_budget(
+            options.latency_budget_ms, fixed_ms, options.fpga_clock_mhz, fastest
+        )
     trace = options.sensitivity == "trace"
     switch, flags = mixed.switch_model(fp32, plan, base.qparams, specs, trace=trace)
     sens_feeds = feeds[: max(2, len(feeds) // 4)]
@@ -152,6 +167,7 @@ def compile_mixed(job: CompileJob, workspace: Workspace) -> CompileResult:
     phases["sensitivity"], mark = time.perf_counter() - mark, time.perf_counter()
     layers = []
     op_types = {n.name: n.op_type for n in fp32.graph}
+
     for node in layer_nodes:
         n_w = weights.get(node, 0)
         if objective == "latency":
@@ -165,8 +181,14 @@ def compile_mixed(job: CompileJob, workspace: Workspace) -> CompileResult:
                 cost = t_int4.get(node, fp) + boundary.get(node, 0.0)
                 cands.append(mixed.Candidate(INT4_LABEL, cost, nsr[(node, INT4_LABEL)]))
         elif fpga:
+            ms = fpga_ms.get(node, lambda bits: 0.0)
             cands = [
-                mixed.Candidate(label, n_w * spec.bits, nsr[(node, label)], spec.bits)
+                mixed.Candidate(
+                    label,
+                    ms(spec.bits) if objective == "fpga-latency" else n_w * spec.bits,
+                    nsr[(node, label)],
+                    spec.bits,
+                )
                 for label, spec in specs[node]
             ]
         else:
@@ -217,6 +239,8 @@ def compile_mixed(job: CompileJob, workspace: Workspace) -> CompileResult:
         cost_budget = (
             options.size_budget_mb * 8e6 if objective == "size" else options.latency_budget_ms
         )
+        if objective == "fpga-latency":
+            cost_budget = fpga_budget
     found = mixed.search(
         layers=layers,
         compile_choice=run_choice,

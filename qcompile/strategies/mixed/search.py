@@ -23,7 +23,7 @@ Feed = Mapping[str, np.ndarray]
 @dataclasses.dataclass(frozen=True)
 class Candidate:
     label: str  # "fp32", "int8", "int4w" (INT4 weights, FP32 activations), fpga: "w6"...
-    cost: float  # ms (latency objective) or bits (size objective)
+    cost: float  # ms (latency: measured, fpga-latency: modelled) or bits (size objective)
     nsr: float  # output noise / signal power when only this layer is at this precision
     weight_bits: int | None = None  # FPGA: bits for this layer's weights; None: FP32/INT8
 
@@ -125,7 +125,10 @@ def save_pareto_png(result: SearchResult, path: str | os.PathLike, title: str = 
     for c, n, drop in result.verified:
         ax.scatter([c], [10 * np.log10(max(n, 1e-12))], color="tab:red", zorder=3)
         ax.annotate(f"drop {drop:.3%}", (c, 10 * np.log10(max(n, 1e-12))), fontsize=7)
-    unit = "ms (measured per-layer kernel time)" if result.objective == "latency" else "weight bits"
+    unit = {
+        "latency": "ms (measured per-layer kernel time)",
+        "fpga-latency": "ms (FPGA cost model: cycles at the clock)",
+    }.get(result.objective, "weight bits")
     ax.set_xlabel(f"predicted cost: {unit}")
     ax.set_ylabel("predicted output noise (dB, NSR)")
     ax.set_title(title or "mixed precision: cost vs noise", fontsize=9)
