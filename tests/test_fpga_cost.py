@@ -20,6 +20,9 @@ def test_cost_model_covers_every_integer_kernel_of_a_transformer_block():
     ).report
     layers = {layer["node"]: layer for layer in report.fpga_layers}
     assert layers["q_proj"]["macs"] == SEQ * DIM * DIM
+    # the output projection reads heads merged by a Reshape of a dynamic shape: its MACs
+    # come from the tensor the Reshape moved
+    assert layers["out_proj"]["macs"] == SEQ * DIM * DIM
     assert layers["qk_matmul"]["macs"] == SEQ * SEQ * DIM  # two activations, no weights
     assert layers["qk_matmul"]["weights"] == 0
     norm = layers["ln1"]

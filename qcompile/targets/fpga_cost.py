@@ -69,6 +69,24 @@ def _per_sample_outputs(value: ir.Value, observed: Mapping[str, tuple]) -> int |
     return None
 
 
+_SIZE_PRESERVING = frozenset(
+    {"Reshape", "Transpose", "Flatten", "Squeeze", "Unsqueeze", "Identity"}
+)
+
+
+def _size_source(value: ir.Value, observed: Mapping[str, tuple]) -> ir.Value:
+    """`value`, or the tensor a chain of size-preserving data movement made it from when
+    only that one was observed (attention's output projection reads a Reshape)."""
+    while value.name not in observed and (value.shape is None or not all(
+        isinstance(d, int) for d in list(value.shape)[1:]
+    )):  # fmt: skip
+        producer = value.producer()
+        if producer is None or producer.op_type not in _SIZE_PRESERVING or not producer.inputs:
+            break
+        value = producer.inputs[0]
+    return value
+
+
 def layer_macs(node: ir.Node, observed: Mapping[str, tuple] | None = None) -> int | None:
     """MACs per input sample (batch axis 0), from static or observed shapes."""
     w = node.inputs[1] if len(node.inputs) > 1 else None
@@ -76,7 +94,7 @@ def layer_macs(node: ir.Node, observed: Mapping[str, tuple] | None = None) -> in
     outputs = _per_sample_outputs(node.outputs[0], observed or {})
     if outputs is None and w_dims is not None and len(w_dims) == 2:
         # a MatMul/Gemm output nobody observed (its bias Add's is): rows from the input
-        inputs = _per_sample_outputs(node.inputs[0], observed or {})
+        inputs = _per_sample_outputs(_size_source(node.inputs[0], observed or {}), observed or {})
         transposed = node.op_type == "Gemm" and node.attributes.get_int("transB", 0)
         k, n = (w_dims[1], w_dims[0]) if transposed else (w_dims[0], w_dims[1])
         if node.op_type in ("MatMul", "Gemm") and inputs is not None and k:
