@@ -190,10 +190,14 @@ def test_reduce_mean_as_global_pooling_is_integer(opset, reshape):
     assert result.report.min_output_sqnr_db > qdq.report.min_output_sqnr_db - 1.0
 
 
-def _masked_attention_with_class_token(tokens: int = 12, dim: int = 16) -> onnx.ModelProto:
+def _masked_attention_with_class_token(
+    tokens: int = 12, dim: int = 16, causal: bool = False
+) -> onnx.ModelProto:
     """A ViT/BERT-like head: a constant class token Expanded to the batch and concatenated
     with projected tokens, attention scores masked by Where(mask, scores, −3.4e38) (the
-    plan keeps the mask float: the Softmax reads it into its integer form)."""
+    plan keeps the mask float: the Softmax reads it into its integer form). `causal`:
+    GPT-Neo's form instead, a constant causal Where, then the padding mask added as
+    Where(mask, 0, −3.4e38)."""
     from onnx import TensorProto, helper, numpy_helper
 
     rng = np.random.default_rng(0)
@@ -213,6 +217,19 @@ def _masked_attention_with_class_token(tokens: int = 12, dim: int = 16) -> onnx.
         helper.make_node("MatMul", ["seq", "seq_t"], ["scores"], name="scores"),
         helper.make_node("Where", ["mask", "scores", "sentinel"], ["masked"], name="mask"),
         helper.make_node("Softmax", ["masked"], ["probs"], axis=-1, name="softmax"),
+    ]
+    if causal:
+        lower = np.tril(np.ones((tokens + 1, tokens + 1), bool))
+        inits += [
+            numpy_helper.from_array(lower, "causal"),
+            numpy_helper.from_array(np.zeros(1, np.float32), "zero"),
+        ]
+        nodes[-2:-1] = [
+            helper.make_node("Where", ["causal", "scores", "sentinel"], ["c"], name="causal"),
+            helper.make_node("Where", ["mask", "zero", "sentinel"], ["additive"], name="pad"),
+            helper.make_node("Add", ["c", "additive"], ["masked"], name="mask"),
+        ]
+    nodes += [
         helper.make_node("MatMul", ["probs", "seq"], ["y"], name="context"),
     ]
     x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["B", tokens, dim])
@@ -222,14 +239,15 @@ def _masked_attention_with_class_token(tokens: int = 12, dim: int = 16) -> onnx.
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
 
 
-def test_mask_where_and_class_token_expand_are_integer():
+@pytest.mark.parametrize("causal", [False, True], ids=["padding-mask", "causal-then-padding"])
+def test_mask_where_and_class_token_expand_are_integer(causal):
     def feed(seed: int) -> dict:
         r = np.random.default_rng(seed)
         keep = np.arange(13)[None, None, :] < r.integers(6, 14, (4, 1, 1))  # padded tails
         return {"x": r.normal(0, 1, (4, 12, 16)).astype(np.float32), "mask": keep}
 
     feeds = [feed(i) for i in range(8)]
-    model = _masked_attention_with_class_token()
+    model = _masked_attention_with_class_token(causal=causal)
     result = qcompile.compile(model, target="fpga", calibration=feeds, **FAST)
     assert result.report.float_islands == []
     ops = result.report.integer_ops  # the mask Where is read into the integer Softmax

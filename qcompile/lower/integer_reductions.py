@@ -137,27 +137,33 @@ def wide_sum(low: LowerToIntegerOnly, value: ir.Value | None) -> IntAct | None:
 MASK_SENTINEL = -1e4  # a masking constant at or below this: its exp is 0 in float32
 
 
-def masked_scores(low: LowerToIntegerOnly, value: ir.Value | None):
-    """(scores, condition, negated) when `value`, read only by the Softmax, is attention's
-    masking of quantized scores by a constant sentinel <= MASK_SENTINEL:
-    Where(c, scores, sentinel) / Where(c, sentinel, scores), or scores + M with
-    M = Where(c, 0, sentinel) / Where(c, sentinel, 0) (BERT exports). The positions that
-    count are where the condition holds (negated: where it does not)."""
+def masked_scores(low: LowerToIntegerOnly, value: ir.Value | None, depth: int = 2):
+    """(scores, [(condition, negated), ...]) when `value`, read only by the Softmax (or by
+    the next masking), is attention's masking of quantized scores by a constant sentinel
+    <= MASK_SENTINEL: Where(c, scores, sentinel) / Where(c, sentinel, scores), or
+    scores + M with M = Where(c, 0, sentinel) / Where(c, sentinel, 0) (BERT exports), or
+    one inside the other (GPT-Neo: a causal Where, then the padding mask added). The
+    positions that count are where every condition holds (negated: where it does not)."""
     node = value.producer() if value is not None else None
     if node is None or len(value.uses()) != 1 or node.op_type not in ("Where", "Add"):
         return None
     if node.op_type == "Add":
         for scores_at in (0, 1):
-            view = low._int_view(node.inputs[scores_at]) or wide_sum(low, node.inputs[scores_at])
             mask = _sentinel_select(node.inputs[1 - scores_at], zero_other=True)
-            if view is not None and mask is not None:
-                return view, *mask
+            if mask is None:
+                continue
+            view = low._int_view(node.inputs[scores_at]) or wide_sum(low, node.inputs[scores_at])
+            if view is not None:
+                return view, [mask]
+            inner = masked_scores(low, node.inputs[scores_at], depth - 1) if depth > 1 else None
+            if inner is not None:
+                return inner[0], [*inner[1], mask]
         return None
     for scores_at in (1, 2):
         view = low._int_view(node.inputs[scores_at]) or wide_sum(low, node.inputs[scores_at])
         mask = _sentinel_select(value, zero_other=False, keep_at=scores_at)
         if view is not None and mask is not None:
-            return view, *mask
+            return view, [mask]
     return None
 
 
@@ -334,9 +340,15 @@ def softmax(low: LowerToIntegerOnly, node: ir.Node, emit: _Emitter, graph: ir.Gr
     probabilities. An int32 input (attention scores from their MatMul) works alike."""
     x, keep = low._int_view(node.inputs[0]) or wide_sum(low, node.inputs[0]), None
     if x is None and (masked := masked_scores(low, node.inputs[0])) is not None:
-        x, keep, negated = masked
-        if negated:
-            keep = emit.op("Not", [keep], ir.DataType.BOOL, "keep")
+        x, conditions = masked
+        for condition, negated in conditions:  # kept where every mask keeps
+            if negated:
+                condition = emit.op("Not", [condition], ir.DataType.BOOL, "keep")
+            keep = (
+                condition
+                if keep is None
+                else emit.op("And", [keep, condition], ir.DataType.BOOL, "keep_all")
+            )
     out = low._out_quant(node.outputs[0], graph) or _after_nan_guard(low, node.outputs[0], graph)
     log2 = None if out is not None else _log2_after(node.outputs[0])
     if not isinstance(x, IntAct) or (out is None and log2 is None):
