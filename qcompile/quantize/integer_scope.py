@@ -93,14 +93,16 @@ def rewired_for_kernels(nodes: Sequence[ir.Node], graph_outputs: set[str]) -> li
     """Values the integer-only plan quantizes for every reader: outputs of such ops that
     another one reads (SegFormer's patch-embedding LayerNorm feeding the block's first
     LayerNorm: no plan node quantizes them, yet both kernels work on codes), and a GRN's
-    input, which its chain reads through the same quantizer as its residual Add. Not a
-    ReduceMean's: a LayerNorm reads its int32 sum directly (ConvNeXt's pooled features;
-    8 bits there cost 0.9 dB)."""
+    input, which its chain reads through the same quantizer as its residual Add. A
+    ReduceMean's too (ConvNeXt's and BEiT's pooled features before their LayerNorm): 8-bit
+    codes there cost ConvNeXt 0.9 dB against a float LayerNorm reading the float mean, but
+    the integer LayerNorm has no path that reads a mean's int32 sum, so without them the
+    pair stayed a float island."""
     found = []
     for node in nodes:
         grn = grn_at(node)
         if grn is not None:
             found.append(grn.x)
-        elif node.op_type in LOWERED_WHEN_QUANTIZED - {"ReduceMean"}:
+        elif node.op_type in LOWERED_WHEN_QUANTIZED:
             found += [v for v in node.outputs[:1] if read_by_lowered(v)]
     return [v for v in found if v.name not in graph_outputs]

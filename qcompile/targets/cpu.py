@@ -100,10 +100,14 @@ def correct_bias(profile: TargetProfile) -> BiasPhase:
 
 def quantize(profile: TargetProfile, options: CompileOptions) -> QuantizePhase:
     """Q/DQ pairs from the plan, int8 embedding tables, and INT4 weight-only MatMuls
-    (MatMulNBits) on the nodes --int4-weights names (the plan left them FP32)."""
+    (MatMulNBits) on the nodes --int4-weights names (the plan left them FP32). Integer-only
+    graphs keep the tables the plan quantized: their row-scale dequantization is a float
+    Mul inside the integer region (Gemma's scaled embeddings then stayed float)."""
 
     def phase(plan, qparams) -> list[ir.passes.PassBase]:
-        passes = [InsertQDQ(plan, qparams, profile), QuantizeEmbeddings()]
+        passes: list[ir.passes.PassBase] = [InsertQDQ(plan, qparams, profile)]
+        if not options.integer_only:
+            passes.append(QuantizeEmbeddings())
         if options.int4_weights:
             passes.append(Int4WeightOnly(frozenset(plan.int4_nodes)))
         return passes
