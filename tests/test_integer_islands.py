@@ -53,3 +53,31 @@ def test_gemma_compiles_integer_only_on_cpu():
     model, feeds = corpus_model("gemma.torchscript.opset17")
     result = qcompile.compile(model, target="cpu", calibration=feeds, integer_only=True, **FAST)
     assert result.report.float_islands == []
+
+
+def test_a_layer_norm_of_a_vanishing_input_is_its_beta():
+    """ε dominates an input at scale ~1e-20 (random-init MobileViT): E = ε·n³/s² is past
+    int64 and the output is β; the kernel caps E where every normalized value still
+    truncates to 0 and saturates the requantization, instead of leaving the norm float."""
+    rng = np.random.default_rng(0)
+    dim = 16
+    inits = [
+        numpy_helper.from_array((1e-20 * rng.normal(0, 1, (dim, dim))).astype(np.float32), "w"),
+        numpy_helper.from_array(np.ones(dim, np.float32), "gamma"),
+        numpy_helper.from_array(rng.normal(0, 1, dim).astype(np.float32), "beta"),
+        numpy_helper.from_array(rng.normal(0, 0.3, (dim, 4)).astype(np.float32), "w2"),
+    ]
+    nodes = [
+        helper.make_node("MatMul", ["input", "w"], ["x"], name="tiny"),
+        helper.make_node("LayerNormalization", ["x", "gamma", "beta"], ["n"], name="norm"),
+        helper.make_node("MatMul", ["n", "w2"], ["output"], name="head"),
+    ]
+    graph = helper.make_graph(
+        nodes, "vanishing",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", 6, dim])],
+        [helper.make_tensor_value_info("output", TensorProto.FLOAT, ["N", 6, 4])], inits,
+    )  # fmt: skip
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    feeds = [{"input": rng.standard_normal((2, 6, dim)).astype(np.float32)} for _ in range(6)]
+    result = compile_integer_checked(model, feeds)
+    assert "LayerNormalization" not in {n.op_type for n in result.model.graph}

@@ -26,6 +26,7 @@ import numpy as np
 import onnx_ir as ir
 
 from qcompile.ir.graph import const_array
+from qcompile.lower.integer_masks import masked_scores, wide_sum
 from qcompile.lower.integer_parts import (
     IntAct,
     IntConst,
@@ -33,10 +34,9 @@ from qcompile.lower.integer_parts import (
     _Emitter,
     _static_dims,
     _take_over,
-    int32_behind_dq,
 )
 from qcompile.lower.integer_pool import average_pool
-from qcompile.numerics.dyadic import Dyadic, to_dyadic
+from qcompile.numerics.dyadic import Dyadic, to_dyadic, to_dyadic_saturating
 from qcompile.quantize.log2 import codes_reading, integer_thresholds, levels
 
 if TYPE_CHECKING:
@@ -122,79 +122,6 @@ def _signed_div(emit: _Emitter, num: ir.Value, den: ir.Value, suffix: str) -> ir
     return emit.op("Mul", [magnitude, sign], I64, f"{suffix}_signed")
 
 
-def wide_sum(low: LowerToIntegerOnly, value: ir.Value | None) -> IntAct | None:
-    """An int32 activation behind its DequantizeLinear (scalar scale): a residual sum kept
-    in int32 (`_add_to_float`, with its bounds) or an accumulator an activation×activation
-    MatMul returned (attention scores; bounded by int32)."""
-    found = int32_behind_dq(value)
-    if found is None or found[1].ndim != 0:
-        return None
-    src, scale, _ = found
-    bounds = low._bounds.get(id(src), (-(2**31), 2**31 - 1))
-    return IntAct(src, float(scale), 0, *bounds)
-
-
-MASK_SENTINEL = -1e4  # a masking constant at or below this: its exp is 0 in float32
-
-
-def masked_scores(low: LowerToIntegerOnly, value: ir.Value | None, depth: int = 2):
-    """(scores, [(condition, negated), ...]) when `value`, read only by the Softmax (or by
-    the next masking), is attention's masking of quantized scores by a constant sentinel
-    <= MASK_SENTINEL: Where(c, scores, sentinel) / Where(c, sentinel, scores), or
-    scores + M with M = Where(c, 0, sentinel) / Where(c, sentinel, 0) (BERT exports), or
-    one inside the other (GPT-Neo: a causal Where, then the padding mask added). The
-    positions that count are where every condition holds (negated: where it does not)."""
-    node = value.producer() if value is not None else None
-    if node is None or len(value.uses()) != 1 or node.op_type not in ("Where", "Add"):
-        return None
-    if node.op_type == "Add":
-        for scores_at in (0, 1):
-            mask = _sentinel_select(node.inputs[1 - scores_at], zero_other=True)
-            if mask is None:
-                continue
-            view = low._int_view(node.inputs[scores_at]) or wide_sum(low, node.inputs[scores_at])
-            if view is not None:
-                return view, [mask]
-            inner = masked_scores(low, node.inputs[scores_at], depth - 1) if depth > 1 else None
-            if inner is not None:
-                return inner[0], [*inner[1], mask]
-        return None
-    for scores_at in (1, 2):
-        view = low._int_view(node.inputs[scores_at]) or wide_sum(low, node.inputs[scores_at])
-        mask = _sentinel_select(value, zero_other=False, keep_at=scores_at)
-        if view is not None and mask is not None:
-            return view, [mask]
-    return None
-
-
-def _sentinel_select(value: ir.Value | None, *, zero_other: bool, keep_at: int = 0):
-    """(condition, negated) when `value` = Where(c, x, y) with a sentinel constant on one
-    side (and 0, or the branch `keep_at`, on the other)."""
-    where = value.producer() if value is not None else None
-    if where is None or where.op_type != "Where" or where.inputs[0] is None:
-        return None
-    if where.inputs[0].dtype != ir.DataType.BOOL:
-        return None
-    branches = [const_array(v) for v in where.inputs[1:3]]
-    for sentinel_at in (1, 2):
-        other = 3 - sentinel_at
-        sentinel = branches[sentinel_at - 1]
-        if (
-            sentinel is None
-            or sentinel.size != 1
-            or not float(sentinel.ravel()[0]) <= MASK_SENTINEL
-        ):
-            continue
-        if zero_other:
-            kept = branches[other - 1]
-            if kept is None or kept.size != 1 or float(kept.ravel()[0]) != 0.0:
-                continue
-        elif other != keep_at:
-            continue
-        return where.inputs[0], sentinel_at == 1  # sentinel where c holds: keep where not
-    return None
-
-
 def _after_nan_guard(low: LowerToIntegerOnly, probs: ir.Value, graph: ir.Graph):
     """The quantizer after Where(IsNaN(p), 0, p), the guard exporters put after a Softmax
     whose rows may be fully masked with −inf: integer probabilities are never NaN (such a
@@ -259,6 +186,16 @@ def _narrowed_for_variance(emit: _Emitter, x: IntAct, n: int) -> IntAct:
     return _shifted(emit, x, excess) if excess else x
 
 
+def _variance_bounds(x: IntAct, n: int, epsilon: float) -> tuple[int, int, int]:
+    """(largest |d|, E, largest V + E) of a LayerNorm (see `layer_norm`). Past
+    (span·2**16)², isqrt(V + E) > |d|·2**15 and every t truncates to 0 (the output is β):
+    capping E there is exact (inputs whose scale vanishes next to √ε, as a random-init
+    MobileViT's, had E beyond int64)."""
+    span = n * (x.qmax - x.qmin)
+    eps = min(round(epsilon * n**3 / x.scale**2), (span << 16) ** 2)
+    return span, eps, n * span**2 + eps
+
+
 def normalized_times_gamma(
     emit: _Emitter, d: ir.Value, eps: int, v_max: int, k: int, g_int: np.ndarray
 ) -> ir.Value:
@@ -300,9 +237,11 @@ def layer_norm(low: LowerToIntegerOnly, node: ir.Node, emit: _Emitter, graph: ir
     if gamma is None or beta is None:
         return "scale or bias is not a constant"
     gamma, beta = np.broadcast_to(gamma, (n,)), np.broadcast_to(beta, (n,))
-    span = n * (x.qmax - x.qmin)  # the largest |d|
-    eps = round(node.attributes.get_float("epsilon", 1e-5) * n**3 / x.scale**2)
-    v_max = n * span**2 + eps
+    epsilon = node.attributes.get_float("epsilon", 1e-5)
+    span, eps, v_max = _variance_bounds(x, n, epsilon)
+    if v_max >= 2**62:  # ε dominates a wide input's variance: fewer input bits suffice
+        x = _shifted(emit, x, math.ceil((v_max.bit_length() - 61) / 2))
+        span, eps, v_max = _variance_bounds(x, n, epsilon)
     if v_max >= 2**62:
         return f"variance of {n} values exceeds int64 (axis too long for 8-bit inputs)"
     g_scale = float(np.max(np.abs(gamma))) / (2**GAMMA_BITS - 1) or 1.0
@@ -320,7 +259,8 @@ def layer_norm(low: LowerToIntegerOnly, node: ir.Node, emit: _Emitter, graph: ir
     d = emit.op("Sub", [scaled, total], I64, "deviation")
     acc = normalized_times_gamma(emit, d, eps, v_max, k, g_int)
     acc = emit.op("Add", [acc, emit.const("beta_int", b_int.astype(np.int64))], I64, "acc")
-    y = emit.requantize(acc, to_dyadic(unit / out.scale), out)
+    span_out = out.qmax - out.qmin + 1  # a vanishing output scale saturates exactly
+    y = emit.requantize(acc, to_dyadic_saturating(unit / out.scale, span_out), out)
     low._finish(graph, out, y, node.outputs[0].shape)
     return None
 

@@ -15,8 +15,8 @@ import numpy as np
 import onnx_ir as ir
 
 from qcompile.ir.graph import const_array
+from qcompile.lower.integer_masks import wide_sum
 from qcompile.lower.integer_parts import MOVEMENT_OPS, IntAct, OutQuant, _Emitter
-from qcompile.lower.integer_reductions import wide_sum
 
 if TYPE_CHECKING:
     from qcompile.lower.integer_only import LowerToIntegerOnly
