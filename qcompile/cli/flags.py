@@ -193,7 +193,8 @@ FLAGS: tuple[Flag, ...] = (
          scope="compile"),
     Flag("--size-budget", "size_budget_mb", "mixed precision: weight size budget", type=float,
          metavar="MB", scope="compile"),
-    Flag("--latency-budget", "latency_budget_ms", "mixed precision: summed layer-time budget",
+    Flag("--latency-budget", "latency_budget_ms", "mixed precision: summed layer-time budget "
+         "(fpga: cycles of the cost model at --fpga-clock-mhz, integer kernels included)",
          type=float, metavar="MS", scope="compile"),
     Flag("--mixed-verify-feeds", "mixed_verify_feeds", "mixed precision: feeds a choice is "
          "verified on", type=int, scope="compile"),
