@@ -191,13 +191,14 @@ def test_reduce_mean_as_global_pooling_is_integer(opset, reshape):
 
 
 def _masked_attention_with_class_token(
-    tokens: int = 12, dim: int = 16, causal: bool = False
+    tokens: int = 12, dim: int = 16, causal: bool | str = False
 ) -> onnx.ModelProto:
     """A ViT/BERT-like head: a constant class token Expanded to the batch and concatenated
     with projected tokens, attention scores masked by Where(mask, scores, −3.4e38) (the
     plan keeps the mask float: the Softmax reads it into its integer form). `causal`:
     GPT-Neo's form instead, a constant causal Where, then the padding mask added as
-    Where(mask, 0, −3.4e38)."""
+    Where(mask, 0, −3.4e38); "bias": T5's, a position bias computed from the sequence
+    length added through Where(mask, bias, −3.4e38)."""
     from onnx import TensorProto, helper, numpy_helper
 
     rng = np.random.default_rng(0)
@@ -218,7 +219,24 @@ def _masked_attention_with_class_token(
         helper.make_node("Where", ["mask", "scores", "sentinel"], ["masked"], name="mask"),
         helper.make_node("Softmax", ["masked"], ["probs"], axis=-1, name="softmax"),
     ]
-    if causal:
+    if causal == "bias":  # T5: scores + Where(mask, B, sentinel), B from shapes alone
+        inits += [
+            numpy_helper.from_array(np.array([1], np.int64), "axis1"),
+            numpy_helper.from_array(np.array(0, np.int64), "start"),
+            numpy_helper.from_array(np.array(1, np.int64), "step"),
+            numpy_helper.from_array(np.float32(0.25), "slope"),
+        ]
+        nodes[-2:-1] = [
+            helper.make_node("Shape", ["seq"], ["seq_shape"]),
+            helper.make_node("Gather", ["seq_shape", "axis1"], ["n1"], axis=0),
+            helper.make_node("Squeeze", ["n1"], ["n"]),
+            helper.make_node("Range", ["start", "n", "step"], ["positions"]),
+            helper.make_node("Cast", ["positions"], ["pos_f"], to=TensorProto.FLOAT),
+            helper.make_node("Mul", ["pos_f", "slope"], ["bias"]),
+            helper.make_node("Where", ["mask", "bias", "sentinel"], ["biased"], name="pad"),
+            helper.make_node("Add", ["scores", "biased"], ["masked"], name="mask"),
+        ]
+    elif causal:
         lower = np.tril(np.ones((tokens + 1, tokens + 1), bool))
         inits += [
             numpy_helper.from_array(lower, "causal"),
@@ -239,7 +257,9 @@ def _masked_attention_with_class_token(
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
 
 
-@pytest.mark.parametrize("causal", [False, True], ids=["padding-mask", "causal-then-padding"])
+@pytest.mark.parametrize(
+    "causal", [False, True, "bias"], ids=["padding-mask", "causal-then-padding", "t5-bias"]
+)
 def test_mask_where_and_class_token_expand_are_integer(causal):
     def feed(seed: int) -> dict:
         r = np.random.default_rng(seed)

@@ -31,33 +31,71 @@ MASK_SENTINEL = -1e4  # a masking constant at or below this: its exp is 0 in flo
 
 
 def masked_scores(low: LowerToIntegerOnly, value: ir.Value | None, depth: int = 2):
-    """(scores, [(condition, negated), ...]) when `value`, read only by the Softmax (or by
-    the next masking), is attention's masking of quantized scores by a constant sentinel
-    <= MASK_SENTINEL: Where(c, scores, sentinel) / Where(c, sentinel, scores), or
-    scores + M with M = Where(c, 0, sentinel) / Where(c, sentinel, 0) (BERT exports), or
-    one inside the other (GPT-Neo: a causal Where, then the padding mask added). The
-    positions that count are where every condition holds (negated: where it does not)."""
+    """(scores, [(condition, negated), ...], [bias, ...]) when `value`, read only by the
+    Softmax (or by the next masking), is attention's masking of quantized scores by a
+    constant sentinel <= MASK_SENTINEL: Where(c, scores, sentinel) / Where(c, sentinel,
+    scores), or scores + M with M = Where(c, 0, sentinel) / Where(c, sentinel, 0) (BERT
+    exports) or M = Where(c, B, sentinel) with B computed from shapes alone (T5's relative
+    position bias: added to the scores in their integer unit), or one inside the other
+    (GPT-Neo: a causal Where, then the padding mask added). The positions that count are
+    where every condition holds (negated: where it does not)."""
     node = value.producer() if value is not None else None
     if node is None or len(value.uses()) != 1 or node.op_type not in ("Where", "Add"):
         return None
     if node.op_type == "Add":
         for scores_at in (0, 1):
-            mask = _sentinel_select(node.inputs[1 - scores_at], zero_other=True)
+            other = node.inputs[1 - scores_at]
+            mask, biases = _sentinel_select(other, zero_other=True), []
+            if mask is None and (found := _sentinel_bias(other)) is not None:
+                mask, biases = found[:2], [found[2]]
             if mask is None:
                 continue
             view = low._int_view(node.inputs[scores_at]) or wide_sum(low, node.inputs[scores_at])
             if view is not None:
-                return view, [mask]
+                return view, [mask], biases
             inner = masked_scores(low, node.inputs[scores_at], depth - 1) if depth > 1 else None
             if inner is not None:
-                return inner[0], [*inner[1], mask]
+                return inner[0], [*inner[1], mask], [*inner[2], *biases]
         return None
     for scores_at in (1, 2):
         view = low._int_view(node.inputs[scores_at]) or wide_sum(low, node.inputs[scores_at])
         mask = _sentinel_select(value, zero_other=False, keep_at=scores_at)
         if view is not None and mask is not None:
-            return view, [mask]
+            return view, [mask], []
     return None
+
+
+def _sentinel_bias(value: ir.Value | None):
+    """(condition, negated, B) when `value` = Where(c, B, sentinel) / Where(c, sentinel, B)
+    with B a float tensor computed from constants and shapes alone (no model data), or a
+    constant."""
+    where = value.producer() if value is not None else None
+    if where is None or where.op_type != "Where" or where.inputs[0] is None:
+        return None
+    for sentinel_at in (1, 2):
+        bias = where.inputs[3 - sentinel_at]
+        sentinel = const_array(where.inputs[sentinel_at])
+        if (
+            sentinel is None
+            or sentinel.size != 1
+            or not float(sentinel.ravel()[0]) <= MASK_SENTINEL
+        ):
+            continue
+        if bias is not None and _from_shapes(bias):
+            return where.inputs[0], sentinel_at == 1, bias
+    return None
+
+
+def _from_shapes(value: ir.Value, depth: int = 64) -> bool:
+    """Computed from constants and tensor shapes alone (as `quantize/integer_scope.py`)."""
+    node = value.producer()
+    if value.const_value is not None:
+        return True
+    if node is None or depth == 0:
+        return False
+    if node.op_type in ("Shape", "Size"):
+        return True
+    return all(v is None or _from_shapes(v, depth - 1) for v in node.inputs)
 
 
 def _sentinel_select(value: ir.Value | None, *, zero_other: bool, keep_at: int = 0):

@@ -279,8 +279,9 @@ def softmax(low: LowerToIntegerOnly, node: ir.Node, emit: _Emitter, graph: ir.Gr
     a floor there at 2**-16 had flipped one output step in 3% of an attention test's
     probabilities. An int32 input (attention scores from their MatMul) works alike."""
     x, keep = low._int_view(node.inputs[0]) or wide_sum(low, node.inputs[0]), None
+    biases = []
     if x is None and (masked := masked_scores(low, node.inputs[0])) is not None:
-        x, conditions = masked
+        x, conditions, biases = masked
         for condition, negated in conditions:  # kept where every mask keeps
             if negated:
                 condition = emit.op("Not", [condition], ir.DataType.BOOL, "keep")
@@ -300,6 +301,11 @@ def softmax(low: LowerToIntegerOnly, node: ir.Node, emit: _Emitter, graph: ir.Gr
     if n > 2**16:
         return f"axis of {n} values overflows the int64 sum"
     wide = emit.cast(x.value, I64, "x64")
+    for bias in biases:  # a bias from shapes alone (T5's): rounded to the scores' unit
+        unit = emit.const("bias_unit", np.asarray(1.0 / x.scale, np.float32))
+        scaled = emit.op("Round", [emit.op("Mul", [bias, unit], ir.DataType.FLOAT, "bias_units")],
+                         ir.DataType.FLOAT, "bias_rounded")  # fmt: skip
+        wide = emit.op("Add", [wide, emit.cast(scaled, I64, "bias64")], I64, "scores_biased")
     kept = wide
     if keep is not None:  # the row maximum of the kept scores only
         floor = _i64(emit, -(2**40), "masked_low")
