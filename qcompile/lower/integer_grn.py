@@ -31,7 +31,7 @@ import onnx_ir as ir
 
 from qcompile.ir.grn import GRN, grn_at
 from qcompile.lower.integer_parts import _Emitter, _static_dims
-from qcompile.lower.integer_reductions import _i64, _shifted, int_view, isqrt, same_integers
+from qcompile.lower.integer_reductions import _i64, _shifted, int_view, isqrt_each, same_integers
 from qcompile.numerics.dyadic import to_dyadic
 
 if TYPE_CHECKING:
@@ -100,9 +100,7 @@ def _integer_grn(low: LowerToIntegerOnly, chain: GRN, emit: _Emitter, graph: ir.
     s2 = _axes(emit, "ReduceSum", emit.op("Mul", [c, c], I64, "sq"), spatial, "sum_sq")
     v = emit.op("Mul", [s2, _i64(emit, 4**m, "fine")], I64, "sum_sq_fine")
     positive = emit.op("Max", [v, _i64(emit, 1, "one")], I64, "sum_sq_pos")
-    root = isqrt(emit, _axes(emit, "Unsqueeze", positive, [-1], "trailing"),
-                 int((s2_max << (2 * m)) + 1).bit_length())  # fmt: skip
-    root = _axes(emit, "Squeeze", root, [-1], "root")
+    root = isqrt_each(emit, positive, int((s2_max << (2 * m)) + 1).bit_length(), "root")
     # isqrt(max(v, 1)) is 1 for Σc² = 0: the Min(v, 1) factor makes that norm 0
     g = emit.op("Mul", [root, emit.op("Min", [v, _i64(emit, 1, "one")], I64, "nonzero")],
                 I64, "norm")  # fmt: skip

@@ -12,7 +12,7 @@ narrowed to keep S·m in int64),
              = r₂ = isqrt(D_P·2**P)                  for β = ½,
              = r₂·r₄ / 2**P, r₄ = isqrt(r₂·2**P)     for β = ¾ (√D·⁴√D),
 
-with the integer square root of `integer_reductions.isqrt` (floors: each root is at most
+with the integer square root of `integer_reductions.isqrt_each` (floors: each root is at most
 one unit of 2**−P low). The quotient t = trunc(c·2**(T+P) / (D^β·2**P)) is c/D^β with T
 fraction bits (magnitudes divided, sign put back: ONNX leaves negative quotients' rounding
 to the runtime), and y/s_y = t·s/(2**T·s_y) is one dyadic requantization. Other β (a
@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING
 import onnx_ir as ir
 
 from qcompile.lower.integer_parts import _Emitter, _static_dims
-from qcompile.lower.integer_reductions import _i64, _shifted, _signed_div, int_view, isqrt
+from qcompile.lower.integer_reductions import _i64, _shifted, _signed_div, int_view, isqrt_each
 from qcompile.numerics.dyadic import to_dyadic
 
 if TYPE_CHECKING:
@@ -83,12 +83,13 @@ def lrn(low: LowerToIntegerOnly, node: ir.Node, emit: _Emitter, graph: ir.Graph)
     d_fixed_max = round(bias * 2.0**p) + math.ceil(k * 2.0**p * s_max) + 1
     den, den_min = d, round(bias * 2.0**p)
     if beta != 1.0:
-        root2 = _root(emit, emit.op("Mul", [d, _i64(emit, 2**p, "unit")], I64, "d_fine"),
-                      d_fixed_max << p, "sqrt_d")  # fmt: skip
+        d_fine = emit.op("Mul", [d, _i64(emit, 2**p, "unit")], I64, "d_fine")
+        root2 = isqrt_each(emit, d_fine, (d_fixed_max << p).bit_length() + 1, "sqrt_d")
         den, den_min = root2, math.isqrt(den_min << p)
         if math.isclose(beta, 0.75):
             fine = emit.op("Mul", [root2, _i64(emit, 2**p, "unit")], I64, "sqrt_fine")
-            root4 = _root(emit, fine, math.isqrt(d_fixed_max << p) + 1 << p, "fourth_root_d")
+            r2_max = math.isqrt(d_fixed_max << p) + 1 << p
+            root4 = isqrt_each(emit, fine, r2_max.bit_length() + 1, "fourth_root_d")
             product = emit.op("Mul", [root2, root4], I64, "d_three_quarters")
             den = emit.op("Div", [product, _i64(emit, 2**p, "unit")], I64, "den")
             den_min = den_min * math.isqrt(den_min << p) >> p
@@ -105,13 +106,6 @@ def lrn(low: LowerToIntegerOnly, node: ir.Node, emit: _Emitter, graph: ir.Graph)
     )
     low._finish(graph, out, y, node.outputs[0].shape)
     return None
-
-
-def _root(emit: _Emitter, v: ir.Value, v_max: int, suffix: str) -> ir.Value:
-    """isqrt of v >= 1 (isqrt reads a trailing axis)."""
-    trailing = emit.op("Unsqueeze", [v, _i64(emit, [-1], f"{suffix}_axis")], I64, f"{suffix}_in")
-    root = isqrt(emit, trailing, int(v_max).bit_length() + 1)
-    return emit.op("Squeeze", [root, _i64(emit, [-1], f"{suffix}_axis")], I64, suffix)
 
 
 def _window_sum(emit: _Emitter, sq: ir.Value, dims: list[int], size: int) -> ir.Value:

@@ -115,6 +115,17 @@ def isqrt(emit: _Emitter, v: ir.Value, bits: int) -> ir.Value:
     return x
 
 
+def isqrt_each(emit: _Emitter, v: ir.Value, bits: int, suffix: str) -> ir.Value:
+    """floor(sqrt(v)) of every element (`isqrt` compares along a trailing axis of its own:
+    v gets one and gives it back). Axes as inputs from opset 13, attributes before."""
+    if emit.graph.opset_imports.get("", 13) >= 13:
+        axis = _i64(emit, [-1], f"{suffix}_axis")
+        trailing = emit.op("Unsqueeze", [v, axis], I64, f"{suffix}_in")
+        return emit.op("Squeeze", [isqrt(emit, trailing, bits), axis], I64, suffix)
+    trailing = emit.op("Unsqueeze", [v], I64, f"{suffix}_in", {"axes": [-1]})
+    return emit.op("Squeeze", [isqrt(emit, trailing, bits)], I64, suffix, {"axes": [-1]})
+
+
 def _signed_div(emit: _Emitter, num: ir.Value, den: ir.Value, suffix: str) -> ir.Value:
     """trunc(num / den) for den > 0, dividing magnitudes only (see the module docstring)."""
     magnitude = emit.op("Div", [emit.op("Abs", [num], I64, f"{suffix}_abs"), den], I64, suffix)
