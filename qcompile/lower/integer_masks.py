@@ -74,16 +74,16 @@ def _sentinel_bias(value: ir.Value | None):
         return None
     for sentinel_at in (1, 2):
         bias = where.inputs[3 - sentinel_at]
-        sentinel = const_array(where.inputs[sentinel_at])
-        if (
-            sentinel is None
-            or sentinel.size != 1
-            or not float(sentinel.ravel()[0]) <= MASK_SENTINEL
-        ):
+        if not _is_sentinel(const_array(where.inputs[sentinel_at])):
             continue
         if bias is not None and _from_shapes(bias):
             return where.inputs[0], sentinel_at == 1, bias
     return None
+
+
+def _is_sentinel(array) -> bool:
+    """A scalar constant at or below MASK_SENTINEL."""
+    return array is not None and array.size == 1 and float(array.ravel()[0]) <= MASK_SENTINEL
 
 
 def _from_shapes(value: ir.Value, depth: int = 64) -> bool:
@@ -109,12 +109,7 @@ def _sentinel_select(value: ir.Value | None, *, zero_other: bool, keep_at: int =
     branches = [const_array(v) for v in where.inputs[1:3]]
     for sentinel_at in (1, 2):
         other = 3 - sentinel_at
-        sentinel = branches[sentinel_at - 1]
-        if (
-            sentinel is None
-            or sentinel.size != 1
-            or not float(sentinel.ravel()[0]) <= MASK_SENTINEL
-        ):
+        if not _is_sentinel(branches[sentinel_at - 1]):
             continue
         if zero_other:
             kept = branches[other - 1]

@@ -312,8 +312,8 @@ def softmax(low: LowerToIntegerOnly, node: ir.Node, emit: _Emitter, graph: ir.Gr
     if n > 2**16:
         return f"axis of {n} values overflows the int64 sum"
     wide = emit.cast(x.value, I64, "x64")
+    unit = emit.const("bias_unit", np.asarray(1.0 / x.scale, np.float32)) if biases else None
     for bias in biases:  # a bias from shapes alone (T5's): rounded to the scores' unit
-        unit = emit.const("bias_unit", np.asarray(1.0 / x.scale, np.float32))
         scaled = emit.op("Round", [emit.op("Mul", [bias, unit], ir.DataType.FLOAT, "bias_units")],
                          ir.DataType.FLOAT, "bias_rounded")  # fmt: skip
         wide = emit.op("Add", [wide, emit.cast(scaled, I64, "bias64")], I64, "scores_biased")
