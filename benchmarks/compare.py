@@ -92,7 +92,10 @@ def _ort_static_best(src: Path, dst: Path, task) -> None:
 
 def _qcompile(target: str, method: str, **options) -> Callable:
     def run(src: Path, dst: Path, task) -> dict:
+        import onnx
+
         import qcompile
+        from qcompile.ir.io import to_proto
 
         extra = dict(options)
         verification = extra.pop("verification", None)
@@ -101,7 +104,7 @@ def _qcompile(target: str, method: str, **options) -> Callable:
             # integer-only graphs need static spatial sizes (pools, cost model): pin the
             # inputs to the task's feed shapes when every feed has the same ones
             extra["input_shapes"] = shapes
-        report = qcompile.compile(
+        result = qcompile.compile(
             src,
             target=target,
             calibration=task.calibration,
@@ -111,12 +114,18 @@ def _qcompile(target: str, method: str, **options) -> Callable:
             output=dst,
             verification=verification,
             **extra,
-        ).report
+        )
+        report = result.report
         if report.mixed_precision:
             return {"mixed": report.mixed_precision, "speedup_hint": report.speedup}
         if not report.integer_only:
             return {"chosen_method": report.calib_method} if method == "auto" else {}
+        # the QDQ graph the integer lowering started from: "within 1 dB of its QDQ model"
+        # is judged against it (same scales, same float regions), on the same feeds
+        qdq = dst.with_name(dst.stem + ".qdq.onnx")
+        onnx.save(to_proto(result.qdq_model), qdq)
         return {
+            "qdq_graph": qdq.name,
             "islands": sorted({i["op_type"] for i in report.float_islands}),
             "weight_mbit": report.fpga_weight_memory_bits / 1e6 if report.fpga_layers else None,
             "fpga_ms": report.fpga_latency_ms,

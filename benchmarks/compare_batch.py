@@ -132,6 +132,24 @@ def _bit_exact(path: Path, feed) -> bool:
     return all(np.array_equal(a, b) for a, b in zip(sess.run(None, feed), ours, strict=True))
 
 
+def _sqnr_db(a: np.ndarray, b: np.ndarray) -> float:
+    noise = float(np.sum((a - b) ** 2))
+    return float("inf") if noise == 0 else float(10 * np.log10(float(np.sum(a * a)) / noise))
+
+
+def _flat(outs: list[list[np.ndarray]]) -> np.ndarray:
+    return np.concatenate([o.ravel() for out in outs for o in out]).astype(np.float64)
+
+
+def _qdq_graph_sqnr(row: Row, task, fp32: np.ndarray) -> float | None:
+    """Output SQNR of the QDQ graph an integer-only row was lowered from (same feeds)."""
+    name = row.extra.get("qdq_graph")
+    if not name:
+        return None
+    sess = timing_session(row.path.with_name(name), 2)
+    return _sqnr_db(fp32, _flat([sess.run(None, f) for f in task.evaluation]))
+
+
 def measure(rows: list[Row], task, threads: int, runs: int) -> None:
     """Task metric, SQNR, cosine, size and interleaved latency of every compiled row."""
     sessions = {}
@@ -156,13 +174,12 @@ def measure(rows: list[Row], task, threads: int, runs: int) -> None:
             sessions.pop(row.config)
             continue
         row.metrics = task.metric(fp32_out, outs)
-        a = np.concatenate([o.ravel() for out in fp32_out for o in out]).astype(np.float64)
-        b = np.concatenate([o.ravel() for out in outs for o in out]).astype(np.float64)
-        noise = float(np.sum((a - b) ** 2))
-        row.sqnr_db = float("inf") if noise == 0 else 10 * np.log10(float(np.sum(a * a)) / noise)
+        a, b = _flat(fp32_out), _flat(outs)
+        row.sqnr_db = _sqnr_db(a, b)
         row.cosine = float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b)))
         row.size_mb = sum(p.stat().st_size for p in row.path.parent.glob(row.path.name + "*")) / 1e6
         if "islands" in row.extra:
+            row.extra["qdq_sqnr_db"] = _qdq_graph_sqnr(row, task, a)
             t0 = time.perf_counter()
             row.extra["bit_exact"] = _bit_exact(row.path, task.evaluation[0])
             row.extra["reference_s"] = time.perf_counter() - t0

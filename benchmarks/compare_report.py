@@ -106,15 +106,23 @@ def write_results(
             lines += [
                 "Integer-only rows: ORT output vs the numpy reference interpreter on the first "
                 "sample of the first evaluation feed (equality; ORT with its QDQ fusions off, which would rewrite "
-                "float islands), float islands left, weight memory and the FPGA cost model's "
+                "float islands), the output SQNR of the QDQ graph the row was lowered from "
+                "(same scales, same evaluation set) and the integer graph's difference to it, "
+                "float islands left, weight memory and the FPGA cost model's "
                 "latency (256 8×8 MACs/cycle at 200 MHz, first-order).",
                 "",
-                "| config | bit-exact | float islands | weight Mbit | FPGA est. ms | reference s |",
-                "|---|---|---|---|---|---|",
+                "| config | bit-exact | QDQ graph SQNR dB | integer − QDQ dB | float islands "
+                "| weight Mbit | FPGA est. ms | reference s |",
+                "|---|---|---|---|---|---|---|---|",
             ]
             for r in integer_rows:
+                qdq = r.extra.get("qdq_sqnr_db")
+                delta = None if qdq is None or r.sqnr_db is None else r.sqnr_db - qdq
+                if delta is not None and np.isnan(delta):  # both ∞: the outputs equal FP32's
+                    delta = 0.0
                 lines.append(
                     f"| {r.config} | {'yes' if r.extra.get('bit_exact') else 'NO'} | "
+                    f"{fmt(qdq, 1)} | {fmt(delta, 1)} | "
                     f"{', '.join(r.extra['islands']) or 'none'} | "
                     f"{fmt(r.extra.get('weight_mbit'), 2)} | {fmt(r.extra.get('fpga_ms'), 3)} | "
                     f"{fmt(r.extra.get('reference_s'), 1)} |"
