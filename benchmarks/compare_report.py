@@ -5,13 +5,13 @@ from __future__ import annotations
 import contextlib
 import datetime
 import importlib.metadata
-import platform
 from pathlib import Path
 
 import numpy as np
 
 from benchmarks import zoo
 from benchmarks.compare_batch import Row
+from benchmarks.machine import cpu_description
 
 HERE = Path(__file__).parent
 
@@ -29,14 +29,7 @@ def fmt(v, digits=3):
 def write_results(
     all_rows: dict[str, list[Row]], tasks: dict, args, out: Path, plot: Path, seconds: float
 ) -> None:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    cpu = cpu_description()
     libs = []
     for lib in ("onnx", "onnxruntime", "onnxscript", "onnx-ir", "numpy", "torch", "transformers"):
         with contextlib.suppress(importlib.metadata.PackageNotFoundError):

@@ -35,6 +35,7 @@ from pathlib import Path
 
 import qcompile
 from benchmarks import datasets, zoo
+from benchmarks.machine import cpu_description
 
 HERE = Path(__file__).parent
 
@@ -151,7 +152,7 @@ def main(argv: list[str] | None = None) -> int:
         "# Where qcompile's compile time goes",
         "",
         f"`python -m benchmarks.compile_time --models {args.models} --repeat {args.repeat} "
-        f"--trials {args.trials}` on {platform.processor() or platform.machine()}, "
+        f"--trials {args.trials}` on {cpu_description()}, "
         f"Python {platform.python_version()}; medians of {args.trials} compiles, CPU target, "
         "default (MSE) calibration, no report latency benchmark (bench_runs=0), speed guard "
         "on (its timing runs count as ORT run). See the module docstring for the columns.",

@@ -24,6 +24,7 @@ import glob
 import logging
 import math
 import os
+import sys
 import time
 import traceback
 from collections.abc import Callable, Iterator
@@ -410,7 +411,8 @@ def main(argv: list[str] | None = None) -> int:
             row = run_model(entry, target, args.bench_runs)
             rows.append(row)
             _print(row)
-    command = "python -m benchmarks.corpus " + " ".join(argv or [])
+    # the arguments it ran with (from the command line, argv is None here)
+    command = "python -m benchmarks.corpus " + " ".join(sys.argv[1:] if argv is None else argv)
     write_markdown(rows, Path(args.out), command.strip(), time.perf_counter() - start)
     return 0
 

@@ -22,6 +22,7 @@ import numpy as np
 import onnxruntime as ort
 
 from benchmarks import compare, datasets, zoo
+from benchmarks.machine import cpu_description
 
 HERE = Path(__file__).resolve().parent
 
@@ -123,6 +124,7 @@ def write_markdown(results: dict[str, list[dict]], path: Path, command: str, thr
         f"- date: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; qcompile "
         f"{qcompile.__version__}, onnxruntime {onnxruntime.__version__}; {threads} threads for "
         "every session and compile; latency: interleaved medians in one process",
+        f"- CPU: {cpu_description()}",
         "- speedup: FP32 latency / row latency on the same feed; metric and SQNR: the "
         "evaluation set against FP32's outputs (RESULTS.md's task metrics)",
         "",

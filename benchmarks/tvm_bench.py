@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import platform
 import tempfile
 import time
 from pathlib import Path
@@ -28,6 +27,7 @@ import onnx_ir as ir
 
 import qcompile
 from benchmarks import datasets, zoo
+from benchmarks.machine import cpu_description
 from qcompile.backends import ort as ort_backend
 from qcompile.backends import tvm as tvm_backend
 from qcompile.backends.reference import codes_model, run_reference
@@ -167,7 +167,7 @@ def main(argv: list[str] | None = None) -> int:
         "",
         f"`python -m benchmarks.tvm_bench --models {args.models} --tune {args.tune} "
         f"--tune-trials {args.tune_trials} --runs {args.runs}` on "
-        f"{platform.processor() or platform.machine()}, {args.threads} threads for both; "
+        f"{cpu_description()}, {args.threads} threads for both; "
         f"latency = median of {args.runs} runs on the model's benchmark feed (3 for builds "
         "over a second a run, 1 after the warm-up run for builds over 10 s). Parity: TVM's "
         "output vs ORT running the same graph (dB; ∞ = identical); integer-only graphs run "
