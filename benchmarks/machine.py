@@ -3,9 +3,9 @@
 Speedups of int8 models depend on the CPU's int8 instructions more than on anything we
 do: ORT's u8×s8 kernels on AVX2 without VNNI add products pairwise into int16
 (`vpmaddubsw`, the reason for `--reduce-range`), with VNNI they accumulate in int32. The
-sandbox these benchmarks run in is not always the same CPU (RESULTS.md of 2026-11-29
-came from an AVX-512 VNNI EPYC, 2026-12-03's from an AVX2-only one; MiniLM's int8 rows
-1.4x vs 2.2x FP32), so every header says which it was.
+sandbox these benchmarks run in is not always the same CPU (RESULTS.md of 2026-11-29 had
+ORT's dynamic MiniLM at 2.28x FP32, as on the AVX-512 VNNI CPU of techniques.md's
+anchors; on 2026-12-03's AVX2-only EPYC it ran at 1.37x), so every header says which.
 """
 
 from __future__ import annotations
